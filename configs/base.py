@@ -66,10 +66,16 @@ def get_config():
   data.batch_size = 32  # Global train batch (paper: 32).
   data.eval_batch_size = 128  # Global batch for encoding the query/database splits.
   data.num_workers = 2  # Parallel decode/augment workers (0 = in-process).
+  # 'thread' (grain thread pool: PIL/numpy release the GIL) | 'process' (grain
+  # mp_prefetch: worth it only with many cores; each worker re-imports).
+  data.worker_type = 'thread'
   data.on_corrupt = 'raise'  # 'raise' (error names the file) | 'skip' (count and go on).
+  # Built-in dataset (data/synthetic.py): <= 24 classes; clutter = mean number
+  # of background blobs. 80 train images per class: with 40, heads on frozen
+  # random-CLIP tokens overfit (test acc 0.70 vs 0.88 with 80).
   data.synthetic = ml_collections.ConfigDict(dict(
-      num_classes=12, num_families=4, train_per_class=40, test_per_class=20,
-      image_size=64, seed=0))
+      num_classes=12, num_families=4, train_per_class=80, test_per_class=20,
+      image_size=64, seed=0, clutter=4.0))
 
   # ---------------------------------------------------------------- optim
   config.optim = optim = ml_collections.ConfigDict()
@@ -93,4 +99,7 @@ def get_config():
   train.keep_checkpoints = 2
   train.fsdp = False  # Shard params/optimizer state over the data axis (large backbones).
   train.max_steps = -1  # > 0 stops early (smoke tests, benchmarks).
+  # Resume order: this workdir's newest checkpoint > resume > init > scratch.
+  train.resume = ''  # Another run's workdir to continue (full state, new workdir).
+  train.init = ''  # Another run's workdir whose params/BN stats seed a fresh run.
   return config

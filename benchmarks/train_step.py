@@ -1,0 +1,125 @@
+"""Train-step and eval-forward throughput of the shipped step, plus peak RSS.
+
+  python benchmarks/train_step.py                  # ViT-B/32, batch 32, 224 px, fp32 + bf16
+  python benchmarks/train_step.py --dtypes=float32 --steps=5
+
+Each setting runs in its own process (so peak RSS is that setting's alone) and
+uses the real path: configs/cub.py with random B/32 weights
+(model.clip='random'), train.create_train_state and train.jit_train_step for
+training, train.encode_step for the eval forward. Prints a markdown table.
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to run.')
+flags.DEFINE_integer('batch', 32, 'Global batch size.')
+flags.DEFINE_integer('steps', 8, 'Timed train steps (after 2 warm-up steps).')
+flags.DEFINE_integer('eval_steps', 8, 'Timed eval forwards (after 1 warm-up).')
+flags.DEFINE_integer('num_classes', 200, 'Classes (CUB: 200).')
+flags.DEFINE_string('child', None, 'Internal: run one dtype and print JSON.')
+
+
+def run_one(dtype: str) -> dict:
+  """Measures one setting in this process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import cub  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.interop import hf  # pylint: disable=g-import-not-at-top
+
+  config = cub.get_config()
+  config.model.clip = 'random'  # B/32 shapes from configs/base.py, no download.
+  config.model.dtype = dtype
+  config.data.batch_size = FLAGS.batch
+  t0 = time.perf_counter()
+  clip_config = hf.random_clip_config(config.model.random_clip)
+  clip_params = hf.init_clip_params(clip_config, 0)
+  clip_params = {k: v for k, v in clip_params.items() if k != 'text_model'}
+  rng = np.random.default_rng(0)
+  text = rng.normal(size=(FLAGS.num_classes,
+                          clip_config.text_config.hidden_size)).astype('f4')
+  model = train.build_model(config, clip_config, FLAGS.num_classes)
+  mesh = sharding.create_mesh()
+  steps_per_epoch = 5994 // FLAGS.batch
+  tx = optim.make_optimizer(config.optim, steps_per_epoch)
+  schedule = optim.make_schedule(config.optim, steps_per_epoch)
+  init_fn, _, shardings, mask = train.create_train_state(
+      config, model, tx, clip_params, text, mesh)
+  state = init_fn()
+  del clip_params
+  step_fn = train.jit_train_step(config, model, tx, mask, schedule, shardings,
+                                 mesh)
+  size = config.data.image_size
+  batch = sharding.global_batch({
+      'image': rng.normal(size=(FLAGS.batch, size, size, 3)).astype('f4'),
+      'label': rng.integers(0, FLAGS.num_classes, FLAGS.batch).astype('i4'),
+  }, mesh)
+  setup_s = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  for _ in range(2):  # Compile + one more.
+    state, metrics = step_fn(state, batch)
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    state, metrics = step_fn(state, batch)
+  jax.block_until_ready(metrics)
+  train_ips = FLAGS.steps * FLAGS.batch / (time.perf_counter() - t0)
+
+  variables = {'params': state.params, **state.model_state}
+  encode = train._jitted_encode(model)  # pylint: disable=protected-access
+  jax.block_until_ready(encode(variables, batch['image']))
+  t0 = time.perf_counter()
+  for _ in range(FLAGS.eval_steps):
+    out = encode(variables, batch['image'])
+  jax.block_until_ready(out)
+  eval_ips = FLAGS.eval_steps * FLAGS.batch / (time.perf_counter() - t0)
+  rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+  return dict(dtype=dtype, train_img_s=train_ips, eval_img_s=eval_ips,
+              peak_rss_gb=rss_gb, setup_s=setup_s, compile_s=compile_s,
+              loss=float(metrics['loss']), devices=jax.device_count(),
+              backend=jax.default_backend())
+
+
+def main(argv):
+  """Runs every dtype in a subprocess and prints the table."""
+  del argv
+  if FLAGS.child:
+    print('RESULT ' + json.dumps(run_one(FLAGS.child)), flush=True)
+    return
+  rows = []
+  for dtype in FLAGS.dtypes:
+    cmd = [sys.executable, os.path.abspath(__file__), f'--child={dtype}',
+           f'--batch={FLAGS.batch}', f'--steps={FLAGS.steps}',
+           f'--eval_steps={FLAGS.eval_steps}',
+           f'--num_classes={FLAGS.num_classes}']
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
+    if out.returncode or not line:
+      raise RuntimeError(f'{dtype} run failed:\n{out.stderr[-3000:]}')
+    rows.append(json.loads(line[0][len('RESULT '):]))
+  print(f'ViT-B/32 ConceptHash (M=4, 64 bits, {FLAGS.num_classes} classes), '
+        f'batch {FLAGS.batch}, 224 px, random weights, '
+        f'{rows[0]["backend"]} x{rows[0]["devices"]}, {os.cpu_count()} cores\n')
+  print('| dtype | train img/s | eval img/s | peak RSS GB | compile s |')
+  print('|---|---|---|---|---|')
+  for r in rows:
+    print(f'| {r["dtype"]} | {r["train_img_s"]:.2f} | {r["eval_img_s"]:.2f} | '
+          f'{r["peak_rss_gb"]:.2f} | {r["compile_s"]:.1f} |')
+
+
+if __name__ == '__main__':
+  app.run(main)

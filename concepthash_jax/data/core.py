@@ -1,0 +1,109 @@
+"""The one dataset interface every source (synthetic, tfds, folders) returns.
+
+A dataset is a random-access split: `len(ds)` images, `ds[i]` a record
+  {'image': uint8 (H, W, 3) RGB, 'label': int,
+   'keypoints': float32 (P, 3) x, y, visible (only when ds.part_names),
+   'box': float32 (4,) object box x, y, width, height (only when ds.has_boxes)}
+with keypoints and boxes in continuous pixel coordinates of the stored image. `len(ds)`
+is the size of the whole split on every process; `ds.process_index` /
+`ds.process_count` only tell `data.batches` which slice of each global batch
+this process reads.
+"""
+import numpy as np
+
+
+class CorruptImageError(ValueError):
+  """An image file that is missing, unreadable or not an image."""
+
+
+class Dataset:
+  """Base class: labels and class metadata; subclasses implement `_load`."""
+
+  def __init__(self, *, name, split, labels, class_names, family_of=None,
+               family_names=None, part_names=(), process_index=0,
+               process_count=1, skipped=()):
+    """Stores the split's metadata.
+
+    Args:
+      name: dataset name ('synthetic', 'cub', ...).
+      split: 'train' (the retrieval database) or 'test' (the queries).
+      labels: int (N,) class index of every image, in index order.
+      class_names: readable name of each class (list of C str).
+      family_of: class -> family index (list of C int), or None.
+      family_names: name of each family, or None.
+      part_names: names of the P keypoints ('' tuple when there are none).
+      process_index: this process's index among `process_count`.
+      process_count: number of processes reading the split.
+      skipped: paths left out because they were corrupt (on_corrupt='skip').
+    """
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index {process_index} not in '
+                       f'[0, {process_count})')
+    self.name = name
+    self.split = split
+    self.labels = np.asarray(labels, np.int64)
+    self.class_names = list(class_names)
+    self.family_of = None if family_of is None else list(family_of)
+    self.family_names = None if family_names is None else list(family_names)
+    self.part_names = tuple(part_names)
+    self.process_index = process_index
+    self.process_count = process_count
+    self.skipped = tuple(skipped)
+
+  @property
+  def num_classes(self):
+    """C, the number of classes."""
+    return len(self.class_names)
+
+  @property
+  def num_skipped(self):
+    """How many corrupt images were left out of this split."""
+    return len(self.skipped)
+
+  @property
+  def has_keypoints(self):
+    """Whether records carry part keypoints."""
+    return bool(self.part_names)
+
+  @property
+  def has_boxes(self):
+    """Whether records carry an object box (subclasses set `boxes`)."""
+    return getattr(self, 'boxes', None) is not None
+
+  def __len__(self):
+    return len(self.labels)
+
+  def __getitem__(self, index):
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f'index {index} out of range for {len(self)} images')
+    return self._load(index)
+
+  def _load(self, index):
+    """Returns the record of image `index`."""
+    raise NotImplementedError
+
+  def __repr__(self):
+    return (f'{type(self).__name__}(name={self.name!r}, split={self.split!r}, '
+            f'images={len(self)}, classes={self.num_classes}, '
+            f'skipped={self.num_skipped})')
+
+
+def family_by_word(class_names, word):
+  """Groups classes by one word of their name ('first' or 'last').
+
+  Words are split on spaces and underscores, so 'Laysan_Albatross' and
+  'Laysan Albatross' both give 'Albatross'. Families are numbered in order of
+  first appearance.
+
+  Returns:
+    (family_of list of C int, family_names list of str).
+  """
+  family_names, family_of = [], []
+  for name in class_names:
+    words = name.replace('_', ' ').split()
+    key = (words[0] if word == 'first' else words[-1]) if words else name
+    if key not in family_names:
+      family_names.append(key)
+    family_of.append(family_names.index(key))
+  return family_of, family_names

@@ -1,0 +1,187 @@
+"""Batches for training and encoding: order, sharding, padding, parallel decode with grain.
+
+Determinism: the epoch's order is a permutation drawn from (seed, epoch), and
+each image's augmentation uses its own generator seeded by (seed, epoch,
+dataset index). Neither depends on which process or worker decodes the image,
+so the batches are identical for any `data.num_workers` and any
+`data.worker_type`.
+
+Multi-process: a global batch is `batch_size * process_count` consecutive
+positions of the epoch's order; process p reads positions
+[p * batch_size, (p + 1) * batch_size) of each global batch, so the hosts'
+batches are disjoint and, stacked in process order, form the global batch.
+"""
+from absl import flags
+import grain
+import numpy as np
+
+from concepthash_jax.data import transforms
+
+_PAD = -1  # 'index' (and 'label') of padding rows.
+
+
+def epoch_order(num_images, *, shuffle, seed, epoch):
+  """Dataset indices in the order an epoch visits them.
+
+  Args:
+    num_images: N, the split size.
+    shuffle: permute (train) or keep index order (eval).
+    seed: the run's seed.
+    epoch: 0-based epoch; each epoch has its own permutation.
+
+  Returns:
+    int64 (N,) indices.
+  """
+  if not shuffle:
+    return np.arange(num_images)
+  return np.random.default_rng([seed, epoch, 0]).permutation(num_images)
+
+
+def process_positions(order, *, batch_size, process_index, process_count,
+                      drop_remainder):
+  """This process's dataset indices, batch-major, padded with -1.
+
+  Args:
+    order: (N,) epoch order over the whole split.
+    batch_size: per-process batch size B.
+    process_index: p in [0, process_count).
+    process_count: number of processes P; the global batch is B * P.
+    drop_remainder: drop the last incomplete global batch (train) instead of
+      padding it with -1 (eval).
+
+  Returns:
+    int64 (num_batches * B,) indices, -1 for padding.
+  """
+  global_batch = batch_size * process_count
+  if drop_remainder:
+    num_batches = len(order) // global_batch
+    order = order[:num_batches * global_batch]
+  else:
+    num_batches = -(-len(order) // global_batch)
+    order = np.concatenate([order, np.full(
+        num_batches * global_batch - len(order), _PAD, order.dtype)])
+  batches = order.reshape(num_batches, process_count, batch_size)
+  return batches[:, process_index].reshape(-1)
+
+
+class _Example:
+  """Loads, augments and normalises one dataset index (picklable for workers)."""
+
+  def __init__(self, dataset, transform, *, seed, epoch, train, image_size):
+    self.dataset = dataset
+    self.transform = transform
+    self.seed = seed
+    self.epoch = epoch
+    self.train = train
+    self.image_size = image_size
+    self.num_parts = len(dataset.part_names)
+    self.has_boxes = dataset.has_boxes
+
+  def __call__(self, index):
+    index = int(index)
+    if index == _PAD:
+      example = {
+          'image': np.zeros((self.image_size, self.image_size, 3), np.float32),
+          'label': np.int32(_PAD), 'index': np.int32(_PAD),
+          'mask': np.bool_(False)}
+      if self.num_parts:
+        example['keypoints'] = np.zeros((self.num_parts, 3), np.float32)
+      if self.has_boxes:
+        example['box'] = np.zeros(4, np.float32)
+      return example
+    record = self.dataset[index]
+    # Augmentation randomness is a function of the image, not of the worker.
+    rng = (np.random.default_rng([self.seed, self.epoch, index, 1])
+           if self.train else None)
+    points = record.get('keypoints') if self.num_parts else None
+    if self.has_boxes:
+      # The box's four corners travel as extra points; the new box is their
+      # axis-aligned hull (exact for resize / crop / flip).
+      x, y, w, h = np.asarray(record['box'], np.float32)
+      corners = np.array([[x, y, 1], [x + w, y, 1], [x, y + h, 1],
+                          [x + w, y + h, 1]], np.float32)
+      points = corners if points is None else np.concatenate([points,
+                                                              corners])
+    image, points = self.transform(record['image'], points, rng)
+    example = {'image': image, 'label': np.int32(record['label']),
+               'index': np.int32(index), 'mask': np.bool_(True)}
+    if self.num_parts:
+      example['keypoints'] = points[:self.num_parts]
+    if self.has_boxes:
+      low = points[-4:, :2].min(0)
+      high = points[-4:, :2].max(0)
+      example['box'] = np.concatenate([low, high - low]).astype(np.float32)
+    return example
+
+
+def make_transform(data_cfg, *, train):
+  """The configured train or test transform."""
+  if train:
+    return transforms.train_transform(data_cfg.train_augment,
+                                      image_size=data_cfg.image_size,
+                                      resize_size=data_cfg.resize_size)
+  return transforms.test_transform(image_size=data_cfg.image_size,
+                                   resize_size=data_cfg.resize_size)
+
+
+def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
+            drop_remainder):
+  """Iterates over this process's batches of one epoch.
+
+  Args:
+    dataset: a `data.build` dataset (its process_index / process_count pick
+      this process's slice of every global batch).
+    data_cfg: config `data` (image_size, resize_size, train_augment,
+      num_workers, worker_type).
+    train: shuffle + train augmentation (True) or index order + test
+      transform (False).
+    batch_size: per-process batch size B.
+    seed: run seed; with `epoch` it fixes order and augmentation.
+    epoch: 0-based epoch.
+    drop_remainder: drop the last incomplete global batch, else pad it.
+
+  Returns:
+    An iterator of dicts of numpy arrays: 'image' float32 (B, S, S, 3) CLIP-normalised,
+    'label' int32 (B,), 'index' int32 (B,) dataset index, 'mask' bool (B,)
+    (False and label = index = -1 on padding rows), 'keypoints' float32
+    (B, P, 3) in the transformed image's pixels when the dataset has parts,
+    and 'box' float32 (B, 4) x, y, w, h in the same frame when it has boxes
+    (not clipped to the crop).
+  """
+  if data_cfg.worker_type not in ('thread', 'process'):
+    raise ValueError(f"Unknown data.worker_type {data_cfg.worker_type!r}; "
+                     "valid: 'thread', 'process'")
+  if batch_size <= 0:
+    raise ValueError(f'batch_size must be > 0, got {batch_size}')
+  order = epoch_order(len(dataset), shuffle=train, seed=seed, epoch=epoch)
+  positions = process_positions(
+      order, batch_size=batch_size, process_index=dataset.process_index,
+      process_count=dataset.process_count, drop_remainder=drop_remainder)
+  load = _Example(dataset, make_transform(data_cfg, train=train), seed=seed,
+                  epoch=epoch, train=train, image_size=data_cfg.image_size)
+  ds = grain.MapDataset.source(positions).map(load)
+  num_workers = data_cfg.num_workers
+  if num_workers <= 0:  # In-process, no threads: the cheapest for tiny images.
+    ds = ds.batch(batch_size)
+    return (ds[i] for i in range(len(ds)))
+  if data_cfg.worker_type == 'thread':
+    # PIL and numpy release the GIL in decode/resize, so threads scale.
+    return iter(ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=num_workers, prefetch_buffer_size=2 * batch_size)).batch(
+            batch_size))
+  # grain reads absl flags in its workers; outside an absl app (tests,
+  # notebooks) they are unparsed, so take their defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  ds = ds.batch(batch_size).to_iter_dataset(grain.ReadOptions(num_threads=0))
+  return iter(ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers)))
+
+
+def num_batches(num_images, *, batch_size, process_count, drop_remainder):
+  """How many batches `batches` yields per process."""
+  global_batch = batch_size * process_count
+  if drop_remainder:
+    return num_images // global_batch
+  return -(-num_images // global_batch)
+

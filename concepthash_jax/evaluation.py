@@ -1,0 +1,598 @@
+"""Hamming-ranking metrics: mAP@R (SPEC §4, §6.1), P@k, radius precision, PR curve.
+
+Pure metric math, arrays in: nothing here imports a model or a data module.
+Codes are real arrays (a value > 0 is bit 1) or `PackedCodes`; labels are int
+class ids (N,) or multi-hot (N, C), where relevant = sharing any label.
+K is the code length (`nbit`), N the database size, Q the number of queries.
+
+How the ranking is computed without sorting. A Hamming distance takes only K+1
+values, so with ties broken by ascending database index the 1-based rank of
+item j is  #{i : d_i < d_j} + #{i <= j : d_i = d_j},  and the number of
+relevant items ranked up to j is the same count restricted to relevant i.
+Both are counting-sort positions: per-distance histograms of 32-item blocks,
+prefix sums over blocks, and a 32 x 32 comparison inside each block. Counts of
+all items and of relevant items travel packed in one int32 (low / high 16 bits)
+within 512-item groups, so one pass gives both. Everything is O(N (K + 32)) per
+query, in short fixed-size reductions that XLA vectorises; a comparison sort
+would be O(N log N) with an expensive comparator.
+
+`ties="average"` needs only the per-distance counts: the expected AP over all
+orders of tied items has a closed form (harmonic numbers, plus a hypergeometric
+sum when R cuts inside a tie block), evaluated in float64 on the host.
+"""
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import special
+from scipy import stats
+import tqdm
+
+TIES = ('index', 'average')
+_BLOCK = 32  # Items per block: XLA:CPU vectorises reductions this short.
+_GROUP = 16  # Blocks per group: packed counts of <= 512 items fit 16 bits.
+_SPAN = _BLOCK * _GROUP
+_SUPER = 32  # Groups per supergroup: packed counts of <= 16384 items fit too.
+_SHIFT = 16  # Relevant counts live in the high half of a packed int32.
+_LOW = (1 << _SHIFT) - 1
+_ITEMS_PER_CHUNK = 1 << 19  # Query chunk x database items per device call.
+
+
+class PackedCodes(NamedTuple):
+  """Binary codes packed 32 bits a word: bit k -> word k // 32, bit k % 32."""
+  bits: np.ndarray  # (N, ceil(K / 32)) uint32
+  nbit: int
+
+
+def pack_codes(codes) -> PackedCodes:
+  """Packs real codes (value > 0 is bit 1) into uint32 words.
+
+  Args:
+    codes: (N, K) array, or a `PackedCodes` (returned unchanged).
+
+  Returns:
+    PackedCodes with bits (N, ceil(K / 32)) uint32; padding bits are 0, so
+    they never add to a Hamming distance.
+  """
+  if isinstance(codes, PackedCodes):
+    return codes
+  bits = np.asarray(codes) > 0
+  if bits.ndim != 2:
+    raise ValueError(f'codes must be (N, K), got shape {bits.shape}')
+  num, nbit = bits.shape
+  words = -(-nbit // 32)
+  bits = np.pad(bits, ((0, 0), (0, words * 32 - nbit))).reshape(num, words, 32)
+  weights = np.left_shift(np.uint32(1), np.arange(32, dtype=np.uint32))
+  return PackedCodes((bits * weights).sum(-1, dtype=np.uint32), nbit)
+
+
+def pack_labels(labels) -> np.ndarray:
+  """Int labels (N,) -> int32 (N,); multi-hot (N, C) -> uint32 words (N, ceil(C/32))."""
+  labels = np.asarray(labels)
+  if labels.ndim == 1:
+    return labels.astype(np.int32)
+  if labels.ndim == 2:
+    return pack_codes(labels).bits
+  raise ValueError(f'labels must be (N,) or (N, C), got shape {labels.shape}')
+
+
+def hamming_distance(query_bits, db_bits):
+  """Hamming distances by popcount of XOR (jittable).
+
+  Args:
+    query_bits: (Q, W) uint32 packed codes.
+    db_bits: (N, W) uint32 packed codes.
+
+  Returns:
+    (Q, N) int32 distances in [0, K].
+  """
+  xor = query_bits[:, None, :] ^ db_bits[None, :, :]
+  return jnp.sum(jax.lax.population_count(xor), axis=-1, dtype=jnp.int32)
+
+
+def relevance(query_labels, db_labels):
+  """Relevance mask from packed labels (jittable).
+
+  Args:
+    query_labels: (Q,) int32 class ids or (Q, L) uint32 multi-hot bit words.
+    db_labels: (N,) or (N, L), same kind.
+
+  Returns:
+    (Q, N) bool: same class, or at least one shared label.
+  """
+  if query_labels.ndim == 1:
+    return query_labels[:, None] == db_labels[None, :]
+  shared = query_labels[:, None, :] & db_labels[None, :, :]
+  return jnp.any(shared != 0, axis=-1)
+
+
+def _prefix_sum(x, axis, exclusive=False):
+  """Prefix sum along `axis` as masked sums over <= 16-long pieces.
+
+  XLA:CPU lowers cumsum to a reduce-window that runs ~10x slower than these
+  short masked reductions; long axes recurse on the piece totals.
+  """
+  axis %= x.ndim
+  size = x.shape[axis]
+  if size > _GROUP:
+    padded = -(-size // _GROUP) * _GROUP
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, padded - size)
+    pieces = jnp.pad(x, pad).reshape(
+        x.shape[:axis] + (padded // _GROUP, _GROUP) + x.shape[axis + 1:])
+    inner = _prefix_sum(pieces, axis + 1, exclusive)
+    outer = _prefix_sum(jnp.sum(pieces, axis=axis + 1), axis, exclusive=True)
+    out = (inner + jnp.expand_dims(outer, axis + 1)).reshape(
+        x.shape[:axis] + (padded,) + x.shape[axis + 1:])
+    return jax.lax.slice_in_dim(out, 0, size, axis=axis)
+  i = jnp.arange(size)
+  mask = (i[None, :] < i[:, None]) if exclusive else (i[None, :] <= i[:, None])
+  mask = mask.reshape((size, size) + (1,) * (x.ndim - axis - 1))
+  return jnp.sum(jnp.where(mask, jnp.expand_dims(x, axis), 0), axis=axis + 1)
+
+
+def _sum_last(x):
+  """Sums the last axis in stages of 32 (keeps float32 rounding ~ log N)."""
+  while x.shape[-1] > _BLOCK:
+    size = -(-x.shape[-1] // _BLOCK) * _BLOCK
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
+    x = jnp.sum(x.reshape(x.shape[:-1] + (size // _BLOCK, _BLOCK)), axis=-1)
+  return jnp.sum(x, axis=-1)
+
+
+def _gather(table, rows, index):
+  """table[rows, index] for a (M, V) table and equal-shaped int arrays (one gather)."""
+  flat = rows * table.shape[-1] + index
+  return jnp.take(table.reshape(-1), flat, mode='clip')
+
+
+# The device work runs as four jitted stages per query chunk. Splitting is for
+# speed: inside one program XLA:CPU fuses a reduction into its consumers and
+# recomputes it per element (up to 40x slower measured on CUB sizes), and
+# optimization_barrier does not stop it on CPU; arrays returned from a jit
+# are always materialised.
+
+
+@functools.partial(jax.jit, static_argnames=('nbit', 'num_db', 'ranked'))
+def _count_stage(query_bits, query_labels, db_bits, db_labels, *, nbit, num_db,
+                 ranked):
+  """Distances, relevance and packed per-distance counts of 32-item blocks.
+
+  Args:
+    query_bits: (Q, W) uint32.
+    query_labels: (Q,) int32 or (Q, L) uint32.
+    db_bits: (Np, W) uint32, Np % 512 == 0; rows >= num_db are padding.
+    db_labels: (Np,) or (Np, L).
+    nbit: K.
+    num_db: number of real database rows.
+    ranked: also return what `_rank_stage` needs.
+
+  Returns:
+    dict: 'counts' (Q, Np/32, K + 2) int32, all-item counts in the low and
+    relevant counts in the high 16 bits (the last bin holds the padding, so it
+    never ranks before a real item); when ranked also 'dist' (Q, Np) int8 or
+    int16, 'rel' (Q, Np) bool and 'within_block' (Q, Np) int32, the packed
+    count of equal-distance items at or before each item in its block.
+  """
+  bins = nbit + 2
+  dtype = jnp.int8 if bins < 127 else jnp.int16
+  valid = jnp.arange(db_bits.shape[0]) < num_db
+  dist = jnp.where(valid, hamming_distance(query_bits, db_bits), nbit + 1)
+  dist = dist.astype(dtype)
+  rel = relevance(query_labels, db_labels) & valid
+  blocks = (dist.shape[0], dist.shape[1] // _BLOCK, _BLOCK)
+  d = dist.reshape(blocks)
+  x = 1 + (rel.reshape(blocks).astype(jnp.int32) << _SHIFT)
+  onehot = d[..., None, :] == jnp.arange(bins, dtype=dtype)[:, None]
+  out = {'counts': jnp.sum(jnp.where(onehot, x[..., None, :], 0), axis=-1)}
+  if ranked:
+    tri = jnp.arange(_BLOCK)[:, None] >= jnp.arange(_BLOCK)[None, :]  # (j, i)
+    same = (d[..., :, None] == d[..., None, :]) & tri
+    within = jnp.sum(jnp.where(same, x[..., None, :], 0), axis=-1)
+    out.update(dist=dist, rel=rel, within_block=within.reshape(dist.shape))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames=('nbit', 'num_db', 'ranked'))
+def _start_stage(counts, *, nbit, num_db, ranked):
+  """Histograms per query and, when ranked, where each (group, distance) starts.
+
+  Args:
+    counts: (Q, Np/32, K + 2) packed block counts from `_count_stage`.
+    nbit: K.
+    num_db: real database size (static); below 2^15 every start fits 15 bits.
+    ranked: also return the start tables.
+
+  Returns:
+    dict: 'hist', 'hist_rel' (Q, K + 1) int32 and, when ranked, 'starts' (Q,
+    Np/512, K + 2): packed items before each 512-item group in its distance
+    bin (small databases); or 'starts' packed within 16384-item supergroups
+    plus 'super_all', 'super_rel' (Q, supergroups, K + 2) unpacked.
+  """
+  q, _, bins = counts.shape
+  group_counts = jnp.sum(counts.reshape(q, -1, _GROUP, bins), axis=2)
+  hist_all = jnp.sum(group_counts & _LOW, axis=1)
+  hist_rel = jnp.sum(group_counts >> _SHIFT, axis=1)
+  out = {'hist': hist_all[:, :nbit + 1], 'hist_rel': hist_rel[:, :nbit + 1]}
+  if not ranked:
+    return out
+  bin_all = _prefix_sum(hist_all, axis=1, exclusive=True)[:, None, :]
+  bin_rel = _prefix_sum(hist_rel, axis=1, exclusive=True)[:, None, :]
+  if num_db < (1 << (_SHIFT - 1)):
+    start_all = _prefix_sum(group_counts & _LOW, axis=1, exclusive=True) + bin_all
+    start_rel = (_prefix_sum(group_counts >> _SHIFT, axis=1, exclusive=True)
+                 + bin_rel)
+    out['starts'] = start_all + (start_rel << _SHIFT)
+    return out
+  # Counts inside a supergroup (16384 items) still fit packed; only the
+  # supergroup starts need full int32s.
+  groups = group_counts.shape[1]
+  supers = -(-groups // _SUPER)
+  padded = jnp.pad(group_counts, ((0, 0), (0, supers * _SUPER - groups), (0, 0)))
+  padded = padded.reshape(q, supers, _SUPER, bins)
+  within_super = _prefix_sum(padded, axis=2, exclusive=True)
+  out['starts'] = within_super.reshape(q, -1, bins)[:, :groups]
+  super_counts = jnp.sum(padded, axis=2)
+  out['super_all'] = (_prefix_sum(super_counts & _LOW, axis=1, exclusive=True)
+                      + bin_all)
+  out['super_rel'] = (_prefix_sum(super_counts >> _SHIFT, axis=1, exclusive=True)
+                      + bin_rel)
+  return out
+
+
+@jax.jit
+def _rank_stage(dist, within_block, counts, starts, super_all=None,
+                super_rel=None):
+  """Rank of every item and relevant items ranked up to it (ties by index).
+
+  Args:
+    dist, within_block: (Q, Np) from `_count_stage`.
+    counts: (Q, Np/32, bins) packed block counts.
+    starts, super_all, super_rel: from `_start_stage`.
+
+  Returns:
+    Ranks (Q, Np) int32: the 1-based rank in the low and the number of
+    relevant items ranked at or before the item (itself included) in the high
+    16 bits; for databases of 2^15 items or more, the pair (rank, relevant
+    count) of unpacked int32 arrays.
+  """
+  q, num = dist.shape
+  groups, bins = num // _SPAN, counts.shape[-1]
+  # Same bin, earlier blocks of the group (packed, <= 512 items): XLA fuses
+  # this into the gather, so only the gathered entries get summed.
+  within_group = _prefix_sum(counts.reshape(q, groups, _GROUP, bins), axis=2,
+                             exclusive=True)
+  table = (within_group + starts[:, :, None, :]).reshape(-1, bins)
+  index = dist.reshape(q, groups, _GROUP, _BLOCK).astype(jnp.int32)
+  query_row = jnp.arange(q, dtype=jnp.int32)[:, None, None, None]
+  group_row = jnp.arange(groups, dtype=jnp.int32)[None, :, None, None]
+  block_row = jnp.arange(_GROUP, dtype=jnp.int32)[None, None, :, None]
+  rows = (query_row * groups + group_row) * _GROUP + block_row
+  packed = _gather(table, rows, index) + within_block.reshape(index.shape)
+  if super_all is None:
+    return packed.reshape(q, num)  # unpacked where it is consumed
+  super_rows = query_row * super_all.shape[1] + group_row // _SUPER
+  pos = (packed & _LOW) + _gather(super_all.reshape(-1, bins), super_rows, index)
+  cum_rel = ((packed >> _SHIFT)
+             + _gather(super_rel.reshape(-1, bins), super_rows, index))
+  return pos.reshape(q, num), cum_rel.reshape(q, num)
+
+
+@functools.partial(jax.jit, static_argnames=('topk',))
+def _ap_stage(ranks, rel, R, *, topk):
+  """AP@R and relevant items in each top k from ranks.
+
+  Args:
+    ranks: packed (Q, Np) or a (pos, cum_rel) pair, from `_rank_stage`.
+    rel: (Q, Np) bool.
+    R: int32 scalar cut-off (traced: a new R does not recompile).
+    topk: tuple of k (each <= N).
+
+  Returns:
+    ap (Q,) float32 and hits (Q, len(topk)) int32.
+  """
+  if isinstance(ranks, tuple):
+    pos, cum_rel = ranks
+  else:
+    pos, cum_rel = ranks & _LOW, ranks >> _SHIFT
+  hit = rel & (pos <= R)
+  precision = jnp.where(hit, cum_rel.astype(jnp.float32)
+                        / jnp.maximum(pos, 1).astype(jnp.float32), 0.0)
+  num_hit = jnp.sum(hit, axis=-1)
+  # Official rule: sum of precisions at relevant ranks over the relevant items
+  # in the top R; a query with none scores 0.
+  ap = jnp.where(num_hit > 0,
+                 _sum_last(precision) / jnp.maximum(num_hit, 1), 0.0)
+  hits = [jnp.sum(rel & (pos <= k), axis=-1) for k in topk]
+  hits = jnp.stack(hits, -1) if hits else jnp.zeros((pos.shape[0], 0), jnp.int32)
+  return ap, hits
+
+
+def _chunk_stats(query_bits, query_labels, db_bits, db_labels, R, *, nbit,
+                 num_db, topk, ranked):
+  """Per-query statistics of one query chunk against the padded database.
+
+  Returns:
+    dict with 'hist', 'hist_rel' (Qc, K + 1) int32 and, when ranked, 'ap'
+    (Qc,) float32 and 'hits' (Qc, len(topk)) int32.
+  """
+  counted = _count_stage(query_bits, query_labels, db_bits, db_labels,
+                         nbit=nbit, num_db=num_db, ranked=ranked)
+  starts = _start_stage(counted['counts'], nbit=nbit, num_db=num_db,
+                        ranked=ranked)
+  out = {'hist': starts['hist'], 'hist_rel': starts['hist_rel']}
+  if ranked:
+    ranks = _rank_stage(counted['dist'], counted['within_block'],
+                        counted['counts'], starts['starts'],
+                        starts.get('super_all'), starts.get('super_rel'))
+    out['ap'], out['hits'] = _ap_stage(ranks, counted['rel'], R, topk=topk)
+  return out
+
+
+def average_precision(query_codes, query_labels, db_codes, db_labels, *,
+                      R=None):
+  """Per-query AP@R with Hamming ties broken by database index (jittable).
+
+  Args:
+    query_codes: (Q, K) real codes (value > 0 is bit 1).
+    query_labels: (Q,) int or (Q, C) multi-hot.
+    db_codes: (N, K) real codes.
+    db_labels: (N,) int or (N, C) multi-hot.
+    R: cut-off, default N.
+
+  Returns:
+    (Q,) float32 AP@R; a query with no relevant item in the top R scores 0.
+  """
+  nbit, num_db = query_codes.shape[1], db_codes.shape[0]
+  R = num_db if R is None else R
+  padded = -(-num_db // _SPAN) * _SPAN
+
+  def pack(codes):
+    """Traceable `pack_codes`."""
+    words = -(-codes.shape[1] // 32)
+    bits = jnp.pad(codes > 0, ((0, 0), (0, words * 32 - codes.shape[1])))
+    weights = jnp.left_shift(jnp.uint32(1), jnp.arange(32, dtype=jnp.uint32))
+    return jnp.sum(bits.reshape(bits.shape[0], words, 32) * weights, axis=-1,
+                   dtype=jnp.uint32)
+
+  def labels(lab, rows):
+    """Traceable `pack_labels`, zero-padded to `rows`."""
+    lab = jnp.asarray(lab)
+    lab = lab.astype(jnp.int32) if lab.ndim == 1 else pack(lab)
+    return jnp.pad(lab, ((0, rows - lab.shape[0]),) + ((0, 0),) * (lab.ndim - 1))
+
+  db_bits = jnp.pad(pack(db_codes), ((0, padded - num_db), (0, 0)))
+  out = _chunk_stats(pack(query_codes), labels(query_labels, query_codes.shape[0]),
+                     db_bits, labels(db_labels, padded), jnp.int32(R),
+                     nbit=nbit, num_db=num_db, topk=(), ranked=True)
+  return out['ap']
+
+
+def _harmonic_gap(start, count):
+  """H(start + count) - H(start) = sum_{p=1..count} 1 / (start + p), float64."""
+  return special.digamma(start + count + 1.0) - special.digamma(start + 1.0)
+
+
+def _expected_precision_sum(before, rel_before, size, rel):
+  """E[sum over relevant items of (relevant so far) / rank] for one tie block.
+
+  The block's `size` items (`rel` relevant) sit at ranks before+1..before+size
+  in uniformly random order; `rel_before` relevant items rank before it. With
+  Pr(relevant at p) = rel/size and E[relevant among the first p-1 | relevant
+  at p] = (p-1)(rel-1)/(size-1), the sum over p collapses to harmonic numbers.
+  """
+  size = np.asarray(size, np.float64)
+  gap = _harmonic_gap(before, size)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    spread = np.where(size > 1, (rel - 1.0) / np.maximum(size - 1.0, 1.0), 0.0)
+    term = (rel_before + 1.0) * gap + spread * (size - (before + 1.0) * gap)
+    return np.where(size > 0, rel / np.maximum(size, 1.0) * term, 0.0)
+
+
+def expected_average_precision(hist, hist_rel, R, *, max_grid=1 << 22):
+  """Expected AP@R over all orders of Hamming-tied items (`ties="average"`).
+
+  Args:
+    hist: (Q, K + 1) items per distance.
+    hist_rel: (Q, K + 1) relevant items per distance.
+    R: cut-off, 1 <= R <= N.
+    max_grid: bound on query x support cells per hypergeometric batch.
+
+  Returns:
+    (Q,) float64 expected AP@R (0 for queries with no relevant item in reach).
+  """
+  n = np.asarray(hist, np.float64)
+  r = np.asarray(hist_rel, np.float64)
+  before = np.cumsum(n, 1) - n
+  rel_before = np.cumsum(r, 1) - r
+  inside = before + n <= R  # tie blocks wholly inside the top R
+  block_sums = np.where(
+      inside, _expected_precision_sum(before, rel_before, n, r), 0.0)
+  total = block_sums.sum(1)
+  num_rel = np.where(inside, r, 0.0).sum(1)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    ap = np.where(num_rel > 0, total / np.maximum(num_rel, 1.0), 0.0)
+  # A block straddling R: X ~ Hypergeom(size, rel, m) of its relevant items
+  # land in the m ranks left, and the AP denominator rel_before + X is random,
+  # so average over X exactly.
+  cut = (before < R) & (before + n > R)
+  rows, cols = np.nonzero(cut)
+  if rows.size == 0:
+    return ap
+  size, rel = n[rows, cols], r[rows, cols]
+  start, rel_start = before[rows, cols], rel_before[rows, cols]
+  draws = R - start
+  lo = np.maximum(0.0, draws - (size - rel))
+  hi = np.minimum(rel, draws)
+  width = int((hi - lo).max()) + 1
+  step = max(1, max_grid // width)
+  for s in range(0, rows.size, step):
+    sl = slice(s, s + step)
+    x = lo[sl, None] + np.arange(width)
+    valid = x <= hi[sl, None]
+    pmf = np.where(valid, stats.hypergeom.pmf(
+        x, size[sl, None], rel[sl, None], draws[sl, None]), 0.0)
+    partial = _expected_precision_sum(start[sl, None], rel_start[sl, None],
+                                      draws[sl, None], x)
+    denom = rel_start[sl, None] + x
+    with np.errstate(divide='ignore', invalid='ignore'):
+      value = np.where(valid & (denom > 0),
+                       (total[rows[sl], None] + partial) / np.maximum(denom, 1.0),
+                       0.0)
+    ap[rows[sl]] = (pmf * value).sum(1)
+  return ap
+
+
+def _expected_hits(hist, hist_rel, k):
+  """E[relevant items in the top k] over tie orders (linearity of expectation)."""
+  n = np.asarray(hist, np.float64)
+  r = np.asarray(hist_rel, np.float64)
+  before = np.cumsum(n, 1) - n
+  take = np.clip(k - before, 0.0, n)  # items of each block inside the top k
+  with np.errstate(divide='ignore', invalid='ignore'):
+    return np.where(n > 0, take * r / np.maximum(n, 1.0), 0.0).sum(1)
+
+
+def _radius_curve(hist, hist_rel):
+  """Mean precision and recall of the items within each Hamming radius 0..K."""
+  within = np.cumsum(np.asarray(hist, np.float64), 1)
+  within_rel = np.cumsum(np.asarray(hist_rel, np.float64), 1)
+  total_rel = within_rel[:, -1:]
+  with np.errstate(divide='ignore', invalid='ignore'):
+    # Nothing retrieved (or nothing relevant) scores 0, like a missed query.
+    precision = np.where(within > 0, within_rel / np.maximum(within, 1.0), 0.0)
+    recall = np.where(total_rel > 0, within_rel / np.maximum(total_rel, 1.0), 0.0)
+  return precision.mean(0), recall.mean(0)
+
+
+def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, *,
+                      R: Optional[int] = None, ties: str = 'index',
+                      topk: Sequence[int] = (1, 5, 10), radius: int = 2,
+                      chunk_size: Optional[int] = None,
+                      progress: Optional[bool] = None,
+                      per_query: bool = False) -> dict:
+  """mAP@R, P@k, precision within a Hamming radius and the PR curve, one pass.
+
+  Args:
+    query_codes: (Q, K) real codes (value > 0 is bit 1) or `PackedCodes`.
+    query_labels: (Q,) int or (Q, C) multi-hot.
+    db_codes: (N, K) real codes or `PackedCodes`.
+    db_labels: (N,) int or (N, C) multi-hot.
+    R: mAP cut-off; None or -1 = the whole database, else 1 <= R <= N.
+    ties: 'index' (ties by ascending database index, as a stable sort) or
+      'average' (expectation over all orders of tied items, closed form).
+    topk: k values for P@k = (relevant in the top min(k, N)) / k.
+    radius: Hamming radius for 'precision_at_radius_<radius>'.
+    chunk_size: queries per device call (default: ~512k query-item pairs).
+    progress: tqdm bar over query chunks; None = only for >= 1e9 pairs.
+    per_query: also return 'ap' (Q,) float64 per-query AP.
+
+  Returns:
+    dict: 'map_at_r', 'precision_at_<k>' for each k,
+    'precision_at_radius_<radius>', 'recall_at_radius_<radius>',
+    'pr_precision' and 'pr_recall' ((K + 1,) means over queries for radii
+    0..K), and 'ap' when per_query. Scalars are python floats.
+  """
+  if ties not in TIES:
+    raise ValueError(f'Unknown ties {ties!r}; expected one of {TIES}')
+  query, db = pack_codes(query_codes), pack_codes(db_codes)
+  if query.nbit != db.nbit:
+    raise ValueError(f'query codes have {query.nbit} bits, database {db.nbit}')
+  q_labels, d_labels = pack_labels(query_labels), pack_labels(db_labels)
+  num_q, num_db, nbit = len(query.bits), len(db.bits), db.nbit
+  if q_labels.shape[0] != num_q or d_labels.shape[0] != num_db:
+    raise ValueError('labels and codes disagree in length')
+  if q_labels.ndim != d_labels.ndim or q_labels.shape[1:] != d_labels.shape[1:]:
+    raise ValueError('query and database labels must be the same kind and width')
+  if num_db == 0 or num_q == 0:
+    raise ValueError('empty query set or database')
+  R = num_db if R is None or R == -1 else int(R)
+  if not 1 <= R <= num_db:
+    raise ValueError(f'R must be in [1, {num_db}] (or None / -1), got {R}')
+  topk = tuple(int(k) for k in topk)
+  if any(k < 1 for k in topk):
+    raise ValueError(f'topk values must be >= 1, got {topk}')
+  if radius < 0:
+    raise ValueError(f'radius must be >= 0, got {radius}')
+
+  padded = -(-num_db // _SPAN) * _SPAN
+  db_bits = jnp.asarray(np.pad(db.bits, ((0, padded - num_db), (0, 0))))
+  db_lab = jnp.asarray(np.pad(
+      d_labels, ((0, padded - num_db),) + ((0, 0),) * (d_labels.ndim - 1)))
+  if chunk_size is None:
+    per_chunk = max(_ITEMS_PER_CHUNK // padded, 1)
+    chunk_size = 1 << max(1, min(8, int(np.log2(per_chunk))))
+  chunk_size = max(1, min(int(chunk_size), num_q))
+  num_chunks = -(-num_q // chunk_size)
+  q_pad = num_chunks * chunk_size - num_q  # one compiled shape for all chunks
+  q_bits = np.pad(query.bits, ((0, q_pad), (0, 0)))
+  q_lab = np.pad(q_labels, ((0, q_pad),) + ((0, 0),) * (q_labels.ndim - 1))
+  ranked = ties == 'index'
+  run = functools.partial(
+      _chunk_stats, db_bits=db_bits, db_labels=db_lab, R=jnp.int32(R),
+      nbit=nbit, num_db=num_db, topk=tuple(min(k, num_db) for k in topk),
+      ranked=ranked)
+  if progress is None:
+    progress = num_q * num_db >= 10**9
+  outputs, pending = [], None
+  for c in tqdm.trange(num_chunks, desc='retrieval metrics', unit='chunk',
+                       disable=not progress, leave=False):
+    sl = slice(c * chunk_size, (c + 1) * chunk_size)
+    # Dispatch is asynchronous: fetch the previous chunk while this one runs.
+    current = run(jnp.asarray(q_bits[sl]), jnp.asarray(q_lab[sl]))
+    if pending is not None:
+      outputs.append(jax.device_get(pending))
+    pending = current
+  outputs.append(jax.device_get(pending))
+  out = {k: np.concatenate([o[k] for o in outputs])[:num_q] for k in outputs[0]}
+
+  hist, hist_rel = out['hist'], out['hist_rel']
+  if ranked:
+    ap = out['ap'].astype(np.float64)
+    hits = out['hits'].astype(np.float64)
+  else:
+    ap = expected_average_precision(hist, hist_rel, R)
+    hits = np.stack([_expected_hits(hist, hist_rel, min(k, num_db))
+                     for k in topk], -1) if topk else np.zeros((num_q, 0))
+  pr_precision, pr_recall = _radius_curve(hist, hist_rel)
+  metrics = {'map_at_r': float(ap.mean())}
+  for i, k in enumerate(topk):
+    metrics[f'precision_at_{k}'] = float((hits[:, i] / k).mean())
+  within = min(radius, nbit)  # a radius >= K retrieves everything
+  metrics[f'precision_at_radius_{radius}'] = float(pr_precision[within])
+  metrics[f'recall_at_radius_{radius}'] = float(pr_recall[within])
+  metrics['pr_precision'] = pr_precision
+  metrics['pr_recall'] = pr_recall
+  if per_query:
+    metrics['ap'] = ap
+  return metrics
+
+
+def map_at_r(query_codes, query_labels, db_codes, db_labels, *,
+             R: Optional[int] = None, ties: str = 'index',
+             chunk_size: Optional[int] = None,
+             progress: Optional[bool] = None) -> float:
+  """Mean average precision over the top R of a Hamming ranking (SPEC §4, §6.1).
+
+  AP = sum_k P(k) rel(k) / (relevant in top R); a query with no relevant item
+  in the top R scores 0; the mean runs over all queries.
+
+  Args:
+    query_codes: (Q, K) real codes (value > 0 is bit 1) or `PackedCodes`.
+    query_labels: (Q,) int or (Q, C) multi-hot.
+    db_codes: (N, K) real codes or `PackedCodes`.
+    db_labels: (N,) int or (N, C) multi-hot.
+    R: cut-off; None (or -1) = the whole database.
+    ties: 'index' (ascending database index) or 'average' (expected AP over
+      all orders of tied items).
+    chunk_size: queries per device call (default: ~512k query-item pairs).
+    progress: tqdm bar over query chunks; None = only for >= 1e9 pairs.
+
+  Returns:
+    mAP@R as a python float.
+  """
+  return retrieval_metrics(query_codes, query_labels, db_codes, db_labels, R=R,
+                           ties=ties, topk=(), radius=0, chunk_size=chunk_size,
+                           progress=progress)['map_at_r']

@@ -1,0 +1,195 @@
+"""SGD with PyTorch semantics, the learning-rate schedules and the trainable split.
+
+The released recipe (SPEC §3) trains with `torch.optim.SGD(momentum=0.9,
+weight_decay=5e-4)` and a warm-up + cosine factor stepped once per epoch. We
+reproduce both exactly so that a run here follows the same trajectory:
+
+* `sgd`: coupled L2 (decay added to the gradient *before* the momentum buffer),
+  dampening 0, no Nesterov, decay on every leaf it sees (biases and norm
+  parameters too, as one torch param group does).
+* `epoch_schedule` / `step_schedule`: the released per-epoch factor and a smooth
+  per-step version that agrees with it at every epoch start.
+* `make_optimizer`: the above from `config.optim`, applied to the trainable
+  parameters only; frozen CLIP weights get no optimizer state at all.
+"""
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+Schedule = Callable[[Any], Any]
+
+
+def sgd(learning_rate, *, momentum: float, weight_decay: float
+        ) -> optax.GradientTransformation:
+  """torch.optim.SGD as an optax chain.
+
+  torch: `g += wd * p; buf = momentum * buf + g; p -= lr * buf` (the first
+  step sets buf = g, which equals momentum * 0 + g from a zero buffer).
+
+  Args:
+    learning_rate: float or schedule `step -> lr`.
+    momentum: momentum factor (0 disables the buffer).
+    weight_decay: coupled L2 coefficient.
+
+  Returns:
+    An optax GradientTransformation whose updates are added to the params.
+  """
+  parts = []
+  if weight_decay:
+    # Coupled L2: the decay joins the gradient before momentum (not AdamW-style).
+    parts.append(optax.add_decayed_weights(weight_decay))
+  if momentum:
+    parts.append(optax.trace(decay=momentum, nesterov=False))
+  parts.append(optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(*parts)
+
+
+def epoch_factor(epoch, *, warmup_epochs: int, epochs: int):
+  """Released lr factor for a (0-based, possibly fractional) epoch.
+
+  e' = epoch + 1; factor = e'/W while e' <= W, else
+  0.5 * (1 + cos(pi * (e' - W) / (E - W + 1))).
+
+  Args:
+    epoch: scalar (python or traced) 0-based epoch.
+    warmup_epochs: W; 0 disables warm-up.
+    epochs: E, total epochs.
+
+  Returns:
+    The multiplicative lr factor, same kind as `epoch`.
+  """
+  e1 = epoch + 1.0
+  w = float(warmup_epochs)
+  # 0.5 * (1 + cos(x)) written as cos(x/2)^2: no cancellation near the end
+  # of training, where float32 1 + cos(x) loses most digits.
+  cosine = jnp.cos(0.5 * jnp.pi * (e1 - w) / (epochs - w + 1.0)) ** 2
+  if warmup_epochs <= 0:
+    return cosine
+  return jnp.where(e1 <= w, e1 / w, cosine)
+
+
+def epoch_schedule(base_lr: float, *, warmup_epochs: int, epochs: int,
+                   steps_per_epoch: int) -> Schedule:
+  """Released schedule: constant within an epoch, stepped at epoch ends.
+
+  Args:
+    base_lr: peak learning rate.
+    warmup_epochs: W.
+    epochs: E.
+    steps_per_epoch: optimizer steps in one epoch (> 0).
+
+  Returns:
+    `step -> lr` (jittable).
+  """
+  _check_steps(steps_per_epoch)
+
+  def schedule(step):
+    epoch = (jnp.asarray(step) // steps_per_epoch).astype(jnp.float32)
+    return base_lr * epoch_factor(epoch, warmup_epochs=warmup_epochs,
+                                  epochs=epochs)
+  return schedule
+
+
+def step_schedule(base_lr: float, *, warmup_epochs: int, epochs: int,
+                  steps_per_epoch: int) -> Schedule:
+  """Smooth version: the same curve evaluated at fractional epochs.
+
+  At the first step of every epoch it equals `epoch_schedule`.
+
+  Args:
+    base_lr: peak learning rate.
+    warmup_epochs: W.
+    epochs: E.
+    steps_per_epoch: optimizer steps in one epoch (> 0).
+
+  Returns:
+    `step -> lr` (jittable).
+  """
+  _check_steps(steps_per_epoch)
+
+  def schedule(step):
+    epoch = jnp.asarray(step, jnp.float32) / steps_per_epoch
+    return base_lr * epoch_factor(epoch, warmup_epochs=warmup_epochs,
+                                  epochs=epochs)
+  return schedule
+
+
+SCHEDULES = {'epoch': epoch_schedule, 'step': step_schedule}
+
+
+def make_schedule(optim_cfg, steps_per_epoch: int) -> Schedule:
+  """Builds the lr schedule named by `optim_cfg.schedule` ('epoch' | 'step')."""
+  if optim_cfg.schedule not in SCHEDULES:
+    raise ValueError(f'Unknown optim.schedule {optim_cfg.schedule!r}; '
+                     f'valid: {sorted(SCHEDULES)}')
+  return SCHEDULES[optim_cfg.schedule](
+      optim_cfg.lr, warmup_epochs=optim_cfg.warmup_epochs,
+      epochs=optim_cfg.epochs, steps_per_epoch=steps_per_epoch)
+
+
+def make_optimizer(optim_cfg, steps_per_epoch: int, trainable_mask=None
+                   ) -> optax.GradientTransformation:
+  """SGD + schedule from `config.optim`.
+
+  Args:
+    optim_cfg: `config.optim` (lr, momentum, weight_decay, epochs,
+      warmup_epochs, schedule).
+    steps_per_epoch: optimizer steps per epoch (for the schedule).
+    trainable_mask: None -> the transformation trains every leaf it is given
+      (train.py hands it the trainable sub-tree from `partition_params`).
+      A bool pytree matching the full params -> frozen leaves get zero updates
+      and, because optax.multi_transform masks the inner state, no state.
+
+  Returns:
+    An optax GradientTransformation.
+  """
+  tx = sgd(make_schedule(optim_cfg, steps_per_epoch),
+           momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+  if trainable_mask is None:
+    return tx
+  labels = jax.tree.map(lambda t: 'train' if t else 'frozen', trainable_mask)
+  return optax.multi_transform(
+      {'train': tx, 'frozen': optax.set_to_zero()}, labels)
+
+
+def partition_params(params, trainable_mask):
+  """Splits a nested params dict into (trainable, frozen) nested dicts.
+
+  Differentiating only w.r.t. `trainable` spares the backward pass the weight
+  gradients of the frozen CLIP matrices, and the optimizer then keeps state
+  for the trainable leaves alone.
+
+  Args:
+    params: nested dict of arrays.
+    trainable_mask: same structure, bool leaves.
+
+  Returns:
+    (trainable, frozen): two nested dicts whose union is `params`.
+  """
+  flat = traverse_util.flatten_dict(params)
+  flat_mask = traverse_util.flatten_dict(trainable_mask)
+  if set(flat) != set(flat_mask):
+    missing = sorted('/'.join(k) for k in set(flat) ^ set(flat_mask))[:5]
+    raise ValueError(f'trainable_mask does not match params, e.g. {missing}')
+  trainable = {k: v for k, v in flat.items() if flat_mask[k]}
+  frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
+  return (traverse_util.unflatten_dict(trainable),
+          traverse_util.unflatten_dict(frozen))
+
+
+def merge_params(trainable, frozen):
+  """Inverse of `partition_params`: one nested dict with every leaf."""
+  flat = dict(traverse_util.flatten_dict(frozen))
+  flat.update(traverse_util.flatten_dict(trainable))
+  return traverse_util.unflatten_dict(flat)
+
+
+def _check_steps(steps_per_epoch):
+  """Raises a clear error for a schedule without steps."""
+  if int(np.asarray(steps_per_epoch)) <= 0:
+    raise ValueError(f'steps_per_epoch must be > 0, got {steps_per_epoch} '
+                     '(is the train split smaller than one batch?)')

@@ -1,0 +1,95 @@
+"""Encodes a split with a trained run and reports its mAP@R against the database.
+
+  python -m concepthash_jax.tools.encode --workdir runs/synthetic --split test \
+    --out runs/synthetic/codes_test.npz
+
+Writes OUT (codes ±1 int8, codes_cont, labels, index, concept_attn) and beside
+it OUT with suffix `.index.npz`, a searchable code index of the database
+(train split). Prints mAP@R of the split against the database beside the
+chance level of a random ranking.
+"""
+import os
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from concepthash_jax import data as data_lib
+from concepthash_jax import evaluation
+from concepthash_jax import index as index_lib
+from concepthash_jax import sharding
+from concepthash_jax import train
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defines the CLI flags; only when run as a program, so that importing
+  this module (tests, other tools) does not claim names like --workdir."""
+  flags.DEFINE_string('workdir', None, 'Run directory written by launch.py.')
+  flags.DEFINE_enum('split', 'test', ['train', 'test'], 'Split to encode.')
+  flags.DEFINE_string('out', None,
+                      'Output .npz (default WORKDIR/codes_SPLIT.npz).')
+  flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
+                    'Which checkpoint: the final one or the best by mAP@R.')
+  flags.DEFINE_string('data_root', None,
+                      'Override config.data.root (dataset moved since training).')
+  flags.mark_flag_as_required('workdir')
+
+def encode_split(workdir: str, split: str, *, checkpoint: str = 'latest',
+                 data_root=None):
+  """Encodes `split` and the database of a trained run.
+
+  Args:
+    workdir: run directory.
+    split: 'train' or 'test'.
+    checkpoint: 'latest' or 'best'.
+    data_root: replaces config.data.root when given.
+
+  Returns:
+    (config, codes of `split` (dict of numpy), codes of the database).
+  """
+  config, model, variables, _ = train.restore_for_inference(
+      workdir, which=checkpoint)
+  if data_root is not None:
+    config.data.root = data_root
+  mesh = sharding.create_mesh()
+  batch_size = config.data.eval_batch_size
+
+  def encode(name):
+    ds = data_lib.build(config.data, name)
+    batches = data_lib.batches(ds, config.data, train=False,
+                               batch_size=batch_size, seed=config.seed,
+                               epoch=0, drop_remainder=False)
+    return train.encode_dataset(model, variables, batches, mesh=mesh)
+
+  database = encode('train')
+  query = database if split == 'train' else encode(split)
+  return config, query, database
+
+
+def main(argv):
+  """Entry point."""
+  del argv
+  out = FLAGS.out or os.path.join(FLAGS.workdir, f'codes_{FLAGS.split}.npz')
+  config, query, database = encode_split(
+      FLAGS.workdir, FLAGS.split, checkpoint=FLAGS.checkpoint,
+      data_root=FLAGS.data_root)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  np.savez_compressed(out, **query)
+  index_path = os.path.splitext(out)[0] + '.index.npz'
+  index_lib.CodeIndex(database['codes'], database['labels']).save(index_path)
+  r = None if config.eval.R < 0 else int(config.eval.R)
+  score = evaluation.map_at_r(query['codes'], query['labels'],
+                              database['codes'], database['labels'], R=r,
+                              ties=config.eval.ties)
+  chance = train.chance_map_at_r(query['labels'], database['labels'])
+  print(f'{FLAGS.split}: {len(query["codes"])} codes of {query["codes"].shape[1]}'
+        f' bits -> {out}\ndatabase index ({len(database["codes"])} codes) -> '
+        f'{index_path}\nmAP@R {score:.4f} (chance {chance:.4f}, ties='
+        f'{config.eval.ties})')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

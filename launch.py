@@ -1,0 +1,76 @@
+"""Trains and evaluates ConceptHash: flags -> config -> train.train_and_evaluate.
+
+  python launch.py --config=configs/synthetic.py --workdir=runs/synthetic
+  python launch.py --config=configs/cub.py:nbit=32 --workdir=runs/cub32 \
+    --config.optim.lr=2e-3
+
+Every config key can be overridden with --config.section.key=value; unknown keys
+and invalid values stop here with the valid choices. On a multi-host job start
+the same command on every host: jax.distributed is initialised when the
+environment describes a cluster (JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES
+and JAX_PROCESS_ID, a multi-task SLURM/Open MPI job, a multi-host TPU slice) or
+when --distributed is given.
+"""
+import logging as py_logging
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from concepthash_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and results.json.')
+flags.DEFINE_bool('distributed', None, 'Force (True) or skip (False) '
+                  'jax.distributed.initialize(); default: from the environment.')
+config_flags.DEFINE_config_file('config', None, 'Config file, path[:arg].',
+                                lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def cluster_requested() -> bool:
+  """Whether the environment describes a multi-process job."""
+  env = os.environ
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    return True
+  for key in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
+    if int(env.get(key, '1') or 1) > 1:
+      return True
+  return ',' in env.get('TPU_WORKER_HOSTNAMES', '')
+
+
+def _quiet_orbax(record) -> bool:
+  """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+  return record.levelno >= py_logging.WARNING or 'orbax' not in record.pathname
+
+
+def main(argv):
+  """Entry point."""
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  py_logging.getLogger('absl').addFilter(_quiet_orbax)
+  # Fail on a bad config before anything slow (model download, data).
+  train.validate_config(FLAGS.config)
+  distributed = FLAGS.distributed
+  if distributed is None:
+    distributed = cluster_requested()
+  if distributed:
+    env = os.environ
+    kwargs = {}
+    if env.get('JAX_COORDINATOR_ADDRESS'):
+      kwargs = dict(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+                    num_processes=int(env['JAX_NUM_PROCESSES']),
+                    process_id=int(env['JAX_PROCESS_ID']))
+    jax.distributed.initialize(**kwargs)
+  logging.info('JAX process %d/%d, %d local / %d global devices (%s)',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.default_backend())
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,262 @@
+"""Tests for models/clip.py and models/adapter.py: HF parity, interpolation, adapters."""
+import math
+import os
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+import pytest
+import transformers
+
+from concepthash_jax.interop import hf
+from concepthash_jax.models import clip
+from concepthash_jax.models.adapter import Adapter
+
+DATA = os.path.join(os.path.dirname(__file__), 'data')
+TOL = 1e-4
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  """(config, params) of tests/data/tiny_clip."""
+  return hf.load_clip(os.path.join(DATA, 'tiny_clip'))
+
+
+@pytest.fixture(scope='module')
+def golden():
+  """transformers' PyTorch CLIP outputs on the tiny checkpoint."""
+  return dict(np.load(os.path.join(DATA, 'hf_clip_tiny.npz')))
+
+
+@pytest.fixture(scope='module')
+def ours(tiny, golden):
+  """Our outputs under the golden's keys."""
+  config, params = tiny
+  return hf.hf_golden_outputs(config, params, golden['pixel_values'], golden['input_ids'],
+                              golden['attention_mask'])
+
+
+def test_golden_has_the_keys_we_write(golden, ours):
+  golden_keys = {k for k in golden if k.startswith(('vision/', 'text/'))}
+  assert golden_keys == set(ours)
+
+
+def test_vision_tower_matches_hf_golden(golden, ours):
+  keys = [k for k in golden if k.startswith('vision/')]
+  assert len(keys) == 3 + 2 + 3  # outputs, attentions/0..1, hidden_states/0..2.
+  for key in keys:
+    assert ours[key].shape == golden[key].shape, key
+    np.testing.assert_allclose(ours[key], golden[key], atol=TOL, rtol=0, err_msg=key)
+
+
+def test_text_hidden_states_match_hf_golden(golden, ours):
+  np.testing.assert_allclose(ours['text/last_hidden_state'], golden['text/last_hidden_state'],
+                             atol=TOL, rtol=0)
+
+
+def test_text_pooler_follows_spec_eos_rule_on_golden_states(tiny, golden, ours):
+  # tiny_clip has eos_token_id == 2, so SPEC §1 pools at the highest id. The golden's own
+  # text/pooler_output was produced at position 0 (an eos id absent from the ids), which
+  # disagrees with SPEC §1; we check our pooling against the golden hidden states instead.
+  config, params = tiny
+  assert config.text_config.eos_token_id == 2
+  ids = golden['input_ids']
+  eos = np.argmax(ids, axis=-1)
+  want = golden['text/last_hidden_state'][np.arange(len(ids)), eos]
+  np.testing.assert_allclose(ours['text/pooler_output'], want, atol=TOL, rtol=0)
+  np.testing.assert_allclose(ours['text/text_embeds'],
+                             want @ params['text_projection']['kernel'], atol=TOL, rtol=0)
+
+
+def test_eos_positions_both_conventions():
+  ids = jnp.array([[5, 9, 3, 7, 0], [4, 2, 8, 2, 1]])
+  np.testing.assert_array_equal(clip.eos_positions(ids, 2), [1, 2])  # Legacy: argmax id.
+  np.testing.assert_array_equal(clip.eos_positions(ids, 7), [3, 0])  # First occurrence.
+  np.testing.assert_array_equal(clip.eos_positions(jnp.array([[1, 7, 7]]), 7), [1])
+
+
+def test_text_tower_pools_at_first_eos_for_new_style_config(tiny, golden):
+  config, params = tiny
+  module = hf.text_module_from_config(config.text_config)
+  ids = golden['input_ids']
+  last, aux = module.apply({'params': params['text_model']}, ids, golden['attention_mask'],
+                           eos_token_id=37)
+  first37 = [list(row).index(37) if 37 in row else 0 for row in ids]
+  assert any(p > 0 for p in first37)
+  np.testing.assert_array_equal(aux['pooler_output'], last[np.arange(len(ids)), first37])
+
+
+def torch_bicubic_reference(grid: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+  """Per-pixel port of torch's upsample_bicubic2d (align_corners=False, scale_factor)."""
+  a = -0.75
+  def cubic(x):
+    x = abs(x)
+    if x <= 1:
+      return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+      return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+  g = grid.shape[0]
+  sh, sw = (out_h + 0.1) / g, (out_w + 0.1) / g
+  out = np.zeros((out_h, out_w, grid.shape[-1]))
+  for oy in range(out_h):
+    ry = (oy + 0.5) / sh - 0.5
+    for ox in range(out_w):
+      rx = (ox + 0.5) / sw - 0.5
+      for iy in range(math.floor(ry) - 1, math.floor(ry) + 3):
+        for ix in range(math.floor(rx) - 1, math.floor(rx) + 3):
+          w = cubic(ry - iy) * cubic(rx - ix)
+          out[oy, ox] += w * grid[min(max(iy, 0), g - 1), min(max(ix, 0), g - 1)]
+  return out
+
+
+def test_position_interpolation_identity_at_config_size():
+  table = jax.random.normal(jax.random.PRNGKey(0), (1 + 16, 6))
+  assert clip.interpolate_position_embedding(table, 4, 4) is table
+
+
+@pytest.mark.parametrize('out_h,out_w', [(6, 6), (3, 5)])
+def test_position_interpolation_matches_torch_bicubic_reference(out_h, out_w):
+  table = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (1 + 16, 5)))
+  got = np.asarray(clip.interpolate_position_embedding(jnp.asarray(table), out_h, out_w))
+  assert got.shape == (1 + out_h * out_w, 5)
+  np.testing.assert_array_equal(got[0], table[0])  # CLS position kept.
+  want = torch_bicubic_reference(table[1:].reshape(4, 4, 5), out_h, out_w)
+  np.testing.assert_allclose(got[1:].reshape(out_h, out_w, 5), want, atol=1e-5)
+
+
+def test_position_interpolation_preserves_constant_grid():
+  # Bicubic taps sum to one (edge taps clamped), so a constant grid stays constant.
+  table = jnp.concatenate([jnp.zeros((1, 2)), jnp.full((49, 2), 3.5)])
+  got = np.asarray(clip.interpolate_position_embedding(table, 10, 4))
+  np.testing.assert_allclose(got[1:], 3.5, atol=1e-5)
+
+
+def test_vision_tower_runs_at_other_image_size(tiny):
+  config, params = tiny
+  module = hf.vision_module_from_config(config.vision_config)
+  pixels = jax.random.normal(jax.random.PRNGKey(0), (2, 48, 40, 3))
+  last, aux = module.apply({'params': params['vision_model']}, pixels)
+  assert last.shape == (2, 1 + 6 * 5, 48)
+  assert aux['attentions'][0].shape == (2, 4, 31, 31)
+  assert np.isfinite(np.asarray(last)).all()
+
+
+def _adapted(params_plain, config, adapter_dim, rng=0):
+  """Adapter-enabled vision params: fresh adapters, CLIP weights from params_plain."""
+  module = hf.vision_module_from_config(config.vision_config, adapter_dim=adapter_dim)
+  pixels = jnp.zeros((1, 32, 32, 3))
+  fresh = traverse_util.flatten_dict(module.init(jax.random.PRNGKey(rng), pixels)['params'])
+  plain = traverse_util.flatten_dict(params_plain)
+  assert set(plain) <= set(fresh)
+  fresh.update(plain)
+  return module, traverse_util.unflatten_dict(fresh)
+
+
+def test_adapter_param_names_and_init(tiny):
+  config, params = tiny
+  _, adapted = _adapted(params['vision_model'], config, adapter_dim=8)
+  layer = adapted['encoder']['layers']['1']
+  for name in ('adapt_mlp_1', 'adapt_mlp_2'):
+    adapter = layer[name]
+    assert set(adapter) == {'adapter_layer_norm', 'down_proj', 'up_proj', 'scale'}
+    assert adapter['down_proj']['kernel'].shape == (48, 8)
+    assert adapter['scale'].shape == (1,) and float(adapter['scale'][0]) == 1.0
+    np.testing.assert_array_equal(adapter['down_proj']['bias'], 0)
+    np.testing.assert_array_equal(adapter['up_proj']['kernel'], 0)
+    np.testing.assert_array_equal(adapter['up_proj']['bias'], 0)
+    down = np.asarray(adapter['down_proj']['kernel'])
+    assert 0 < np.abs(down).max() <= 1 / math.sqrt(48)  # kaiming_uniform(a=sqrt(5)) bound.
+
+
+def test_zero_init_adapters_are_identity_and_nonzero_ones_are_not(tiny, golden):
+  config, params = tiny
+  plain = hf.vision_module_from_config(config.vision_config)
+  module, adapted = _adapted(params['vision_model'], config, adapter_dim=8)
+  pixels = jnp.asarray(golden['pixel_values'].transpose(0, 2, 3, 1))
+  tokens = jax.random.normal(jax.random.PRNGKey(2), (3, 2, 48))
+  want, _ = plain.apply({'params': params['vision_model']}, pixels, tokens)
+  got, _ = module.apply({'params': adapted}, pixels, tokens)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  up = adapted['encoder']['layers']['0']['adapt_mlp_2']['up_proj']
+  up['bias'] = jnp.full_like(up['bias'], 0.1)
+  moved, _ = module.apply({'params': adapted}, pixels, tokens)
+  assert np.abs(np.asarray(moved - want)).max() > 1e-2
+
+
+def test_adapter_matches_numpy_formula():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 6))
+  adapter = Adapter(4)
+  variables = adapter.init(jax.random.PRNGKey(1), x)
+  p = jax.tree.map(np.asarray, variables['params'])
+  p['up_proj']['kernel'] = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (4, 6)))
+  p['scale'] = np.array([0.5], np.float32)
+  xn = np.asarray(x, np.float64)
+  z = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-5)
+  z = z * p['adapter_layer_norm']['scale'] + p['adapter_layer_norm']['bias']
+  h = z @ p['down_proj']['kernel'] + p['down_proj']['bias']
+  h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+  want = 0.5 * (h @ p['up_proj']['kernel'] + p['up_proj']['bias'])
+  np.testing.assert_allclose(adapter.apply({'params': p}, x), want, atol=1e-5)
+
+
+def test_extra_tokens_appended_after_positions_before_pre_layrnorm(tiny, golden):
+  config, params = tiny
+  module = hf.vision_module_from_config(config.vision_config)
+  pixels = jnp.asarray(golden['pixel_values'].transpose(0, 2, 3, 1))
+  tokens = jax.random.normal(jax.random.PRNGKey(4), (3, 2, 48))
+  _, aux = module.apply({'params': params['vision_model']}, pixels, tokens)
+  ln = params['vision_model']['pre_layrnorm']
+  t = np.asarray(tokens, np.float64)
+  want = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, keepdims=True) + 1e-5)
+  want = want * ln['scale'] + ln['bias']
+  np.testing.assert_allclose(aux['hidden_states'][0][:, -2:], want, atol=1e-5)
+  np.testing.assert_allclose(aux['hidden_states'][0][:, :-2],
+                             golden['vision/hidden_states/0'], atol=TOL)
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny, golden):
+  config, params = tiny
+  module = hf.vision_module_from_config(config.vision_config, adapter_dim=8,
+                                        dtype=jnp.bfloat16)
+  pixels = jnp.asarray(golden['pixel_values'].transpose(0, 2, 3, 1))
+  variables = module.init(jax.random.PRNGKey(0), pixels)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+  _, adapted = _adapted(params['vision_model'], config, adapter_dim=8)
+  last, aux = module.apply({'params': adapted}, pixels)
+  assert last.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(last, np.float32),
+                             golden['vision/last_hidden_state'], atol=0.15)
+
+
+def test_vit_b32_shapes_from_config_without_download():
+  config = transformers.CLIPConfig(
+      projection_dim=512,
+      text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                       num_attention_heads=8, vocab_size=49408, max_position_embeddings=77,
+                       eos_token_id=2),
+      vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, image_size=224, patch_size=32))
+  shapes = jax.eval_shape(lambda: hf.init_clip_params(config, jax.random.PRNGKey(0)))
+  v, t = shapes['vision_model'], shapes['text_model']
+  assert v['embeddings']['patch_embedding']['kernel'].shape == (32, 32, 3, 768)
+  assert v['embeddings']['position_embedding']['embedding'].shape == (50, 768)
+  assert v['embeddings']['class_embedding'].shape == (768,)
+  assert len(v['encoder']['layers']) == 12
+  assert v['encoder']['layers']['11']['mlp']['fc1']['kernel'].shape == (768, 3072)
+  assert t['embeddings']['token_embedding']['embedding'].shape == (49408, 512)
+  assert t['encoder']['layers']['0']['self_attn']['q_proj']['kernel'].shape == (512, 512)
+  assert shapes['visual_projection']['kernel'].shape == (768, 512)
+  assert shapes['text_projection']['kernel'].shape == (512, 512)
+  n_params = sum(x.size for x in jax.tree.leaves(shapes))
+  assert n_params == 151_277_313  # openai/clip-vit-base-patch32 (without position_ids).
+
+  module = hf.vision_module_from_config(config.vision_config, adapter_dim=384)
+  last, aux = jax.eval_shape(
+      lambda: module.init_with_output(jax.random.PRNGKey(0), jnp.zeros((2, 224, 224, 3)),
+                                      jnp.zeros((2, 4, 768)))[0])
+  assert last.shape == (2, 50 + 4, 768)
+  assert aux['pooler_output'].shape == (2, 768)
+  assert len(aux['hidden_states']) == 13 and len(aux['attentions']) == 12
+  assert aux['attentions'][-1].shape == (2, 12, 54, 54)

@@ -1,0 +1,123 @@
+"""Config files: all load, validate, build a model shape; bad input fails clearly."""
+import glob
+import os
+import sys
+
+from absl import flags
+import jax
+import pytest
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `configs` is a directory of data, not installed.
+
+from concepthash_jax import optim  # pylint: disable=g-import-not-at-top
+from concepthash_jax import sharding  # pylint: disable=g-import-not-at-top
+from concepthash_jax import train  # pylint: disable=g-import-not-at-top
+from concepthash_jax.interop import hf  # pylint: disable=g-import-not-at-top
+
+DATASETS = ('cub', 'cars', 'aircraft', 'nabirds')
+CONFIG_NAMES = sorted(
+    os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs',
+                                                            '*.py'))
+    if not p.endswith('common.py'))
+SPECS = ([f'configs/{n}.py' for n in CONFIG_NAMES if n != 'paper'] +
+         [f'configs/paper.py:{d}' for d in DATASETS])
+
+
+def load(spec, *overrides):
+  """Parses `--config=spec --config.x=y ...` exactly as launch.py does."""
+  argv = ['prog', f'--config={os.path.join(ROOT, spec)}', *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'cfg', flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_every_config_file_is_covered():
+  assert set(CONFIG_NAMES) >= {'base', 'synthetic', 'paper', *DATASETS}
+
+
+@pytest.mark.parametrize('spec', SPECS)
+def test_config_loads_and_validates(spec):
+  config = load(spec)
+  train.validate_config(config)
+  assert config.model.nbit % config.model.num_concepts == 0
+
+
+def test_dataset_configs_share_the_released_model():
+  """So the shape test below covers them through configs/base.py."""
+  base = load('configs/base.py')
+  for name in DATASETS:
+    config = load(f'configs/{name}.py')
+    assert config.model == base.model and config.data.name == name
+  paper = [load(f'configs/paper.py:{name}') for name in DATASETS]
+  assert all(p.model == paper[0].model for p in paper)
+
+
+# One config per distinct model section (the dataset files reuse base's).
+@pytest.mark.parametrize('spec', ['configs/base.py', 'configs/synthetic.py',
+                                  'configs/paper.py:cub'])
+def test_config_builds_the_train_state_shape(spec):
+  """eval_shape only: the real (B/32-sized) CLIP config, nothing downloaded."""
+  config = load(spec)
+  clip_config = hf.random_clip_config(config.model.random_clip)
+  num_classes = 7
+  model = train.build_model(config, clip_config, num_classes)
+  abstract_clip = train.abstract_vision_params(clip_config)
+  text = None
+  if config.model.center_type == 'language':
+    text = jax.ShapeDtypeStruct(
+        (num_classes, clip_config.text_config.hidden_size), 'float32')
+  tx = optim.make_optimizer(config.optim, 10)
+  _, abstract, _, mask = train.create_train_state(
+      config, model, tx, abstract_clip, text, sharding.create_mesh())
+  n_trainable = sum(
+      a.size for a, m in zip(jax.tree.leaves(abstract.params),
+                             jax.tree.leaves(mask)) if m)
+  n_opt = sum(a.size for a in jax.tree.leaves(abstract.opt_state))
+  # Optimizer state covers the trainable leaves only (momentum + a counter).
+  assert n_trainable < n_opt <= n_trainable + 16
+  assert n_trainable < sum(a.size for a in jax.tree.leaves(abstract.params)) / 2
+
+
+def test_bit_width_comes_from_the_config_arg():
+  assert load('configs/cub.py:nbit=32').model.nbit == 32
+  assert load('configs/paper.py:cars,nbit=16').data.name == 'cars'
+  assert load('configs/paper.py:cars,nbit=16').model.nbit == 16
+  with pytest.raises(Exception, match="valid: \\['nbit'\\]"):
+    load('configs/cub.py:bits=32')
+  with pytest.raises(Exception, match='valid:'):
+    load('configs/paper.py:imagenet')
+
+
+def test_command_line_overrides_and_unknown_key_fails():
+  config = load('configs/synthetic.py', '--config.optim.lr=0.5',
+                '--config.model.center_type=learnable')
+  assert config.optim.lr == 0.5 and config.model.center_type == 'learnable'
+  with pytest.raises(Exception, match='nbitt'):
+    load('configs/synthetic.py', '--config.model.nbitt=3')
+
+
+@pytest.mark.parametrize('key,value', [
+    ('model.center_type', 'orthogonal'), ('model.code_norm', 'layernorm'),
+    ('data.source', 'web'), ('optim.schedule', 'linear'),
+    ('eval.ties', 'random'), ('loss.concept_margin', 'none'),
+])
+def test_bad_choice_names_the_valid_ones(key, value):
+  config = load('configs/synthetic.py', f'--config.{key}={value}')
+  with pytest.raises(ValueError, match=f'config.{key}=.*valid: \\['):
+    train.validate_config(config)
+
+
+def test_nbit_not_divisible_by_concepts_is_an_error():
+  config = load('configs/synthetic.py', '--config.model.nbit=18')
+  with pytest.raises(ValueError, match='divisible by config.model.num_concepts'):
+    train.validate_config(config)
+
+
+def test_unimportable_loss_fn_is_an_error():
+  config = load('configs/synthetic.py', '--config.loss.fn=nowhere.loss')
+  with pytest.raises(ValueError, match='cannot be imported'):
+    train.validate_config(config)

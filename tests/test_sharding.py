@@ -1,0 +1,140 @@
+"""sharding.py and multi-device training: 8 fake CPU devices, two processes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from concepthash_jax import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_fsdp_spec_splits_the_largest_divisible_axis_of_big_leaves():
+  assert sharding.fsdp_spec((768, 3072), 8) == P(None, 'data')
+  assert sharding.fsdp_spec((3072, 770), 8) == P('data', None)
+  assert sharding.fsdp_spec((7, 7, 7000), 8) == P(None, None, 'data')
+  assert sharding.fsdp_spec((64,), 8) == P()  # Small: replicated.
+  assert sharding.fsdp_spec((769, 771), 8) == P()  # Nothing divides.
+  assert sharding.fsdp_spec((768, 3072), 1) == P()
+
+
+def test_global_batch_and_back_on_one_process():
+  mesh = sharding.create_mesh()
+  batch = {'image': np.arange(24, dtype=np.float32).reshape(4, 2, 3),
+           'label': np.arange(4, dtype=np.int32)}
+  arrays = sharding.global_batch(batch, mesh)
+  assert arrays['image'].sharding.spec == P('data')
+  back = sharding.to_host(arrays, mesh)
+  np.testing.assert_array_equal(back['image'], batch['image'])
+  np.testing.assert_array_equal(back['label'], batch['label'])
+
+
+def test_batch_size_must_split_over_devices():
+  mesh = sharding.create_mesh()
+  sharding.check_batch_size(jax.device_count() * 3, mesh)
+
+
+# ------------------------------------------------- multi-device training
+
+import train_testlib as lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Params after 6 steps agree to float32 reduction-order noise.
+RTOL, ATOL = 2e-4, 2e-5
+_DRIVER = textwrap.dedent('''
+    import json, sys
+    sys.path[:0] = [{tests!r}, {root!r}]
+    import jax
+    import train_testlib as lib
+    from concepthash_jax import sharding, train
+    assert jax.device_count() == 8, jax.devices()
+    train.train_and_evaluate(lib.load_config(), {replicated!r})
+    sharding.FSDP_MIN_SIZE = 0  # Shard every divisible leaf of the tiny model.
+    train.train_and_evaluate(lib.load_config({{'train.fsdp': True}}), {fsdp!r})
+''')
+
+
+@pytest.fixture(scope='module')
+def one_device(tmp_path_factory):
+  """The tiny run on this process's single CPU device."""
+  workdir = str(tmp_path_factory.mktemp('one_device'))
+  from concepthash_jax import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(lib.load_config(), workdir)
+  return workdir
+
+
+def _losses(workdir):
+  return [l['train/loss'] for l in lib.read_jsonl(
+      os.path.join(workdir, 'metrics.jsonl')) if 'train/loss' in l]
+
+
+def _assert_close_runs(workdir, reference):
+  np.testing.assert_allclose(_losses(workdir), _losses(reference), rtol=RTOL)
+  ours, ref = lib.final_params(workdir), lib.final_params(reference)
+  assert ours.keys() == ref.keys()
+  for key in ref:
+    np.testing.assert_allclose(ours[key], ref[key], rtol=RTOL, atol=ATOL,
+                               err_msg=key)
+
+
+def test_eight_devices_match_one_device_replicated_and_fsdp(one_device,
+                                                            tmp_path):
+  replicated, fsdp = str(tmp_path / 'replicated'), str(tmp_path / 'fsdp')
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  script = _DRIVER.format(tests=os.path.dirname(__file__), root=ROOT,
+                          replicated=replicated, fsdp=fsdp)
+  run = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=400,
+                       check=False)
+  assert run.returncode == 0, run.stderr[-4000:]
+  assert len(_losses(replicated)) == 6
+  _assert_close_runs(replicated, one_device)
+  _assert_close_runs(fsdp, one_device)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_together_like_one(one_device, tmp_path):
+  """launch.py twice on localhost (CPU collectives): one run, split batches."""
+  workdir = str(tmp_path / 'two_processes')
+  port = _free_port()
+  procs = []
+  for process_id in range(2):
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
+               JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(process_id))
+    env.pop('XLA_FLAGS', None)  # One CPU device per process.
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'launch.py'),
+         f'--workdir={workdir}', *lib.flag_args()],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True))
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=400)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, out in zip(procs, outputs):
+    assert proc.returncode == 0, out[-4000:]
+  assert 'process 1/2, 1 local / 2 global devices' in outputs[1]
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  with open(os.path.join(one_device, 'results.json')) as f:
+    expected = json.load(f)
+  assert results['step'] == expected['step'] == 6
+  assert results['loss'] == pytest.approx(expected['loss'], rel=RTOL)
+  _assert_close_runs(workdir, one_device)

@@ -1,0 +1,244 @@
+"""train.py end to end: outputs, datasets, bit-identical resume, NaN stop, encode tool."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import scipy.io
+import tensorflow_datasets as tfds
+from PIL import Image
+
+import train_testlib as lib
+from concepthash_jax import train
+
+# Long enough (120 steps) for a SIGTERM to land mid-run; evals at epochs 20, 40.
+LONG = {'optim.epochs': 40, 'eval.every_epochs': 20,
+        'train.checkpoint_every_steps': 25}
+SUBPROCESS_ENV = dict(os.environ, JAX_PLATFORMS='cpu')
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """An uninterrupted LONG run: (workdir, results)."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  return workdir, train.train_and_evaluate(lib.load_config(LONG), workdir)
+
+
+def test_run_writes_results_metrics_tensorboard_and_run_files(reference):
+  workdir, results = reference
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f) == results
+  assert results['step'] == 120 and results['nbit'] == 8
+  assert results['dataset'] == 'synthetic' and np.isfinite(results['loss'])
+  assert 0.0 <= results['map_at_r'] <= results['best_map_at_r'] <= 1.0
+  # 4 classes with 6 database images each: exact expectation of random AP.
+  n, size = 6, 24
+  harmonic = sum(1 / k for k in range(1, size + 1))
+  chance = (n - 1) / (size - 1) + harmonic / size * (size - n) / (size - 1)
+  assert results['chance_map_at_r'] == pytest.approx(chance)
+  assert results['num_queries'] == 12 and results['num_database'] == 24
+  lines = lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  train_lines = [l for l in lines if 'train/loss' in l]
+  assert [l['step'] for l in train_lines] == list(range(1, 121))
+  for key in ('train/loss_cont', 'train/loss_bin', 'train/loss_concept',
+              'train/loss_csd', 'train/quantization_gap', 'train/lr',
+              'train/img_per_sec'):
+    assert key in train_lines[-1]
+  assert train_lines[-1]['train/loss'] == pytest.approx(results['loss'])
+  evals = [l for l in lines if 'eval/map_at_r' in l]
+  assert [l['step'] for l in evals] == [60, 120]
+  assert 'eval/chance_map_at_r' in evals[0]
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  for name in ('config.json', 'clip_config.json', 'class_names.json'):
+    assert os.path.exists(os.path.join(workdir, name))
+  # Latest 2 checkpoints + the best eval.
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir,
+                                                          'checkpoints')))
+  assert steps[-1] == 120 and len(steps) <= 3
+
+
+def test_training_reduces_the_loss(reference):
+  lines = lib.read_jsonl(os.path.join(reference[0], 'metrics.jsonl'))
+  losses = [l['train/loss'] for l in lines if 'train/loss' in l]
+  assert np.mean(losses[-15:]) < np.mean(losses[:15])
+
+
+def _assert_same_run(workdir, reference_dir):
+  """Bit-identical final state, final results and per-step training loss."""
+  ours, ref = lib.final_params(workdir), lib.final_params(reference_dir)
+  assert ours.keys() == ref.keys()
+  for key in ref:
+    np.testing.assert_array_equal(ours[key], ref[key], err_msg=key)
+
+  def losses(d):
+    return {l['step']: l['train/loss'] for l in
+            lib.read_jsonl(os.path.join(d, 'metrics.jsonl')) if 'train/loss' in l}
+  assert losses(workdir) == losses(reference_dir)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    results = json.load(f)
+  with open(os.path.join(reference_dir, 'results.json')) as f:
+    expected = json.load(f)
+  for key in ('map_at_r', 'loss', 'step'):
+    assert results[key] == expected[key], key
+
+
+def test_max_steps_then_resume_is_bit_identical(reference, tmp_path):
+  workdir = str(tmp_path / 'run')
+  first = train.train_and_evaluate(
+      lib.load_config({**LONG, 'train.max_steps': 50}), workdir)
+  assert first['step'] == 50  # Stopped mid-epoch (3 steps per epoch).
+  shutil.copytree(workdir, str(tmp_path / 'diverging'))
+  train.train_and_evaluate(lib.load_config(LONG), workdir)
+  _assert_same_run(workdir, reference[0])
+
+  # The copy diverges (NaN loss) after step 50: clear error, step 50 kept.
+  nan_dir = str(tmp_path / 'diverging')
+  config = lib.load_config({**LONG, 'loss.fn': 'train_testlib.nan_loss'})
+  with pytest.raises(FloatingPointError,
+                     match=r'Non-finite.*step 51.*checkpoint \(step 50\) is kept'):
+    train.train_and_evaluate(config, nan_dir)
+  assert max(int(s) for s in os.listdir(os.path.join(nan_dir, 'checkpoints'))
+             ) == 50
+  assert not any(l['step'] > 50 for l in lib.read_jsonl(
+      os.path.join(nan_dir, 'metrics.jsonl')))
+
+
+def test_sigterm_saves_exits_cleanly_and_resume_is_bit_identical(reference,
+                                                                  tmp_path):
+  workdir = str(tmp_path / 'run')
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(lib.ROOT, 'launch.py'),
+       f'--workdir={workdir}', *lib.flag_args(LONG)],
+      cwd=lib.ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+      assert proc.poll() is None, proc.communicate()[0][-3000:]
+      assert time.time() < deadline, 'training never started'
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, out[-3000:]
+  assert 'SIGTERM: saved step' in out
+  stopped = max(int(s) for s in os.listdir(os.path.join(workdir,
+                                                         'checkpoints')))
+  assert stopped < 120 and not os.path.exists(
+      os.path.join(workdir, 'results.json'))
+  train.train_and_evaluate(lib.load_config(LONG), workdir)
+  _assert_same_run(workdir, reference[0])
+
+
+def test_encode_tool_and_restore_for_inference(reference, tmp_path):
+  workdir, results = reference
+  config, model, variables, class_names = train.restore_for_inference(workdir)
+  assert len(class_names) == 4 and config.model.nbit == 8
+  from concepthash_jax import data  # pylint: disable=g-import-not-at-top
+  ds = data.build(config.data, 'test')
+  codes = train.encode_dataset(model, variables, data.batches(
+      ds, config.data, train=False, batch_size=5, seed=0, epoch=0,
+      drop_remainder=False))  # 12 images in batches of 5: padding dropped.
+  assert codes['codes'].shape == (12, 8) and codes['codes'].dtype == np.int8
+  assert set(np.unique(codes['codes'])) <= {-1, 1}
+  assert codes['concept_attn'].shape == (12, 4, 16)
+  assert codes['keypoints'].shape[:2] == (12, len(ds.part_names))
+  np.testing.assert_array_equal(codes['labels'], ds.labels)
+  np.testing.assert_array_equal(codes['index'], np.arange(12))
+
+  out = str(tmp_path / 'codes.npz')
+  run = subprocess.run(
+      [sys.executable, '-m', 'concepthash_jax.tools.encode',
+       f'--workdir={workdir}', '--split=test', f'--out={out}'],
+      cwd=lib.ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True,
+      timeout=240, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert f'mAP@R {results["map_at_r"]:.4f}' in run.stdout
+  saved = np.load(out)
+  np.testing.assert_array_equal(saved['codes'], codes['codes'])
+  assert os.path.exists(str(tmp_path / 'codes.index.npz'))
+
+
+# ------------------------------------------------------- real dataset layouts
+
+
+def _one_step(config_file, overrides, workdir):
+  """A one-step train_and_evaluate with the tiny model on another dataset."""
+  config = lib.load_config({'train.max_steps': 1, **overrides},
+                           config=config_file)
+  return train.train_and_evaluate(config, workdir)
+
+
+def test_one_step_on_cub_through_tfds_mock_data(tmp_path):
+  with tfds.testing.mock_data(num_examples=8,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    results = _one_step('configs/cub.py', {}, str(tmp_path))
+  assert results['dataset'] == 'cub' and results['step'] == 1
+  assert results['num_classes'] == 200 and results['num_queries'] == 8
+  assert np.isfinite(results['loss']) and 0 <= results['map_at_r'] <= 1
+
+
+def _image(path, seed):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  pixels = np.random.default_rng(seed).integers(0, 255, (40, 48, 3), np.uint8)
+  Image.fromarray(pixels).save(path)
+
+
+def test_one_step_on_a_generated_cub_folder(tmp_path):
+  root = tmp_path / 'CUB_200_2011'
+  classes = ['001.Black_footed_Albatross', '002.Laysan_Albatross',
+             '003.Sooty_Albatross']
+  rows = []
+  for i in range(12):  # 4 per class: 3 train, 1 test.
+    path = f'{classes[i % 3]}/img_{i}.jpg'
+    _image(str(root / 'images' / path), i)
+    rows.append((i + 1, path, i % 3 + 1, int(i < 9)))
+  for name, lines in (
+      ('images.txt', [f'{i} {p}' for i, p, _, _ in rows]),
+      ('image_class_labels.txt', [f'{i} {c}' for i, _, c, _ in rows]),
+      ('train_test_split.txt', [f'{i} {t}' for i, _, _, t in rows]),
+      ('classes.txt', [f'{k + 1} {c}' for k, c in enumerate(classes)])):
+    (root / name).write_text('\n'.join(lines) + '\n')
+  results = _one_step('configs/cub.py', {'data.source': 'folders',
+                                         'data.root': str(root)},
+                      str(tmp_path / 'run'))
+  assert results['num_classes'] == 3 and results['num_database'] == 9
+  assert results['num_queries'] == 3 and np.isfinite(results['loss'])
+
+
+def test_one_step_on_a_generated_cars_folder(tmp_path):
+  root = tmp_path / 'stanford_cars'
+  names = ['AM General Hummer SUV 2000', 'Acura RL Sedan 2012']
+  fields = [(f, 'O') for f in ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2',
+                               'class', 'fname')]
+
+  def annotations(rows):
+    table = np.zeros(len(rows), dtype=fields)
+    for k, (fname, label) in enumerate(rows):
+      table[k] = (1, 1, 30, 30, label, fname)
+    return {'annotations': table[None]}
+
+  train_rows = [(f'{i:05d}.jpg', i % 2 + 1) for i in range(8)]
+  test_rows = [(f'{i:05d}.jpg', i % 2 + 1) for i in range(2)]
+  (root / 'devkit').mkdir(parents=True)
+  scipy.io.savemat(str(root / 'devkit' / 'cars_meta.mat'),
+                   {'class_names': np.array(names, dtype=object)[None]})
+  scipy.io.savemat(str(root / 'devkit' / 'cars_train_annos.mat'),
+                   annotations(train_rows))
+  scipy.io.savemat(str(root / 'cars_test_annos_withlabels.mat'),
+                   annotations(test_rows))
+  for folder, rows in (('cars_train', train_rows), ('cars_test', test_rows)):
+    for k, (fname, _) in enumerate(rows):
+      _image(str(root / folder / fname), 100 + k)
+  results = _one_step('configs/cars.py', {'data.root': str(root)},
+                      str(tmp_path / 'run'))
+  assert results['dataset'] == 'cars' and results['num_classes'] == 2
+  assert results['num_database'] == 8 and np.isfinite(results['loss'])

@@ -1,0 +1,76 @@
+"""Shared helpers of the training tests: a tiny synthetic config and its loader.
+
+The same overrides are used in-process (`load_config`) and on the command line
+of launch.py in subprocesses, so both paths train exactly the same run.
+"""
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)  # `configs` is a directory of data, not installed.
+
+# 4 classes x 6 train / 3 test images of 32 px; a 1-layer, 32-wide CLIP.
+# Batch 8 -> 3 steps per epoch, 2 epochs; eval every epoch.
+TINY = {
+    'model.random_clip.image_size': 32, 'model.random_clip.patch_size': 8,
+    'model.random_clip.vision_width': 32, 'model.random_clip.vision_layers': 1,
+    'model.random_clip.vision_heads': 2, 'model.random_clip.vision_mlp': 64,
+    'model.random_clip.projection_dim': 16, 'model.random_clip.text_width': 16,
+    'model.random_clip.text_layers': 1, 'model.random_clip.text_heads': 2,
+    'model.random_clip.text_mlp': 32, 'model.random_clip.vocab_size': 300,
+    'model.random_clip.max_text_len': 72,
+    'model.adapter_dim': 8, 'model.generator_heads': 2, 'model.nbit': 8,
+    'data.synthetic.num_classes': 4, 'data.synthetic.num_families': 2,
+    'data.synthetic.train_per_class': 6, 'data.synthetic.test_per_class': 3,
+    'data.synthetic.image_size': 32, 'data.image_size': 32,
+    'data.resize_size': 32, 'data.batch_size': 8, 'data.eval_batch_size': 8,
+    'data.num_workers': 0, 'optim.epochs': 2, 'optim.warmup_epochs': 1,
+    'optim.lr': 0.05, 'eval.every_epochs': 1, 'train.log_every_steps': 1,
+    'train.checkpoint_every_steps': 2,
+}
+
+
+def flag_args(overrides=None, config='configs/synthetic.py'):
+  """Command-line config arguments for TINY plus `overrides`."""
+  items = {**TINY, **(overrides or {})}
+  return [f'--config={os.path.join(ROOT, config)}'] + [
+      f'--config.{k}={v}' for k, v in items.items()]
+
+
+def load_config(overrides=None, config='configs/synthetic.py'):
+  """The locked config launch.py would build from `flag_args(...)`."""
+  argv = ['prog', *flag_args(overrides, config)]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'cfg', flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def nan_loss(aux, labels, **kwargs):
+  """The built-in loss times NaN: a run that diverges at its next step."""
+  from concepthash_jax import losses  # pylint: disable=g-import-not-at-top
+  loss, metrics = losses.total_loss(aux, labels, **kwargs)
+  return loss * float('nan'), metrics
+
+
+def read_jsonl(path):
+  """Lines of a metrics.jsonl as dicts."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def final_params(workdir):
+  """Flat {path: numpy} of the latest checkpoint's params and model state."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import train  # pylint: disable=g-import-not-at-top
+  _, _, variables, _ = train.restore_for_inference(workdir)
+  return {'/'.join(k): np.asarray(v) for k, v in
+          traverse_util.flatten_dict(jax.device_get(variables)).items()}
