@@ -33,10 +33,9 @@ flags.DEFINE_string('child', None, 'Internal: run one dtype and print JSON.')
 def run_one(dtype: str) -> dict:
   """Measures one setting in this process."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import cub  # pylint: disable=g-import-not-at-top
-  from concepthash_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import encoding, optim, sharding, train  # pylint: disable=g-import-not-at-top
   from concepthash_jax.interop import hf  # pylint: disable=g-import-not-at-top
 
   config = cub.get_config()
@@ -80,7 +79,7 @@ def run_one(dtype: str) -> dict:
   train_ips = FLAGS.steps * FLAGS.batch / (time.perf_counter() - t0)
 
   variables = {'params': state.params, **state.model_state}
-  encode = train._jitted_encode(model)  # pylint: disable=protected-access
+  encode = encoding.jitted_encode_step(model)
   jax.block_until_ready(encode(variables, batch['image']))
   t0 = time.perf_counter()
   for _ in range(FLAGS.eval_steps):

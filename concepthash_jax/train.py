@@ -11,15 +11,13 @@ Reproducibility: data order and augmentation depend on (seed, epoch), dropout
 on fold_in(rng, step), so a run resumed from any checkpoint ends bit-identical
 to an uninterrupted one.
 """
-import dataclasses
 import functools
-import importlib
 import itertools
 import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Optional
 
 from absl import logging
 import flax
@@ -30,32 +28,24 @@ import numpy as np
 import optax
 
 from concepthash_jax import checkpointing
+from concepthash_jax import configuration
 from concepthash_jax import data as data_lib
-from concepthash_jax import evaluation
-from concepthash_jax import losses
+from concepthash_jax import encoding
 from concepthash_jax import models
 from concepthash_jax import optim
 from concepthash_jax import sharding
 from concepthash_jax.interop import hf
 from concepthash_jax.models import concepthash
 
-# Valid values of every choice key; `validate_config` names them in its errors.
-CHOICES = {
-    'model.concept_tokens': ('generated', 'learned'),
-    'model.code_norm': ('batchnorm', 'none'),
-    'model.center_type': ('language', 'random_orthogonal', 'learnable'),
-    'model.center_input': ('sign', 'raw'),
-    'model.center_projection': ('mlp', 'linear'),
-    'model.concept_embedding': ('separate', 'shared'),
-    'model.dtype': ('float32', 'bfloat16'),
-    'loss.concept_margin': ('first', 'all'),
-    'data.name': ('synthetic', 'cub', 'cars', 'aircraft', 'nabirds'),
-    'data.source': ('tfds', 'folders', 'synthetic'),
-    'data.train_augment': ('released', 'paper', 'none'),
-    'data.on_corrupt': ('raise', 'skip'),
-    'optim.schedule': ('epoch', 'step'),
-    'eval.ties': ('index', 'average'),
-}
+# Re-exported: the public entry points of training live in this module.
+validate_config = configuration.validate_config
+resolve_loss_fn = configuration.resolve_loss_fn
+loss_kwargs = configuration.loss_kwargs
+encode_step = encoding.encode_step
+encode_dataset = encoding.encode_dataset
+chance_map_at_r = encoding.chance_map_at_r
+evaluate = encoding.evaluate
+
 # Files a run keeps beside its checkpoints so that it can be restored for
 # inference without the dataset or the network.
 CONFIG_FILE = 'config.json'
@@ -73,67 +63,6 @@ class TrainState:
   opt_state: Any  # Optimizer state of the trainable sub-tree only.
   model_state: Any  # {'batch_stats': code BN stats, 'centers': text embeds}.
   rng: jax.Array  # Base key; step keys are fold_in(rng, step).
-
-
-def validate_config(config: ml_collections.ConfigDict):
-  """Raises ValueError naming the key and the valid choices for a bad value."""
-  for key, valid in CHOICES.items():
-    section, name = key.split('.')
-    value = config[section][name]
-    if value not in valid:
-      raise ValueError(f'Invalid config.{key}={value!r}; valid: {list(valid)}')
-  model, optim_cfg = config.model, config.optim
-  if model.nbit <= 0 or model.num_concepts <= 0:
-    raise ValueError('config.model.nbit and config.model.num_concepts must be '
-                     f'> 0, got {model.nbit}, {model.num_concepts}')
-  if model.nbit % model.num_concepts:
-    raise ValueError(f'config.model.nbit={model.nbit} must be divisible by '
-                     f'config.model.num_concepts={model.num_concepts} '
-                     '(one sub-code of nbit/num_concepts bits per concept)')
-  checks = [
-      ('optim.lr', optim_cfg.lr > 0, '> 0'),
-      ('optim.momentum', 0 <= optim_cfg.momentum < 1, 'in [0, 1)'),
-      ('optim.weight_decay', optim_cfg.weight_decay >= 0, '>= 0'),
-      ('optim.epochs', optim_cfg.epochs > 0, '> 0'),
-      ('optim.warmup_epochs', 0 <= optim_cfg.warmup_epochs <= optim_cfg.epochs,
-       'in [0, optim.epochs]'),
-      ('data.batch_size', config.data.batch_size > 0, '> 0'),
-      ('data.eval_batch_size', config.data.eval_batch_size > 0, '> 0'),
-      ('eval.every_epochs', config.eval.every_epochs > 0, '> 0'),
-      ('train.keep_checkpoints', config.train.keep_checkpoints > 0, '> 0'),
-      ('train.checkpoint_every_steps',
-       config.train.checkpoint_every_steps > 0, '> 0'),
-      ('train.log_every_steps', config.train.log_every_steps > 0, '> 0'),
-  ]
-  for key, ok, rule in checks:
-    if not ok:
-      section, name = key.split('.')
-      raise ValueError(f'Invalid config.{key}={config[section][name]!r}; '
-                       f'must be {rule}')
-  if config.loss.fn:
-    resolve_loss_fn(config.loss.fn)  # Fails now, not after the data loads.
-
-
-def resolve_loss_fn(name: str) -> Callable:
-  """'' -> losses.total_loss; 'pkg.module.fn' -> that function."""
-  if not name:
-    return losses.total_loss
-  module_name, _, fn_name = name.rpartition('.')
-  if not module_name:
-    raise ValueError(f'config.loss.fn={name!r} must be an import path '
-                     "'package.module.function' or '' (built-in total_loss)")
-  try:
-    fn = getattr(importlib.import_module(module_name), fn_name)
-  except (ImportError, AttributeError) as e:
-    raise ValueError(f'config.loss.fn={name!r} cannot be imported: {e}') from e
-  if not callable(fn):
-    raise ValueError(f'config.loss.fn={name!r} is not callable')
-  return fn
-
-
-def loss_kwargs(loss_cfg) -> dict:
-  """Keyword arguments of the loss function: config.loss without 'fn'."""
-  return {k: v for k, v in loss_cfg.to_dict().items() if k != 'fn'}
 
 
 # ---------------------------------------------------------------- steps
@@ -207,69 +136,6 @@ def jit_train_step(config, model, tx, trainable_mask, schedule, shardings,
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)),
       donate_argnums=0)
-
-
-def encode_step(variables, images, *, model):
-  """Eval-mode forward: binary codes and concept attention of a batch.
-
-  Args:
-    variables: {'params', 'batch_stats', 'centers'}.
-    images: (B,S,S,3) float32.
-    model: the ConceptHash module (static).
-
-  Returns:
-    {'codes': (B,K) int8 in {-1,+1} (sign of b, 0 -> +1),
-     'codes_cont': (B,K) float32 continuous b,
-     'concept_attn': (B,M,HW) float32}.
-  """
-  _, aux = model.apply(variables, images, train=False)
-  cont = aux['codes'].astype(jnp.float32)
-  return {'codes': jnp.where(cont >= 0, 1, -1).astype(jnp.int8),
-          'codes_cont': cont,
-          'concept_attn': aux['concept_attn'].astype(jnp.float32)}
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_encode(model):
-  """One compiled encode step per model (flax modules hash by value)."""
-  return jax.jit(functools.partial(encode_step, model=model))
-
-
-def encode_dataset(model, variables, batches: Iterable[dict], *,
-                   mesh=None) -> dict:
-  """Encodes every batch of a (test-transform) iterator.
-
-  Args:
-    model: ConceptHash module.
-    variables: {'params', 'batch_stats', 'centers'} (replicated or sharded).
-    batches: iterator of host-local numpy dicts from `data.batches(...,
-      train=False)`; padding rows (mask False) are dropped.
-    mesh: device mesh; default all devices.
-
-  Returns:
-    Dict of numpy arrays over the whole split (every process gets all rows):
-    'codes' (N,K) int8 ±1, 'codes_cont' (N,K), 'labels' (N,) or (N,C),
-    'index' (N,), 'concept_attn' (N,M,HW), and 'keypoints' when the batches
-    carry them.
-  """
-  mesh = sharding.create_mesh() if mesh is None else mesh
-  encode = _jitted_encode(model)
-  parts = []
-  for batch in batches:
-    inputs = sharding.global_batch(
-        {'image': batch['image'], 'mask': batch['mask']}, mesh)
-    out = encode(variables, inputs['image'])
-    host = sharding.to_host(dict(out, mask=inputs['mask']), mesh)
-    # Labels and extras are host-local; gather them the same way.
-    extra = {k: batch[k] for k in ('label', 'index', 'keypoints') if k in batch}
-    host.update(sharding.to_host(sharding.global_batch(extra, mesh), mesh))
-    keep = host.pop('mask').astype(bool)
-    parts.append({k: v[keep] for k, v in host.items()})
-  if not parts:
-    raise ValueError('encode_dataset got no batches (empty split?)')
-  result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  result['labels'] = result.pop('label')
-  return result
 
 
 # ------------------------------------------------------------ state
@@ -361,53 +227,6 @@ def _reset_to_init(fresh: TrainState, restored: TrainState) -> TrainState:
   """Params/model state of `restored`, step/optimizer/rng of `fresh`."""
   return fresh.replace(params=restored.params,
                        model_state=restored.model_state)
-
-
-# --------------------------------------------------------- evaluation
-
-
-def chance_map_at_r(query_labels, db_labels) -> float:
-  """Expected mAP@R (R = whole database) of a uniformly random ranking.
-
-  For a query with n relevant items among N, E[AP] =
-  (n-1)/(N-1) + (H_N/N) (N-n)/(N-1) (H_N the harmonic number): about the
-  fraction of relevant items, slightly above it for small N. Queries with
-  n = 0 score 0.
-
-  Args:
-    query_labels: (Q,) int or (Q, C) multi-hot.
-    db_labels: (N,) int or (N, C) multi-hot.
-
-  Returns:
-    The expectation, averaged over queries.
-  """
-  q, d = np.asarray(query_labels), np.asarray(db_labels)
-  if q.ndim == 1:
-    classes, counts = np.unique(d, return_counts=True)
-    lookup = dict(zip(classes.tolist(), counts.tolist()))
-    n = np.array([lookup.get(c, 0) for c in q.tolist()], np.float64)
-  else:
-    n = ((q.astype(np.float32) @ d.T.astype(np.float32)) > 0).sum(1)
-    n = n.astype(np.float64)
-  size = float(len(d))
-  if size <= 1:
-    return float(np.mean(n > 0))
-  harmonic = np.sum(1.0 / np.arange(1, len(d) + 1))
-  expected = (n - 1) / (size - 1) + harmonic / size * (size - n) / (size - 1)
-  return float(np.mean(np.where(n > 0, expected, 0.0)))
-
-
-def evaluate(model, variables, query_batches, db_batches, *, eval_cfg, mesh):
-  """mAP@R of the query split against the database split, and its chance level."""
-  query = encode_dataset(model, variables, query_batches, mesh=mesh)
-  db = encode_dataset(model, variables, db_batches, mesh=mesh)
-  r = None if eval_cfg.R is None or eval_cfg.R < 0 else int(eval_cfg.R)
-  score = evaluation.map_at_r(query['codes'], query['labels'], db['codes'],
-                              db['labels'], R=r, ties=eval_cfg.ties)
-  return {'map_at_r': float(score),
-          'chance_map_at_r': chance_map_at_r(query['labels'], db['labels']),
-          'num_queries': len(query['labels']),
-          'num_database': len(db['labels'])}
 
 
 # -------------------------------------------------------- inference

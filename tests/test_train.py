@@ -172,8 +172,10 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
 
 def _one_step(config_file, overrides, workdir):
   """A one-step train_and_evaluate with the tiny model on another dataset."""
-  config = lib.load_config({'train.max_steps': 1, **overrides},
-                           config=config_file)
+  # The real configs name a hub checkpoint; tests stay offline with the tiny
+  # random CLIP of `lib.TINY` (hub loading is covered in test_hf_interop).
+  config = lib.load_config({'train.max_steps': 1, 'model.clip': 'random',
+                            **overrides}, config=config_file)
   return train.train_and_evaluate(config, workdir)
 
 

@@ -1,0 +1,92 @@
+"""Config checks in one place: valid choices, numeric ranges, the loss function.
+
+`validate_config` runs at the command line (launch.py) and again at the start
+of `train.train_and_evaluate`, so a bad value fails before anything slow, with
+the key and the valid choices in the message. Configs stay plain data.
+"""
+import importlib
+from typing import Callable
+
+import ml_collections
+
+from concepthash_jax import losses
+
+# Valid values of every choice key; `validate_config` names them in its errors.
+CHOICES = {
+    'model.concept_tokens': ('generated', 'learned'),
+    'model.code_norm': ('batchnorm', 'none'),
+    'model.center_type': ('language', 'random_orthogonal', 'learnable'),
+    'model.center_input': ('sign', 'raw'),
+    'model.center_projection': ('mlp', 'linear'),
+    'model.concept_embedding': ('separate', 'shared'),
+    'model.dtype': ('float32', 'bfloat16'),
+    'loss.concept_margin': ('first', 'all'),
+    'data.name': ('synthetic', 'cub', 'cars', 'aircraft', 'nabirds'),
+    'data.source': ('tfds', 'folders', 'synthetic'),
+    'data.train_augment': ('released', 'paper', 'none'),
+    'data.on_corrupt': ('raise', 'skip'),
+    'data.worker_type': ('thread', 'process'),
+    'optim.schedule': ('epoch', 'step'),
+    'eval.ties': ('index', 'average'),
+}
+
+
+def validate_config(config: ml_collections.ConfigDict):
+  """Raises ValueError naming the key and the valid choices for a bad value."""
+  for key, valid in CHOICES.items():
+    section, name = key.split('.')
+    value = config[section][name]
+    if value not in valid:
+      raise ValueError(f'Invalid config.{key}={value!r}; valid: {list(valid)}')
+  model, optim_cfg = config.model, config.optim
+  if model.nbit <= 0 or model.num_concepts <= 0:
+    raise ValueError('config.model.nbit and config.model.num_concepts must be '
+                     f'> 0, got {model.nbit}, {model.num_concepts}')
+  if model.nbit % model.num_concepts:
+    raise ValueError(f'config.model.nbit={model.nbit} must be divisible by '
+                     f'config.model.num_concepts={model.num_concepts} '
+                     '(one sub-code of nbit/num_concepts bits per concept)')
+  checks = [
+      ('optim.lr', optim_cfg.lr > 0, '> 0'),
+      ('optim.momentum', 0 <= optim_cfg.momentum < 1, 'in [0, 1)'),
+      ('optim.weight_decay', optim_cfg.weight_decay >= 0, '>= 0'),
+      ('optim.epochs', optim_cfg.epochs > 0, '> 0'),
+      ('optim.warmup_epochs', 0 <= optim_cfg.warmup_epochs <= optim_cfg.epochs,
+       'in [0, optim.epochs]'),
+      ('data.batch_size', config.data.batch_size > 0, '> 0'),
+      ('data.eval_batch_size', config.data.eval_batch_size > 0, '> 0'),
+      ('eval.every_epochs', config.eval.every_epochs > 0, '> 0'),
+      ('train.keep_checkpoints', config.train.keep_checkpoints > 0, '> 0'),
+      ('train.checkpoint_every_steps',
+       config.train.checkpoint_every_steps > 0, '> 0'),
+      ('train.log_every_steps', config.train.log_every_steps > 0, '> 0'),
+  ]
+  for key, ok, rule in checks:
+    if not ok:
+      section, name = key.split('.')
+      raise ValueError(f'Invalid config.{key}={config[section][name]!r}; '
+                       f'must be {rule}')
+  if config.loss.fn:
+    resolve_loss_fn(config.loss.fn)  # Fails now, not after the data loads.
+
+
+def resolve_loss_fn(name: str) -> Callable:
+  """'' -> losses.total_loss; 'pkg.module.fn' -> that function."""
+  if not name:
+    return losses.total_loss
+  module_name, _, fn_name = name.rpartition('.')
+  if not module_name:
+    raise ValueError(f'config.loss.fn={name!r} must be an import path '
+                     "'package.module.function' or '' (built-in total_loss)")
+  try:
+    fn = getattr(importlib.import_module(module_name), fn_name)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f'config.loss.fn={name!r} cannot be imported: {e}') from e
+  if not callable(fn):
+    raise ValueError(f'config.loss.fn={name!r} is not callable')
+  return fn
+
+
+def loss_kwargs(loss_cfg) -> dict:
+  """Keyword arguments of the loss function: config.loss without 'fn'."""
+  return {k: v for k, v in loss_cfg.to_dict().items() if k != 'fn'}
