@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 import pytest
-import transformers
 
 from concepthash_jax.interop import hf
+from configs import base
 from concepthash_jax.models import clip
 from concepthash_jax.models.adapter import Adapter
 
@@ -231,13 +231,8 @@ def test_bfloat16_compute_keeps_float32_params(tiny, golden):
 
 
 def test_vit_b32_shapes_from_config_without_download():
-  config = transformers.CLIPConfig(
-      projection_dim=512,
-      text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                       num_attention_heads=8, vocab_size=49408, max_position_embeddings=77,
-                       eos_token_id=2),
-      vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, image_size=224, patch_size=32))
+  # configs/base.py's random CLIP is ViT-B/32 (the released backbone).
+  config = hf.random_clip_config(base.get_config().model.random_clip)
   shapes = jax.eval_shape(lambda: hf.init_clip_params(config, jax.random.PRNGKey(0)))
   v, t = shapes['vision_model'], shapes['text_model']
   assert v['embeddings']['patch_embedding']['kernel'].shape == (32, 32, 3, 768)

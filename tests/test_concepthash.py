@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import transformers
 from flax import traverse_util
 
 from concepthash_jax import losses
@@ -14,16 +13,13 @@ from concepthash_jax import models
 from concepthash_jax import optim
 from concepthash_jax.interop import hf
 from concepthash_jax.models import concepthash
+from configs import base
 
 NUM_CLASSES = 5
-TINY_CLIP = transformers.CLIPConfig(
-    projection_dim=16,
-    text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                     num_attention_heads=2, vocab_size=50, max_position_embeddings=8,
-                     eos_token_id=2),
-    vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1,
-                       num_attention_heads=4, image_size=32, patch_size=8,
-                       projection_dim=16))
+TINY_CLIP = hf.random_clip_config(ml_collections.ConfigDict(dict(
+    image_size=32, patch_size=8, vision_width=24, vision_layers=1, vision_heads=4,
+    vision_mlp=48, projection_dim=16, text_width=16, text_layers=1, text_heads=2,
+    text_mlp=32, vocab_size=50, max_text_len=8)))
 
 
 def model_cfg(**overrides):
@@ -217,10 +213,7 @@ def test_logits_are_cosines_against_centers(clip_params):
 
 
 def test_vit_b32_forward_backward_runs_on_cpu():
-  clip_config = hf.random_clip_config(ml_collections.ConfigDict(dict(
-      image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
-      vision_mlp=3072, projection_dim=512, text_width=512, text_layers=12, text_heads=8,
-      text_mlp=2048, vocab_size=49408, max_text_len=77)))
+  clip_config = hf.random_clip_config(base.get_config().model.random_clip)  # ViT-B/32
   num_classes = 200
   model = models.build_model(model_cfg(nbit=64, generator_heads=8, adapter_dim=384),
                              clip_config, num_classes)
