@@ -13,6 +13,7 @@ when --distributed is given.
 """
 import logging as py_logging
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -40,6 +41,47 @@ def cluster_requested() -> bool:
     if int(env.get(key, '1') or 1) > 1:
       return True
   return ',' in env.get('TPU_WORKER_HOSTNAMES', '')
+
+
+def unknown_key_message(config, argv) -> str:
+  """Names the first --config.a.b=... override whose key `config` lacks.
+
+  Args:
+    config: the loaded (locked) ConfigDict.
+    argv: the command line.
+
+  Returns:
+    'unknown key config.a.b; valid keys of config.a: [...]', or '' when every
+    override names an existing key.
+  """
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    path = arg[len('--'):].split('=', 1)[0].split('.')[1:]
+    node = config
+    for depth, name in enumerate(path):
+      if not hasattr(node, 'keys') or name not in node:
+        where = '.'.join(['config', *path[:depth]])
+        valid = sorted(node.keys()) if hasattr(node, 'keys') else []
+        return (f"unknown key {'.'.join(['config', *path[:depth + 1]])} "
+                f'(from {arg}); valid keys of {where}: {valid}')
+      node = node[name]
+  return ''
+
+
+def parse_flags(argv):
+  """absl's flag parsing; an unknown config key exits naming the valid ones."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these from deep inside the override machinery,
+    # three chained tracebacks that bury the one line that matters.
+    message = ''
+    files = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+    if files:
+      parser = config_flags.config_flags.ConfigFileFlagParser(name='config')
+      message = unknown_key_message(parser.parse(files[-1]), argv)
+    sys.exit(f'FATAL Flags parsing error: {message or e}')
 
 
 def _quiet_orbax(record) -> bool:
@@ -73,4 +115,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

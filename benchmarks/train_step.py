@@ -44,7 +44,7 @@ def run_one(dtype: str) -> dict:
   config.data.batch_size = FLAGS.batch
   t0 = time.perf_counter()
   clip_config = hf.random_clip_config(config.model.random_clip)
-  clip_params = hf.init_clip_params(clip_config, 0)
+  clip_params = hf.init_clip_params(clip_config, jax.random.PRNGKey(0))
   clip_params = {k: v for k, v in clip_params.items() if k != 'text_model'}
   rng = np.random.default_rng(0)
   text = rng.normal(size=(FLAGS.num_classes,

@@ -25,24 +25,33 @@ def get_config(arg=None):
       # Prompts are ~50 bytes: a shorter context would truncate class names
       # that differ only at the end into identical centers.
       max_text_len=77)
-  config.model.adapter_dim = 32  # ~1/3 of the width, as 384 is for B/32.
+  # Twice the tower's width: a random backbone leaves all the learning to the
+  # adapters, and capacity was the limit (seed 1, 60 epochs: 0.72 with 96,
+  # 0.81 with 192; the pretrained recipe's 384 is half of B/32's width).
+  config.model.adapter_dim = 192
   config.model.generator_heads = 4
 
   config.data.name = 'synthetic'
   config.data.source = 'synthetic'
   config.data.tfds_name = ''
   config.data.image_size = 64
-  config.data.resize_size = 72
+  config.data.resize_size = 64
+  # The class cue is the colour of small parts: 'released' TrivialAugmentWide
+  # recolours them (Solarize/Posterize/Color) and shifts them by up to half
+  # the image; it cost 0.17 mAP@R here (0.52 vs 0.69, 900 steps).
+  config.data.train_augment = 'none'
   config.data.batch_size = 32
   config.data.eval_batch_size = 64
   config.data.num_workers = 0  # In-process: 2 cores are better spent on XLA.
 
   # A random frozen backbone learns only through the adapters: the pretrained
-  # recipe's lr 1e-3 barely moves them in a few hundred steps.
-  config.optim.lr = 0.05
-  config.optim.epochs = 30
+  # recipe's lr 1e-3 barely moves them in a few hundred steps, and its weight
+  # decay 5e-4 at this lr shrinks them faster than they fit (0.75 -> 0.78).
+  config.optim.lr = 0.6
+  config.optim.weight_decay = 5e-5
+  config.optim.epochs = 40
   config.optim.warmup_epochs = 2
-  config.eval.every_epochs = 10
-  config.train.log_every_steps = 5
-  config.train.checkpoint_every_steps = 150
+  config.eval.every_epochs = 20
+  config.train.log_every_steps = 10
+  config.train.checkpoint_every_steps = 300
   return config

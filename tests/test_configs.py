@@ -1,6 +1,7 @@
 """Config files: all load, validate, build a model shape; bad input fails clearly."""
 import glob
 import os
+import subprocess
 import sys
 
 from absl import flags
@@ -98,6 +99,20 @@ def test_command_line_overrides_and_unknown_key_fails():
   assert config.optim.lr == 0.5 and config.model.center_type == 'learnable'
   with pytest.raises(Exception, match='nbitt'):
     load('configs/synthetic.py', '--config.model.nbitt=3')
+
+
+def test_launch_names_the_valid_keys_of_an_unknown_one():
+  run = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch.py'), '--workdir=unused',
+       '--config=' + os.path.join(ROOT, 'configs/synthetic.py'),
+       '--config.optim.lr=0.1', '--config.model.nbitt=3'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert run.returncode == 1
+  last = run.stderr.strip().splitlines()[-1]
+  assert last.startswith('FATAL Flags parsing error: unknown key '
+                         'config.model.nbitt (from --config.model.nbitt=3); '
+                         "valid keys of config.model: ['adapter_dim'"), last
+  assert "'nbit'" in last
 
 
 @pytest.mark.parametrize('key,value', [

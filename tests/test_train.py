@@ -1,6 +1,7 @@
 """train.py end to end: outputs, datasets, bit-identical resume, NaN stop, encode tool."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -130,6 +131,9 @@ def test_sigterm_saves_exits_cleanly_and_resume_is_bit_identical(reference,
       proc.kill()
   assert proc.returncode == 0, out[-3000:]
   assert 'SIGTERM: saved step' in out
+  # tqdm bar: steps done of 120, elapsed<ETA, rate, and the logged postfix.
+  assert re.search(r'\d+/120 \[\d+:\d+<\d+:\d+, +[\d.]+(step/s|s/step), '
+                   r'img_s=[\d.]+, loss=[\d.]+\]', out), out[-3000:]
   stopped = max(int(s) for s in os.listdir(os.path.join(workdir,
                                                          'checkpoints')))
   assert stopped < 120 and not os.path.exists(
@@ -165,6 +169,28 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   saved = np.load(out)
   np.testing.assert_array_equal(saved['codes'], codes['codes'])
   assert os.path.exists(str(tmp_path / 'codes.index.npz'))
+
+
+def test_custom_loss_example_plugs_in_through_its_import_path(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(lib.ROOT, 'examples'))
+  fn = train.resolve_loss_fn('custom_loss.hinge_csd_total_loss')
+  rng = np.random.default_rng(0)
+  labels = np.array([0, 2])
+  aux = {'logits_cont': rng.uniform(-1, 1, (2, 3)),
+         'logits_bin': rng.uniform(-1, 1, (2, 3)),
+         'logits_concept': rng.uniform(-1, 1, (4, 2, 3)),
+         'codes': rng.normal(size=(2, 8))}
+  kwargs = train.loss_kwargs(lib.load_config().loss)
+  # Four concepts on disjoint patches: no pair is similar, the hinge is 0.
+  apart = dict(aux, concept_attn=np.tile(np.eye(4)[None], (2, 1, 1)))
+  # All four on the same patch: every pair has cosine 1 -> 1 - HINGE each.
+  same = dict(aux, concept_attn=np.ones((2, 4, 4)))
+  kwargs['weight_csd'] = 1.0
+  loss_apart, metrics = fn(apart, labels, **kwargs)
+  loss_same, metrics_same = fn(same, labels, **kwargs)
+  assert float(metrics['loss_csd']) == 0.0
+  np.testing.assert_allclose(metrics_same['loss_csd'], 0.7, rtol=1e-6)
+  np.testing.assert_allclose(loss_same - loss_apart, 0.7, rtol=1e-5)
 
 
 # ------------------------------------------------------- real dataset layouts
