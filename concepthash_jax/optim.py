@@ -85,26 +85,33 @@ def epoch_schedule(base_lr: float, *, warmup_epochs: int, epochs: int,
   Returns:
     `step -> lr` (jittable).
   """
-  _check_steps(steps_per_epoch)
-
-  def schedule(step):
-    epoch = (jnp.asarray(step) // steps_per_epoch).astype(jnp.float32)
-    return base_lr * epoch_factor(epoch, warmup_epochs=warmup_epochs,
-                                  epochs=epochs)
-  return schedule
+  return _factor_schedule(base_lr, warmup_epochs=warmup_epochs, epochs=epochs,
+                          steps_per_epoch=steps_per_epoch, fractional=False)
 
 
 def step_schedule(base_lr: float, *, warmup_epochs: int, epochs: int,
                   steps_per_epoch: int) -> Schedule:
   """Smooth version: the same curve evaluated at fractional epochs.
 
-  At the first step of every epoch it equals `epoch_schedule`.
+  At the first step of every epoch it equals `epoch_schedule`, whose
+  arguments it takes.
+
+  Returns:
+    `step -> lr` (jittable).
+  """
+  return _factor_schedule(base_lr, warmup_epochs=warmup_epochs, epochs=epochs,
+                          steps_per_epoch=steps_per_epoch, fractional=True)
+
+
+def _factor_schedule(base_lr, *, warmup_epochs, epochs, steps_per_epoch,
+                     fractional: bool) -> Schedule:
+  """`step -> base_lr * epoch_factor(epoch of step)`, for both schedules.
 
   Args:
-    base_lr: peak learning rate.
-    warmup_epochs: W.
-    epochs: E.
-    steps_per_epoch: optimizer steps in one epoch (> 0).
+    base_lr, warmup_epochs, epochs, steps_per_epoch: as `epoch_schedule`.
+    fractional: True -> epoch = step / steps_per_epoch (smooth); False -> the
+      whole epochs done (integer division), so the lr only changes when an
+      epoch ends, as the released per-epoch scheduler does.
 
   Returns:
     `step -> lr` (jittable).
@@ -112,7 +119,10 @@ def step_schedule(base_lr: float, *, warmup_epochs: int, epochs: int,
   _check_steps(steps_per_epoch)
 
   def schedule(step):
-    epoch = jnp.asarray(step, jnp.float32) / steps_per_epoch
+    if fractional:
+      epoch = jnp.asarray(step, jnp.float32) / steps_per_epoch
+    else:
+      epoch = (jnp.asarray(step) // steps_per_epoch).astype(jnp.float32)
     return base_lr * epoch_factor(epoch, warmup_epochs=warmup_epochs,
                                   epochs=epochs)
   return schedule

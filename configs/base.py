@@ -11,6 +11,8 @@ An unknown key is an error (the config is locked).
 """
 import ml_collections
 
+from configs import common
+
 
 def get_config():
   """Returns the full default config (released recipe, CUB-like sizes)."""
@@ -102,4 +104,27 @@ def get_config():
   # Resume order: this workdir's newest checkpoint > resume > init > scratch.
   train.resume = ''  # Another run's workdir to continue (full state, new workdir).
   train.init = ''  # Another run's workdir whose params/BN stats seed a fresh run.
+  return config
+
+
+def dataset_config(arg, *, name, source, tfds_name, nbit=64):
+  """The released recipe on one dataset: what configs/{cub,cars,...}.py return.
+
+  Args:
+    arg: the config file's `get_config(arg)` string; it may set nbit
+      ('nbit=32' or '32').
+    name: data.name.
+    source: data.source, the way this dataset is read by default.
+    tfds_name: data.tfds_name, the TFDS builder ('' if there is none).
+    nbit: the code length when `arg` does not set it.
+
+  Returns:
+    The full config (every key of `get_config`).
+  """
+  args = common.parse_arg(arg, nbit=nbit)
+  config = get_config()
+  config.model.nbit = args.nbit
+  config.data.name = name
+  config.data.source = source
+  config.data.tfds_name = tfds_name
   return config

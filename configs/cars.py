@@ -10,15 +10,10 @@ Paper mAP@R (%): 91.70 / 92.60 / 93.01 at 16 / 32 / 64 bits (8,041 queries,
 8,144-image database).
 """
 from configs import base
-from configs import common
 
 
 def get_config(arg=None):
   """Cars config; `arg` may set nbit (e.g. 'nbit=32')."""
-  args = common.parse_arg(arg, nbit=64)
-  config = base.get_config()
-  config.model.nbit = args.nbit
-  config.data.name = 'cars'
-  config.data.source = 'folders'  # Manual download; see the docstring.
-  config.data.tfds_name = 'cars196'  # Used only with data.source=tfds.
-  return config
+  # A manual download (see above); cars196 is used only with data.source=tfds.
+  return base.dataset_config(arg, name='cars', source='folders',
+                             tfds_name='cars196')

@@ -10,15 +10,10 @@ Paper mAP@R (%): 83.45 / 85.27 / 85.50 at 16 / 32 / 64 bits (5,794 queries
 against the 5,994-image train database).
 """
 from configs import base
-from configs import common
 
 
 def get_config(arg=None):
   """CUB config; `arg` may set nbit (e.g. 'nbit=32')."""
-  args = common.parse_arg(arg, nbit=64)
-  config = base.get_config()
-  config.model.nbit = args.nbit
-  config.data.name = 'cub'
-  config.data.source = 'tfds'  # TFDS caltech_birds2011 downloads itself.
-  config.data.tfds_name = 'caltech_birds2011'
-  return config
+  # TFDS caltech_birds2011 downloads itself.
+  return base.dataset_config(arg, name='cub', source='tfds',
+                             tfds_name='caltech_birds2011')

@@ -9,15 +9,10 @@ Paper mAP@R (%): 76.41 / 81.28 / 82.16 at 16 / 32 / 64 bits (24,633 queries,
 23,929-image database).
 """
 from configs import base
-from configs import common
 
 
 def get_config(arg=None):
   """NABirds config; `arg` may set nbit (e.g. 'nbit=32')."""
-  args = common.parse_arg(arg, nbit=64)
-  config = base.get_config()
-  config.model.nbit = args.nbit
-  config.data.name = 'nabirds'
-  config.data.source = 'folders'  # Manual download.
-  config.data.tfds_name = ''
-  return config
+  # A manual download; no TFDS builder.
+  return base.dataset_config(arg, name='nabirds', source='folders',
+                             tfds_name='')

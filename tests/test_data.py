@@ -4,10 +4,10 @@ import os
 
 import numpy as np
 import pytest
-import scipy.io
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import data_testlib
 from concepthash_jax import data
 from concepthash_jax.data import pipeline
 from concepthash_jax.data import synthetic
@@ -331,22 +331,9 @@ def test_cars_from_mat_files(tmp_path):
   root = str(tmp_path / 'stanford_cars')
   names = ['AM General Hummer SUV 2000', 'Acura RL Sedan 2012',
            'Acura TL Sedan 2012']
-  fields = [(f, 'O') for f in ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2',
-                               'class', 'fname')]
-
-  def annotations(rows):
-    table = np.zeros(len(rows), dtype=fields)
-    for k, (fname, label) in enumerate(rows):
-      table[k] = (1, 1, 5, 5, label, fname)
-    return {'annotations': table[None]}
-
-  os.makedirs(os.path.join(root, 'devkit'))
-  scipy.io.savemat(os.path.join(root, 'devkit', 'cars_meta.mat'),
-                   {'class_names': np.array(names, dtype=object)[None]})
-  scipy.io.savemat(os.path.join(root, 'devkit', 'cars_train_annos.mat'),
-                   annotations([('00002.jpg', 3), ('00001.jpg', 1)]))
-  scipy.io.savemat(os.path.join(root, 'cars_test_annos_withlabels.mat'),
-                   annotations([('00001.jpg', 2)]))
+  data_testlib.write_cars_mats(root, names,
+                               [('00002.jpg', 3), ('00001.jpg', 1)],
+                               [('00001.jpg', 2)], box=(1, 1, 5, 5))
   for folder, fname in (('cars_train', '00001.jpg'), ('cars_train',
                                                       '00002.jpg'),
                         ('cars_test', '00001.jpg')):

@@ -20,27 +20,26 @@ NBIT, M = 8, 2
 
 
 def tiny_config():
-  """The synthetic default shrunk to a few seconds of CPU."""
+  """The synthetic default shrunk to a few seconds of CPU.
+
+  Only the sizes change (configs/synthetic.py's training recipe stays), so
+  this run exercises the same settings as the default.
+  """
   config = synthetic.get_config(f'nbit={NBIT}')
   config.model.num_concepts = M
-  config.model.random_clip = dict(
-      image_size=32, patch_size=8, vision_width=32, vision_layers=1,
-      vision_heads=2, vision_mlp=64, projection_dim=16, text_width=16,
-      text_layers=1, text_heads=2, text_mlp=32, vocab_size=49408,
-      max_text_len=77)
-  config.model.adapter_dim = 8
-  config.model.generator_heads = 2
-  config.data.image_size = 32
-  config.data.resize_size = 36
+  # A one-layer CLIP at 32 px; patch size and text context stay synthetic's.
+  config.model.random_clip.update(
+      image_size=32, vision_width=32, vision_layers=1, vision_heads=2,
+      vision_mlp=64, projection_dim=16, text_width=16, text_layers=1,
+      text_heads=2, text_mlp=32)
+  config.model.update(adapter_dim=8, generator_heads=2)
+  config.data.update(image_size=32, resize_size=36, batch_size=8,
+                     eval_batch_size=16)
   config.data.synthetic.update(num_classes=4, num_families=2,
                                train_per_class=8, test_per_class=4,
                                image_size=32)
-  config.data.batch_size = 8
-  config.data.eval_batch_size = 16
-  config.optim.epochs = 1
-  config.optim.warmup_epochs = 1
-  config.train.max_steps = 2
-  config.train.log_every_steps = 1
+  config.optim.update(epochs=1, warmup_epochs=1)
+  config.train.update(max_steps=2, log_every_steps=1)
   return config
 
 
@@ -110,6 +109,8 @@ def test_explain_numbers_are_well_formed(explained):
   corr = np.asarray(summary['correlation']['matrix'])
   assert corr.shape == (M, M)
   np.testing.assert_allclose(np.diag(corr), 1.0, atol=1e-6)
+  pearson = np.asarray(summary['correlation']['pearson'])
+  assert pearson.shape == (M, M) and np.all(np.abs(pearson) <= 1 + 1e-6)
   assert set(summary['localisation']) == {'all', 'SYNTHETIC-001'}
   loc = summary['localisation']['all']
   head = loc[loc['headline']]

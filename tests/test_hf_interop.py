@@ -56,28 +56,35 @@ def test_state_dict_round_trip(tiny):
     np.testing.assert_array_equal(back[name], sd[name], err_msg=name)
 
 
-def test_unused_tensor_fails_loudly(tmp_path):
+def _load_changed(directory, changes):
+  """hf.load_clip of tiny_clip with `changes`: name -> tensor, or None to drop."""
   sd = _state_dict()
-  sd['vision_model.encoder.layers.2.mlp.fc1.weight'] = np.zeros((96, 48), np.float32)
-  with pytest.raises(ValueError, match=r'left unused.*layers\.2\.mlp\.fc1\.weight'):
-    hf.load_clip(_write_checkpoint(tmp_path / 'extra', sd))
+  for name, tensor in changes.items():
+    if tensor is None:
+      del sd[name]
+    else:
+      sd[name] = tensor
+  return hf.load_clip(_write_checkpoint(directory, sd))
 
 
-def test_missing_tensor_and_bad_shape_fail_loudly(tmp_path):
-  sd = _state_dict()
-  del sd['text_model.final_layer_norm.bias']
-  with pytest.raises(ValueError, match=r'without a tensor.*final_layer_norm\.bias'):
-    hf.load_clip(_write_checkpoint(tmp_path / 'missing', sd))
-  sd = _state_dict()
-  sd['visual_projection.weight'] = np.zeros((24, 47), np.float32)
-  with pytest.raises(ValueError, match=r'shape mismatches.*visual_projection'):
-    hf.load_clip(_write_checkpoint(tmp_path / 'shape', sd))
+@pytest.mark.parametrize('changes,error', [
+    ({'vision_model.encoder.layers.2.mlp.fc1.weight':
+          np.zeros((96, 48), np.float32)},
+     r'left unused.*layers\.2\.mlp\.fc1\.weight'),
+    ({'text_model.final_layer_norm.bias': None},
+     r'without a tensor.*final_layer_norm\.bias'),
+    ({'visual_projection.weight': np.zeros((24, 47), np.float32)},
+     r'shape mismatches.*visual_projection'),
+], ids=['unused', 'missing', 'bad_shape'])
+def test_checkpoint_mismatch_fails_loudly(tmp_path, changes, error):
+  with pytest.raises(ValueError, match=error):
+    _load_changed(tmp_path / 'changed', changes)
 
 
 def test_position_ids_buffer_is_accepted(tmp_path):
-  sd = _state_dict()
-  sd['vision_model.embeddings.position_ids'] = np.arange(17)[None]
-  _, params = hf.load_clip(_write_checkpoint(tmp_path / 'buffers', sd))
+  _, params = _load_changed(
+      tmp_path / 'buffers',
+      {'vision_model.embeddings.position_ids': np.arange(17)[None]})
   assert 'position_ids' not in str(jax.tree_util.tree_structure(params))
 
 

@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 import pytest
-import scipy.io
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import data_testlib
 import train_testlib as lib
 from concepthash_jax import train
 
@@ -245,24 +245,9 @@ def test_one_step_on_a_generated_cub_folder(tmp_path):
 def test_one_step_on_a_generated_cars_folder(tmp_path):
   root = tmp_path / 'stanford_cars'
   names = ['AM General Hummer SUV 2000', 'Acura RL Sedan 2012']
-  fields = [(f, 'O') for f in ('bbox_x1', 'bbox_y1', 'bbox_x2', 'bbox_y2',
-                               'class', 'fname')]
-
-  def annotations(rows):
-    table = np.zeros(len(rows), dtype=fields)
-    for k, (fname, label) in enumerate(rows):
-      table[k] = (1, 1, 30, 30, label, fname)
-    return {'annotations': table[None]}
-
   train_rows = [(f'{i:05d}.jpg', i % 2 + 1) for i in range(8)]
   test_rows = [(f'{i:05d}.jpg', i % 2 + 1) for i in range(2)]
-  (root / 'devkit').mkdir(parents=True)
-  scipy.io.savemat(str(root / 'devkit' / 'cars_meta.mat'),
-                   {'class_names': np.array(names, dtype=object)[None]})
-  scipy.io.savemat(str(root / 'devkit' / 'cars_train_annos.mat'),
-                   annotations(train_rows))
-  scipy.io.savemat(str(root / 'cars_test_annos_withlabels.mat'),
-                   annotations(test_rows))
+  data_testlib.write_cars_mats(root, names, train_rows, test_rows)
   for folder, rows in (('cars_train', train_rows), ('cars_test', test_rows)):
     for k, (fname, _) in enumerate(rows):
       _image(str(root / folder / fname), 100 + k)

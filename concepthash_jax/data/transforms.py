@@ -239,6 +239,11 @@ _TA_WIDE_SPACE = {
     'Equalize': (np.array(0.0), False),
 }
 TA_WIDE_OPS = tuple(_TA_WIDE_SPACE)
+# The ops that are one PIL ImageEnhance class each.
+_TA_ENHANCERS = {'Brightness': ImageEnhance.Brightness,
+                 'Color': ImageEnhance.Color,
+                 'Contrast': ImageEnhance.Contrast,
+                 'Sharpness': ImageEnhance.Sharpness}
 
 
 def apply_ta_op(image, keypoints, *, op, magnitude, interpolation='bicubic'):
@@ -262,17 +267,9 @@ def apply_ta_op(image, keypoints, *, op, magnitude, interpolation='bicubic'):
   if op == 'Rotate':
     return rotate(image, keypoints, angle=magnitude,
                   interpolation=interpolation)
-  if op == 'Brightness':
-    return _enhance(ImageEnhance.Brightness, image, keypoints,
-                    factor=1.0 + magnitude)
-  if op == 'Color':
-    return _enhance(ImageEnhance.Color, image, keypoints,
-                    factor=1.0 + magnitude)
-  if op == 'Contrast':
-    return _enhance(ImageEnhance.Contrast, image, keypoints,
-                    factor=1.0 + magnitude)
-  if op == 'Sharpness':
-    return _enhance(ImageEnhance.Sharpness, image, keypoints,
+  if op in _TA_ENHANCERS:
+    # torchvision's enhance ops all take 1 + magnitude (magnitude 0 = identity).
+    return _enhance(_TA_ENHANCERS[op], image, keypoints,
                     factor=1.0 + magnitude)
   if op == 'Posterize':
     return _pointwise(ImageOps.posterize, image, keypoints,

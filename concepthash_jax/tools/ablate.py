@@ -189,41 +189,54 @@ def _mark(on):
   return '✓' if on else '✗'
 
 
+def _paper_table(title, header, rows, grid, table, dataset, nbits):
+  """One results table of a grid that the paper published, as markdown lines.
+
+  Args:
+    title: the markdown heading.
+    header: names of the leading (row label) columns.
+    rows: (key, label cells) per row, in order; key indexes `table[grid]`
+      and `PAPER[grid][dataset]`.
+    grid: 'centers' | 'losses'.
+    table: the `collect` result.
+    dataset: config.data.name; adds a column of the paper's numbers when
+      PAPER has this dataset.
+    nbits: code lengths, one column each.
+
+  Returns:
+    The lines, ending with a blank one.
+  """
+  paper = PAPER[grid].get(dataset)
+  out = [title, '',
+         '| ' + ' | '.join(header) + ' | ' + ' | '.join(map(str, nbits))
+         + ' |' + (' paper ' + dataset + ' |' if paper else ''),
+         '|' + '---|' * (len(header) + len(nbits)) + ('---|' if paper else '')]
+  for key, labels in rows:
+    row = table.get(grid, {}).get(key, {})
+    line = ('| ' + ' | '.join(labels) + ' | '
+            + ' | '.join(_cell(row.get(b)) for b in nbits) + ' |')
+    if paper:
+      line += ' ' + ' / '.join(f'{paper[key].get(b, float("nan")):.2f}'
+                               for b in nbits) + ' |'
+    out.append(line)
+  out.append('')
+  return out
+
+
 def tables_markdown(table: dict, dataset: str, nbits_of: dict) -> str:
   """Paper-style markdown tables (mAP@R %), paper numbers where published."""
   out = []
   if 'centers' in nbits_of:
-    nbits = nbits_of['centers']
-    paper = PAPER['centers'].get(dataset)
-    out += ['## Table 2: effect of language guidance on the hash centers', '',
-            '| hash centers | ' + ' | '.join(map(str, nbits)) + ' |'
-            + (' paper ' + dataset + ' |' if paper else ''),
-            '|---|' + '---|' * len(nbits) + ('---|' if paper else '')]
-    for key, label in CENTER_ROWS:
-      row = table.get('centers', {}).get(key, {})
-      line = (f'| {label} | ' + ' | '.join(_cell(row.get(b)) for b in nbits)
-              + ' |')
-      if paper:
-        line += ' ' + ' / '.join(f'{paper[key].get(b, float("nan")):.2f}'
-                                 for b in nbits) + ' |'
-      out.append(line)
-    out.append('')
+    out += _paper_table(
+        '## Table 2: effect of language guidance on the hash centers',
+        ['hash centers'], [(key, [label]) for key, label in CENTER_ROWS],
+        'centers', table, dataset, nbits_of['centers'])
   if 'losses' in nbits_of:
-    nbits = nbits_of['losses']
-    paper = PAPER['losses'].get(dataset)
-    out += ['## Table 4: loss ablation (L_clf always on)', '',
-            '| L_quan | L_csd | L_cd | ' + ' | '.join(map(str, nbits)) + ' |'
-            + (' paper ' + dataset + ' |' if paper else ''),
-            '|---|---|---|' + '---|' * len(nbits) + ('---|' if paper else '')]
-    for key in LOSS_ROWS:
-      row = table.get('losses', {}).get(key, {})
-      line = ('| ' + ' | '.join(map(_mark, key)) + ' | '
-              + ' | '.join(_cell(row.get(b)) for b in nbits) + ' |')
-      if paper:
-        line += ' ' + ' / '.join(f'{paper[key].get(b, float("nan")):.2f}'
-                                 for b in nbits) + ' |'
-      out.append(line)
-    out.append('')
+    out += _paper_table(
+        '## Table 4: loss ablation (L_clf always on)',
+        ['L_quan', 'L_csd', 'L_cd'],
+        [(key, [_mark(on) for on in key]) for key in LOSS_ROWS],
+        'losses', table, dataset, nbits_of['losses'])
   if 'concepts' in nbits_of:
     nbits = nbits_of['concepts']
     rows = table.get('concepts', {})
@@ -250,6 +263,9 @@ def plot_concepts(path: str, rows: dict, nbits):
     std = [100 * np.std(rows[m][nbit]) for m in ms]
     ax.errorbar(ms, mean, yerr=std, marker='o', capsize=3, label=f'{nbit} bits')
   ax.set_xscale('log', base=2)
+  ax.set_xticks(sorted(rows))  # M itself (1, 2, 4, ...), not 2^k.
+  ax.set_xticklabels([str(m) for m in sorted(rows)])
+  ax.minorticks_off()
   ax.set_xlabel('number of concepts M')
   ax.set_ylabel('mAP@R (%)')
   ax.legend(fontsize=8)

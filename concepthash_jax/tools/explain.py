@@ -158,10 +158,13 @@ def plot_attention_maps(path, images, concept_attn, codes, labels, class_names,
   plt.close(fig)
 
 
-def _tile(crops, side):
-  """Tiles up to 4 crops (h, w, 3) into one (2*side, 2*side, 3) image."""
-  cols = 2 if len(crops) > 1 else 1
-  rows = -(-len(crops) // cols)
+def _tile(crops, side, slots):
+  """Tiles crops (h, w, 3) into a square grid of `slots` cells, white when empty.
+
+  Every group gets the same grid, so one crop is drawn as small as four.
+  """
+  cols = max(1, int(np.ceil(np.sqrt(slots))))
+  rows = -(-slots // cols)
   canvas = np.full((rows * side, cols * side, 3), 255, np.uint8)
   for k, crop in enumerate(crops):
     r, c = divmod(k, cols)
@@ -214,7 +217,7 @@ def plot_gallery(path, concept, images, concept_attn, codes, *, per_group):
     for k, i in enumerate(idx):
       x0, y0, x1, y1 = interpret.crop_box(heat[k], min_size=size[0] // 4)
       crops.append(images[i, y0:y1, x0:x1])
-    ax.imshow(_tile(crops, CROP_SIDE))
+    ax.imshow(_tile(crops, CROP_SIDE, per_group))
   fig.suptitle(f'concept {concept}: images by sub-code value', fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -222,21 +225,34 @@ def plot_gallery(path, concept, images, concept_attn, codes, *, per_group):
   return counts
 
 
-def plot_correlation(path, corr, title):
-  """Fig. 7: the M x M attention correlation, values printed in the cells."""
-  m = corr.shape[0]
-  fig, ax = plt.subplots(figsize=(1.2 + 0.8 * m, 1 + 0.8 * m))
-  im = ax.imshow(corr, vmin=0, vmax=1, cmap='viridis')
-  for i in range(m):
-    for j in range(m):
-      ax.text(j, i, f'{corr[i, j]:.2f}', ha='center', va='center', fontsize=8,
-              color='w' if corr[i, j] < 0.6 else 'k')
-  ax.set_xticks(range(m))
-  ax.set_yticks(range(m))
-  ax.set_xlabel('concept')
-  ax.set_ylabel('concept')
-  ax.set_title(title, fontsize=9)
-  fig.colorbar(im, ax=ax, fraction=0.046)
+def plot_correlation(path, panels, title):
+  """Fig. 7: M x M attention correlations side by side, values in the cells.
+
+  Args:
+    path: PNG to write.
+    panels: {panel title: (M, M) matrix}; a title containing 'cosine' is
+      drawn on [0, 1] (attention is non-negative), others on [-1, 1].
+    title: figure title.
+  """
+  m = len(next(iter(panels.values())))
+  side = 1.0 + 0.7 * m
+  fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                           figsize=((side + 0.6) * len(panels), side + 0.6))
+  for ax, (name, corr) in zip(axes[0], panels.items()):
+    low = 0.0 if 'cosine' in name else -1.0
+    im = ax.imshow(corr, vmin=low, vmax=1, cmap='viridis')
+    for i in range(m):
+      for j in range(m):
+        light = (corr[i, j] - low) / (1 - low) < 0.6
+        ax.text(j, i, f'{corr[i, j]:.2f}', ha='center', va='center',
+                fontsize=8 if m <= 8 else 6, color='w' if light else 'k')
+    ax.set_xticks(range(m))
+    ax.set_yticks(range(m))
+    ax.set_xlabel('concept')
+    ax.set_ylabel('concept')
+    ax.set_title(name, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+  fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -251,7 +267,11 @@ def plot_localisation(path, part_names, rows):
   ax.set_xticks(np.arange(len(part_names)) + 0.4 - width / 2)
   ax.set_xticklabels(part_names, fontsize=8)
   ax.set_ylabel('normalised L2 error (%)')
-  ax.legend(fontsize=7)
+  ax.set_title('part localisation error (lower is better)', fontsize=9,
+               pad=22)
+  # Above the bars, not over them.
+  ax.legend(fontsize=7, loc='lower center', bbox_to_anchor=(0.5, 1.0),
+            ncol=len(rows), frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -259,7 +279,7 @@ def plot_localisation(path, part_names, rows):
 
 def plot_tsne(path, embedding, family_of, family_names, class_names, shown):
   """Fig. 5: t-SNE of class centers, one colour per family."""
-  fig, ax = plt.subplots(figsize=(6, 5))
+  fig, ax = plt.subplots(figsize=(7.5, 5))
   cmap = plt.get_cmap('tab10' if len(shown) <= 10 else 'tab20')
   for k, fam in enumerate(shown):
     idx = np.nonzero(np.asarray(family_of) == fam)[0]
@@ -267,10 +287,14 @@ def plot_tsne(path, embedding, family_of, family_names, class_names, shown):
                label=family_names[fam], s=40)
     if np.isin(family_of, shown).sum() <= 40:  # Legible for few classes.
       for i in idx:
-        ax.annotate(class_names[i], embedding[i], fontsize=6)
+        ax.annotate(class_names[i], embedding[i], xytext=(4, 3),
+                    textcoords='offset points', fontsize=6)
   ax.set_xticks([])
   ax.set_yticks([])
-  ax.legend(fontsize=7, loc='best')
+  # Outside the axes: inside, it hides points and their names.
+  ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1),
+            title='family', title_fontsize=8)
+  ax.margins(0.15)  # Room for the names of the outermost points.
   ax.set_title('t-SNE of hash class centers', fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -402,8 +426,11 @@ def write_report(path, summary, figures):
             f'Cosine similarity of the concepts\' last-layer attention maps '
             f'(the quantity L_csd penalises), averaged over the '
             f'{summary["num_train"]} train images: mean off-diagonal '
-            f'{corr["mean_off_diagonal"]:.3f} (1 = all concepts look at the '
-            f'same patches).', '']
+            f'{_fmt(corr["mean_off_diagonal"], 3)} (1 = all concepts look at '
+            f'the same patches); Pearson correlation of the centred maps, '
+            f'mean off-diagonal {_fmt(corr.get("pearson_mean_off_diagonal"), 3)}'
+            f' (near-uniform maps have a cosine near 1 even when their peaks '
+            f'differ; centring removes that shared floor).', '']
   cen = summary.get('centers')
   if cen:
     lines += ['## Hash class centers (Fig. 5)', '',
@@ -534,13 +561,23 @@ def explain(workdir: str, out_dir: Optional[str] = None, *,
   steps.update()
 
   # Correlation of concept attention over the train split (Fig. 7).
+  # Cosine is what L_csd penalises; on near-uniform maps (a random backbone)
+  # it is close to 1 however the peaks differ, so Pearson (maps centred
+  # first) is shown beside it.
   corr = interpret.concept_correlation(train_enc['concept_attn'])
-  off = corr[~np.eye(m, dtype=bool)]
-  summary['correlation'] = {'matrix': corr, 'mean_off_diagonal':
-                            float(off.mean()) if off.size else float('nan')}
-  plot_correlation(os.path.join(out_dir, 'correlation.png'), corr,
-                   f'concept attention cosine, {len(corr)} concepts, '
-                   'train split')
+  pearson = interpret.concept_correlation(train_enc['concept_attn'],
+                                          method='pearson')
+  off_diag = ~np.eye(m, dtype=bool)
+
+  def off_mean(matrix):
+    return float(matrix[off_diag].mean()) if m > 1 else float('nan')
+  summary['correlation'] = {'matrix': corr, 'mean_off_diagonal': off_mean(corr),
+                            'pearson': pearson,
+                            'pearson_mean_off_diagonal': off_mean(pearson)}
+  plot_correlation(os.path.join(out_dir, 'correlation.png'),
+                   {'cosine (L_csd)': corr, 'Pearson': pearson},
+                   f'concept attention correlation, {m} concepts, '
+                   f'{len(train_enc["labels"])} train images')
   figures.append(('Concept attention correlation (Fig. 7)', 'correlation.png'))
   steps.update()
 
@@ -603,8 +640,10 @@ def headline(summary) -> str:
                  f'{head["mean"]:.2f}% (image centre '
                  f'{head["centre_baseline"]:.2f}%'
                  f', mean location {head["mean_baseline"]:.2f}%)')
-  lines.append('attention correlation, mean off-diagonal '
-               f'{summary["correlation"]["mean_off_diagonal"]:.3f}')
+  corr = summary['correlation']
+  lines.append('attention correlation, mean off-diagonal: cosine '
+               f'{_fmt(corr["mean_off_diagonal"], 3)}, Pearson '
+               f'{_fmt(corr.get("pearson_mean_off_diagonal"), 3)}')
   return '\n'.join(lines)
 
 
