@@ -27,9 +27,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HINGE = 0.3  # Cosine between two concept maps that costs nothing.
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer('epochs', 10, 'Training epochs of each run.')
-flags.DEFINE_string('workdir', os.path.join(ROOT, 'runs', 'custom_loss'),
-                    'Parent directory of the two runs.')
+
+
+def define_flags():
+  """Command-line flags; only when run as a script.
+
+  The trainer imports this file a second time, as `custom_loss`, to resolve
+  the loss by its import path: flags defined at import would clash then.
+  """
+  flags.DEFINE_integer('epochs', 10, 'Training epochs of each run.')
+  flags.DEFINE_string('workdir', os.path.join(ROOT, 'runs', 'custom_loss'),
+                      'Parent directory of the two runs.')
 
 
 def hinge_csd_loss(*, concept_attn, hinge=HINGE):
@@ -108,4 +116,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

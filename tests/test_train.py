@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from absl import flags
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -174,6 +175,9 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
 def test_custom_loss_example_plugs_in_through_its_import_path(monkeypatch):
   monkeypatch.syspath_prepend(os.path.join(lib.ROOT, 'examples'))
   fn = train.resolve_loss_fn('custom_loss.hinge_csd_total_loss')
+  # The script runs as __main__ and the trainer imports it again by path:
+  # an import must define no flags, or the second one clashes.
+  assert 'epochs' not in flags.FLAGS
   rng = np.random.default_rng(0)
   labels = np.array([0, 2])
   aux = {'logits_cont': rng.uniform(-1, 1, (2, 3)),
