@@ -10,6 +10,7 @@ from typing import Callable
 import ml_collections
 
 from concepthash_jax import losses
+from concepthash_jax import optim
 
 # Valid values of every choice key; `validate_config` names them in its errors.
 CHOICES = {
@@ -66,6 +67,7 @@ def validate_config(config: ml_collections.ConfigDict):
       section, name = key.split('.')
       raise ValueError(f'Invalid config.{key}={config[section][name]!r}; '
                        f'must be {rule}')
+  optim.parse_lr_multipliers(optim_cfg.get('lr_multipliers', ''))
   if config.loss.fn:
     resolve_loss_fn(config.loss.fn)  # Fails now, not after the data loads.
 

@@ -159,11 +159,72 @@ def make_optimizer(optim_cfg, steps_per_epoch: int, trainable_mask=None
   """
   tx = sgd(make_schedule(optim_cfg, steps_per_epoch),
            momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+  multipliers = parse_lr_multipliers(optim_cfg.get('lr_multipliers', ''))
+  if multipliers:
+    tx = optax.chain(tx, scale_by_path(multipliers))
   if trainable_mask is None:
     return tx
   labels = jax.tree.map(lambda t: 'train' if t else 'frozen', trainable_mask)
   return optax.multi_transform(
       {'train': tx, 'frozen': optax.set_to_zero()}, labels)
+
+
+def parse_lr_multipliers(spec: str) -> dict:
+  """'concept_generator=0.01,code_head=2' -> {'concept_generator': 0.01, ...}.
+
+  Raises:
+    ValueError: an entry is not `name=positive number`.
+  """
+  out = {}
+  for entry in filter(None, (e.strip() for e in spec.split(','))):
+    name, sep, value = entry.partition('=')
+    try:
+      factor = float(value)
+    except ValueError:
+      factor = float('nan')
+    if not sep or not name.strip() or not factor > 0:
+      raise ValueError(
+          f'optim.lr_multipliers entry {entry!r}: expected '
+          f'module_name=positive_number, e.g. "concept_generator=0.01"')
+    out[name.strip()] = factor
+  return out
+
+
+def scale_by_path(multipliers: dict) -> optax.GradientTransformation:
+  """Multiplies the updates of leaves whose path has a named module.
+
+  After SGD's momentum and lr this is exactly a per-module learning rate
+  (the update is linear in lr). A leaf under several names gets the product.
+
+  Args:
+    multipliers: {module name (one path component): factor}.
+
+  Returns:
+    A stateless optax GradientTransformation.
+  """
+  def factor(path):
+    names = {getattr(k, 'key', getattr(k, 'name', None)) for k in path}
+    return float(np.prod([f for n, f in multipliers.items() if n in names]))
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u * factor(path) if factor(path) != 1.0 else u,
+        updates), state
+
+  def init_fn(params):
+    # A misspelt module name would silently train at the base lr.
+    seen = set()
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+      seen.update(getattr(k, 'key', getattr(k, 'name', None)) for k in path)
+    unknown = sorted(set(multipliers) - seen)
+    if unknown:
+      raise ValueError(f'optim.lr_multipliers names {unknown}, which no '
+                       f'trained parameter path contains; modules: '
+                       f'{sorted(n for n in seen if isinstance(n, str))}')
+    return optax.EmptyState()
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def partition_params(params, trainable_mask):

@@ -86,6 +86,9 @@ def get_config():
   optim.weight_decay = 5e-4  # Released yaml (paper: 1e-4); coupled L2 as torch.optim.SGD.
   optim.epochs = 100
   optim.warmup_epochs = 10
+  # Per-module lr factors, 'name=factor,...' over parameter path components
+  # (e.g. 'concept_generator=0.01'); empty = one lr for all, as released.
+  optim.lr_multipliers = ''
   optim.schedule = 'epoch'  # 'epoch' (released, stepped per epoch) | 'step' (smooth).
 
   # ----------------------------------------------------------------- eval

@@ -126,6 +126,13 @@ def test_bad_choice_names_the_valid_ones(key, value):
     train.validate_config(config)
 
 
+def test_bad_lr_multipliers_fail_at_validation():
+  config = load('configs/synthetic.py',
+                '--config.optim.lr_multipliers=concept_generator=fast')
+  with pytest.raises(ValueError, match='optim.lr_multipliers entry'):
+    train.validate_config(config)
+
+
 def test_nbit_not_divisible_by_concepts_is_an_error():
   config = load('configs/synthetic.py', '--config.model.nbit=18')
   with pytest.raises(ValueError, match='divisible by config.model.num_concepts'):

@@ -118,3 +118,37 @@ def test_bad_schedule_and_empty_epoch_raise_clear_errors():
     optim.make_optimizer(cfg, 3)
   with pytest.raises(ValueError, match='steps_per_epoch must be > 0'):
     optim.epoch_schedule(0.1, warmup_epochs=1, epochs=2, steps_per_epoch=0)
+
+
+def test_lr_multipliers_scale_one_module_exactly_and_reject_bad_names():
+  cfg = ml_collections.ConfigDict(dict(
+      lr=0.1, momentum=0.9, weight_decay=1e-3, epochs=4, warmup_epochs=0,
+      schedule='step', lr_multipliers=''))
+  params = {'concept_generator': {'fc': {'kernel': jnp.ones((2, 3))}},
+            'code_head': {'kernel': jnp.full((3,), 2.0)}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+
+  def two_steps(spec):
+    cfg.lr_multipliers = spec
+    tx = optim.make_optimizer(cfg, 10)
+    state, out = tx.init(params), []
+    for _ in range(2):
+      updates, state = tx.update(grads, state, params)
+      out.append(updates)
+    return out
+
+  base, scaled = two_steps(''), two_steps('concept_generator=0.01')
+  for b, s in zip(base, scaled):
+    # Momentum and decay are linear in the update, so the factor is exact.
+    np.testing.assert_allclose(s['concept_generator']['fc']['kernel'],
+                               0.01 * b['concept_generator']['fc']['kernel'],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(s['code_head']['kernel'],
+                                  b['code_head']['kernel'])
+  cfg.lr_multipliers = 'concept_generater=0.01'
+  with pytest.raises(ValueError, match=r"names \['concept_generater'\].*"
+                     r"'concept_generator'"):
+    optim.make_optimizer(cfg, 10).init(params)
+  for bad in ('concept_generator', 'concept_generator=0', 'x=abc', '=2'):
+    with pytest.raises(ValueError, match='module_name=positive_number'):
+      optim.parse_lr_multipliers(bad)
