@@ -202,21 +202,26 @@ def scale_by_path(multipliers: dict) -> optax.GradientTransformation:
   Returns:
     A stateless optax GradientTransformation.
   """
+  def names(path):
+    return {getattr(k, 'key', getattr(k, 'name', None)) for k in path}
+
   def factor(path):
-    names = {getattr(k, 'key', getattr(k, 'name', None)) for k in path}
-    return float(np.prod([f for n, f in multipliers.items() if n in names]))
+    found = names(path)
+    return float(np.prod([f for n, f in multipliers.items() if n in found]))
+
+  def scale(path, update):
+    f = factor(path)  # Python float at trace time: no op where it is 1.
+    return update * f if f != 1.0 else update
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree_util.tree_map_with_path(
-        lambda path, u: u * factor(path) if factor(path) != 1.0 else u,
-        updates), state
+    return jax.tree_util.tree_map_with_path(scale, updates), state
 
   def init_fn(params):
     # A misspelt module name would silently train at the base lr.
     seen = set()
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-      seen.update(getattr(k, 'key', getattr(k, 'name', None)) for k in path)
+      seen |= names(path)
     unknown = sorted(set(multipliers) - seen)
     if unknown:
       raise ValueError(f'optim.lr_multipliers names {unknown}, which no '
