@@ -52,9 +52,9 @@ def get_config(arg=None):
   # The concept generator sits behind pre-LN, so nothing bounds its output
   # scale: at the adapters' lr its tokens grew to norms of 3e3-1e4 along one
   # direction and all M concepts computed the same map (attention Pearson
-  # 0.999). A 100x lower lr there: mAP@R 0.734 -> 0.756 (seed 0) and
-  # 0.788 -> 0.831 (seed 1); at seed 1 the maps separate (Pearson 0.73, family
-  # mAP@R 0.50 -> 0.60), at seed 0 they still collapse (Pearson 0.998).
+  # 0.999). A 100x lower lr there: mAP@R 0.734 / 0.788 / 0.733 -> 0.756 /
+  # 0.831 / 0.719 (seeds 0 / 1 / 2); at seed 1 the maps separate (Pearson 0.73,
+  # family mAP@R 0.50 -> 0.60), at seed 0 they still collapse (Pearson 0.998).
   config.optim.lr_multipliers = 'concept_generator=0.01'
   config.optim.epochs = 40
   config.optim.warmup_epochs = 2
