@@ -96,6 +96,7 @@ def main(argv):
   py_logging.getLogger('absl').addFilter(_quiet_orbax)
   # Fail on a bad config before anything slow (model download, data).
   train.validate_config(FLAGS.config)
+  train.configure_xla_flags(FLAGS.config)  # Before the first JAX computation.
   distributed = FLAGS.distributed
   if distributed is None:
     distributed = cluster_requested()

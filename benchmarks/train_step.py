@@ -27,6 +27,10 @@ flags.DEFINE_integer('batch', 32, 'Global batch size.')
 flags.DEFINE_integer('steps', 8, 'Timed train steps (after 2 warm-up steps).')
 flags.DEFINE_integer('eval_steps', 8, 'Timed eval forwards (after 1 warm-up).')
 flags.DEFINE_integer('num_classes', 200, 'Classes (CUB: 200).')
+flags.DEFINE_enum('remat', 'dots', ['none', 'dots', 'full'],
+                  'config.model.remat: activations kept for backward.')
+flags.DEFINE_bool('cpu_concurrency_scheduler', False,
+                  'config.train.cpu_concurrency_scheduler (XLA:CPU).')
 flags.DEFINE_string('child', None, 'Internal: run one dtype and print JSON.')
 
 
@@ -42,6 +46,9 @@ def run_one(dtype: str) -> dict:
   config.model.clip = 'random'  # B/32 shapes from configs/base.py, no download.
   config.model.dtype = dtype
   config.data.batch_size = FLAGS.batch
+  config.model.remat = FLAGS.remat
+  config.train.cpu_concurrency_scheduler = FLAGS.cpu_concurrency_scheduler
+  train.configure_xla_flags(config)  # As launch.py: before the backend starts.
   t0 = time.perf_counter()
   clip_config = hf.random_clip_config(config.model.random_clip)
   clip_params = hf.init_clip_params(clip_config, jax.random.PRNGKey(0))
@@ -108,7 +115,8 @@ def main(argv):
     cmd = [sys.executable, os.path.abspath(__file__), f'--child={dtype}',
            f'--batch={FLAGS.batch}', f'--steps={FLAGS.steps}',
            f'--eval_steps={FLAGS.eval_steps}',
-           f'--num_classes={FLAGS.num_classes}']
+           f'--num_classes={FLAGS.num_classes}', f'--remat={FLAGS.remat}',
+           f'--cpu_concurrency_scheduler={FLAGS.cpu_concurrency_scheduler}']
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     line = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
     if out.returncode or not line:
@@ -116,7 +124,9 @@ def main(argv):
     rows.append(json.loads(line[0][len('RESULT '):]))
   print(f'ViT-B/32 ConceptHash (M=4, 64 bits, {FLAGS.num_classes} classes), '
         f'batch {FLAGS.batch}, 224 px, random weights, '
-        f'{rows[0]["backend"]} x{rows[0]["devices"]}, {os.cpu_count()} cores\n')
+        f'{rows[0]["backend"]} x{rows[0]["devices"]}, {os.cpu_count()} cores, '
+        f'model.remat={FLAGS.remat}, train.cpu_concurrency_scheduler='
+        f'{FLAGS.cpu_concurrency_scheduler}\n')
   print('| dtype | train img/s | eval img/s | peak RSS GB | '
         'peak device GB | compile s |')
   print('|---|---|---|---|---|---|')

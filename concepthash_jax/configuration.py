@@ -21,6 +21,7 @@ CHOICES = {
     'model.center_projection': ('mlp', 'linear'),
     'model.concept_embedding': ('separate', 'shared'),
     'model.dtype': ('float32', 'bfloat16'),
+    'model.remat': ('none', 'dots', 'full'),
     'loss.concept_margin': ('first', 'all'),
     'data.name': ('synthetic', 'cub', 'cars', 'aircraft', 'nabirds'),
     'data.source': ('tfds', 'folders', 'synthetic'),

@@ -42,6 +42,10 @@ def get_config():
   model.concept_embedding = 'separate'  # 'separate' E' (released) | 'shared' with E (paper).
   model.prompt = 'a photo of a {}'  # Text prompt for the language centers.
   model.dtype = 'float32'  # Compute dtype: 'float32' | 'bfloat16' (params stay float32).
+  # ViT activations kept for the backward pass: 'dots' (weight-matmul outputs; the
+  # rest is recomputed) | 'none' (all) | 'full' (layer inputs only). 'dots' halves
+  # the CPU step's temporary memory at the same speed (BENCHMARKS.md).
+  model.remat = 'dots'
 
   # ----------------------------------------------------------------- loss
   config.loss = loss = ml_collections.ConfigDict()
@@ -103,6 +107,10 @@ def get_config():
   train.checkpoint_every_steps = 500
   train.keep_checkpoints = 2
   train.fsdp = False  # Shard params/optimizer state over the data axis (large backbones).
+  # XLA:CPU's concurrency-optimised scheduler keeps more buffers live to run ops side
+  # by side; on few cores that buys no speed and +0.5-0.8 GB (BENCHMARKS.md). Only
+  # read on the CPU backend.
+  train.cpu_concurrency_scheduler = False
   train.max_steps = -1  # > 0 stops early (smoke tests, benchmarks).
   # Resume order: this workdir's newest checkpoint > resume > init > scratch.
   train.resume = ''  # Another run's workdir to continue (full state, new workdir).

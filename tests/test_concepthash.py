@@ -100,6 +100,44 @@ def test_every_switch_builds_trains_and_evaluates(overrides, clip_params):
   assert ('batch_stats' in updates) == (overrides.get('code_norm', 'batchnorm') == 'batchnorm')
 
 
+@pytest.mark.parametrize('remat', ['dots', 'full'])
+def test_remat_saves_memory_not_values(remat, clip_params):
+  """Recomputing activations in the backward pass gives the same loss and gradients."""
+  labels = jnp.arange(3) % NUM_CLASSES
+
+  def loss_and_grads(remat):
+    model = models.build_model(model_cfg(remat=remat), TINY_CLIP, NUM_CLASSES)
+    variables, pixels = init(model, clip_params)
+    params = variables.pop('params')
+    # Non-zero adapter up-projections, so gradients reach every remat'd layer input.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.05 if 'up_proj' in jax.tree_util.keystr(path) else x, params)
+
+    def loss_fn(params):
+      (_, aux), _ = model.apply({'params': params, **variables}, pixels, train=True,
+                                rngs={'dropout': jax.random.PRNGKey(3)},
+                                mutable=['batch_stats'])
+      return losses.total_loss(aux, labels, scale=8.0, margin=0.2, concept_margin='first',
+                               weight_cont=1.0, weight_bin=1.0, weight_concept=1.0,
+                               weight_csd=1.0)[0]
+
+    return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+  loss, grads = loss_and_grads('none')
+  loss_remat, grads_remat = loss_and_grads(remat)
+  np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+  for (path, g), g_remat in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                jax.tree_util.tree_leaves(grads_remat)):
+    np.testing.assert_allclose(g_remat, g, rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_unknown_remat_raises_naming_valid_choices(clip_params):
+  model = models.build_model(model_cfg(remat='some'), TINY_CLIP, NUM_CLASSES)
+  with pytest.raises(ValueError, match=r"Unknown remat 'some'; valid: \['none', 'dots', 'full'\]"):
+    init(model, clip_params)
+
+
 def test_nbit_not_divisible_by_concepts_raises():
   with pytest.raises(ValueError, match='divisible by num_concepts'):
     models.build_model(model_cfg(nbit=18), TINY_CLIP, NUM_CLASSES)

@@ -119,6 +119,7 @@ def test_launch_names_the_valid_keys_of_an_unknown_one():
     ('model.center_type', 'orthogonal'), ('model.code_norm', 'layernorm'),
     ('data.source', 'web'), ('optim.schedule', 'linear'),
     ('eval.ties', 'random'), ('loss.concept_margin', 'none'),
+    ('model.remat', 'some'),
 ])
 def test_bad_choice_names_the_valid_ones(key, value):
   config = load('configs/synthetic.py', f'--config.{key}={value}')
@@ -143,3 +144,21 @@ def test_unimportable_loss_fn_is_an_error():
   config = load('configs/synthetic.py', '--config.loss.fn=nowhere.loss')
   with pytest.raises(ValueError, match='cannot be imported'):
     train.validate_config(config)
+
+
+def test_configure_xla_flags_adds_the_scheduler_flag_once_and_user_flags_win(
+    monkeypatch):
+  flag = '--xla_cpu_enable_concurrency_optimized_scheduler'
+  config = load('configs/synthetic.py')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  assert train.configure_xla_flags(config) == f'{flag}=false'
+  assert os.environ['XLA_FLAGS'] == (
+      f'--xla_force_host_platform_device_count=2 {flag}=false')
+  assert train.configure_xla_flags(config) == ''  # Already there: unchanged.
+  monkeypatch.setenv('XLA_FLAGS', f'{flag}=true')  # The user's choice wins.
+  assert train.configure_xla_flags(config) == ''
+  assert os.environ['XLA_FLAGS'] == f'{flag}=true'
+  monkeypatch.delenv('XLA_FLAGS')
+  config.train.cpu_concurrency_scheduler = True
+  assert train.configure_xla_flags(config) == ''
+  assert 'XLA_FLAGS' not in os.environ

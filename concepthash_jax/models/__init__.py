@@ -12,7 +12,7 @@ def build_model(model_cfg, clip_config, num_classes: int) -> ConceptHash:
   Args:
     model_cfg: `config.model` (num_concepts, nbit, concept_tokens, generator_heads,
       dropout, adapter_dim, code_norm, center_type, center_input, center_projection,
-      concept_embedding, dtype).
+      concept_embedding, dtype; optional remat, default 'none').
     clip_config: transformers CLIPConfig; the vision tower's sizes come from its
       vision_config, the generator width P from vision_config.projection_dim, the
       text width T from text_config.hidden_size.
@@ -39,6 +39,7 @@ def build_model(model_cfg, clip_config, num_classes: int) -> ConceptHash:
       layer_norm_eps=vision.layer_norm_eps,
       hidden_act=vision.hidden_act,
       adapter_dim=int(adapter_dim) if adapter_dim else None,
+      remat=model_cfg.get('remat', 'none'),
       num_concepts=model_cfg.num_concepts,
       nbit=model_cfg.nbit,
       concept_tokens=model_cfg.concept_tokens,

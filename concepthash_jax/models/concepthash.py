@@ -215,7 +215,7 @@ class ConceptHash(nn.Module):
   layer_norm_eps: float = 1e-5
   hidden_act: str = 'quick_gelu'
   adapter_dim: Optional[int] = 384  # AdaptFormer bottleneck; None = no adapters.
-  remat: bool = False  # Recompute ViT layer activations in the backward pass.
+  remat: str = 'none'  # ViT activations kept for backward: clip.REMAT_POLICIES key.
   # Concepts and codes.
   num_concepts: int = 4  # M
   nbit: int = 64  # K, divisible by M.
