@@ -55,6 +55,11 @@ def get_config(arg=None):
   # 0.999). A 100x lower lr there: mAP@R 0.734 / 0.788 / 0.733 -> 0.756 /
   # 0.831 / 0.719 (seeds 0 / 1 / 2); at seed 1 the maps separate (Pearson 0.73,
   # family mAP@R 0.50 -> 0.60), at seed 0 they still collapse (Pearson 0.998).
+  # With model.remat='dots' (base default since 2026-11-23; same maths, other
+  # float rounding): 0.773 / 0.774 / 0.710, Pearson 0.996 / 0.767 / 0.817,
+  # 136 s alone on 2 cores. L_csd (loss.weight_csd) separates the maps but costs
+  # mAP@R on some seeds: 0.2 -> 0.804 / 0.800 / 0.657 (Pearson 0.95 / 0.23 /
+  # 0.00); 0.5 -> 0.685 / 0.788 (seeds 0 / 1); 1.0 -> 0.568 / 0.638. So it stays 0.
   config.optim.lr_multipliers = 'concept_generator=0.01'
   config.optim.epochs = 40
   config.optim.warmup_epochs = 2
