@@ -11,6 +11,7 @@ import ml_collections
 
 from concepthash_jax import losses
 from concepthash_jax import optim
+from concepthash_jax.models import clip
 
 # Valid values of every choice key; `validate_config` names them in its errors.
 CHOICES = {
@@ -21,7 +22,7 @@ CHOICES = {
     'model.center_projection': ('mlp', 'linear'),
     'model.concept_embedding': ('separate', 'shared'),
     'model.dtype': ('float32', 'bfloat16'),
-    'model.remat': ('none', 'dots', 'full'),
+    'model.remat': tuple(clip.REMAT_POLICIES),
     'loss.concept_margin': ('first', 'all'),
     'data.name': ('synthetic', 'cub', 'cars', 'aircraft', 'nabirds'),
     'data.source': ('tfds', 'folders', 'synthetic'),
