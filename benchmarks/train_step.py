@@ -21,13 +21,16 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Imports jax but starts no backend, so XLA_FLAGS set later still apply.
+from concepthash_jax.models import clip  # pylint: disable=g-import-not-at-top
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to run.')
 flags.DEFINE_integer('batch', 32, 'Global batch size.')
 flags.DEFINE_integer('steps', 8, 'Timed train steps (after 2 warm-up steps).')
 flags.DEFINE_integer('eval_steps', 8, 'Timed eval forwards (after 1 warm-up).')
 flags.DEFINE_integer('num_classes', 200, 'Classes (CUB: 200).')
-flags.DEFINE_enum('remat', 'dots', ['none', 'dots', 'full'],
+flags.DEFINE_enum('remat', 'dots', list(clip.REMAT_POLICIES),
                   'config.model.remat: activations kept for backward.')
 flags.DEFINE_bool('cpu_concurrency_scheduler', False,
                   'config.train.cpu_concurrency_scheduler (XLA:CPU).')
