@@ -339,6 +339,86 @@ def part_localisation(fit_locations, fit_keypoints, eval_locations,
   return result
 
 
+BACKGROUND = -1  # `concept_part_hits` target: outside the object box.
+NO_PART = -2  # ... no visible part in the image: not scored.
+
+
+def concept_part_hits(locations, keypoints, *, image_size: Sequence[int],
+                      boxes=None):
+  """The ground-truth part each concept's attention location falls on.
+
+  Table 3 asks how far a concept is from a part; this asks *which* part it
+  is on, so one can see whether concept m is a fixed part (the paper's
+  "head" concept on CUB) or a cue whose part changes with the image (a colour
+  on the synthetic birds, whose classes permute one palette over the parts).
+  A location inside the object box goes to the nearest visible keypoint
+  (box-normalised units, as Table 3); outside the box it is background.
+  Without boxes every location goes to its nearest part.
+
+  Args:
+    locations: (N, M, 2) pixel (x, y) per concept (`attention_locations`).
+    keypoints: (N, P, 3) x, y, visible.
+    image_size: (H, W) of the model input.
+    boxes: optional (N, 4) object boxes x, y, width, height.
+
+  Returns:
+    (N, M) int64: part index, BACKGROUND, or NO_PART (image with no visible
+    part).
+  """
+  kp = np.asarray(keypoints, np.float64)
+  valid = visible_mask(kp, image_size)  # (N, P)
+  target = normalise_points(kp[..., :2], image_size, boxes)  # (N, P, 2)
+  loc = normalise_points(locations, image_size, boxes)  # (N, M, 2)
+  dist = np.linalg.norm(loc[:, :, None] - target[:, None], axis=-1)
+  dist = np.where(valid[:, None], dist, np.inf)  # (N, M, P)
+  hits = np.argmin(dist, axis=-1).astype(np.int64)
+  if boxes is not None:
+    inside = np.all((loc >= 0) & (loc <= 1), axis=-1)
+    hits = np.where(inside, hits, BACKGROUND)
+  return np.where(valid.any(-1)[:, None], hits, NO_PART)
+
+
+def part_hit_summary(hits, labels, num_parts: int) -> dict:
+  """What each concept looks at, over a split (from `concept_part_hits`).
+
+  Args:
+    hits: (N, M) int targets.
+    labels: (N,) int class ids (for the within-class consistency).
+    num_parts: P.
+
+  Returns:
+    dict over the images with a visible part: 'fraction' (M, P + 1) share of
+    images whose concept m is on part p (last column: background);
+    'consistency' (M,) share on the concept's most common target;
+    'consistency_within_class' (M,) the same with the most common target of
+    each class (near 'consistency' for a fixed-part concept, far above it for
+    a class-dependent cue); 'distinct_rate' share of images in which the M
+    concepts are on M different targets (two concepts on the background are a
+    repeat); 'mean_distinct_parts' mean number of different parts hit per
+    image (background not counted); 'count' images scored.
+  """
+  hits = np.asarray(hits, np.int64)
+  labels = np.asarray(labels, np.int64)
+  scored = np.all(hits != NO_PART, axis=1)
+  hits, labels = hits[scored], labels[scored]
+  n, m = hits.shape
+  column = np.where(hits == BACKGROUND, num_parts, hits)  # (n, M) in [0, P]
+  onehot = np.eye(num_parts + 1)[column]  # (n, M, P + 1)
+  fraction = onehot.mean(0) if n else np.full((m, num_parts + 1), np.nan)
+  within = np.zeros(m)
+  for c in np.unique(labels):
+    within += onehot[labels == c].sum(0).max(-1)
+  sorted_hits = np.sort(column, axis=1)
+  repeats = np.any(sorted_hits[:, 1:] == sorted_hits[:, :-1], axis=1)
+  parts_hit = onehot[..., :num_parts].max(1).sum(-1)  # (n,)
+  return {'fraction': fraction,
+          'consistency': fraction.max(-1),
+          'consistency_within_class': within / max(n, 1),
+          'distinct_rate': float(np.mean(~repeats)) if n else float('nan'),
+          'mean_distinct_parts': float(parts_hit.mean()) if n else float('nan'),
+          'count': int(n)}
+
+
 # ------------------------------------------------------------- families
 
 

@@ -71,7 +71,7 @@ def _png_is_a_picture(path):
 def test_explain_writes_every_figure_and_the_report(explained):
   summary, out = explained
   names = (['attention_maps.png', 'correlation.png', 'localisation.png',
-            'tsne_centers.png']
+            'part_hits.png', 'tsne_centers.png']
            + [f'gallery_concept{m}.png' for m in range(M)])
   for name in names:
     _png_is_a_picture(os.path.join(out, name))
@@ -79,10 +79,17 @@ def test_explain_writes_every_figure_and_the_report(explained):
     report = f.read()
   for name in names:
     assert f']({name})' in report
-  for heading in ('Table 5', 'Table 3', 'Fig. 7', 'Fig. 5', 'centre baseline'):
+  for heading in ('Table 5', 'Table 3', 'Fig. 7', 'Fig. 5', 'centre baseline',
+                  'Which part each concept looks at'):
     assert heading in report
   with open(os.path.join(out, 'explain.json')) as f:
     saved = json.load(f)
+  hits = saved['part_hits']
+  assert hits['targets'][-1] == 'background'
+  assert np.asarray(hits['fraction']).shape == (M, len(hits['targets']))
+  # Every scored image puts each concept on exactly one target.
+  np.testing.assert_allclose(np.sum(hits['fraction'], axis=1), 1.0, atol=1e-9)
+  assert 0 < hits['count'] <= summary['num_test']
   assert saved['retrieval']['class_map_at_r'] == pytest.approx(
       summary['retrieval']['class_map_at_r'])
 
@@ -172,11 +179,17 @@ def test_ablation_plan_and_tables():
       (0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 0, 1), (1, 1, 1)]
   for cell in cells:
     train.validate_config(cell['config'])
-  # The released recipe has L_csd off, so the full-minus-csd row of Table 4
-  # is the language row of Table 2: one run serves both.
+  # Table 2's language row trains the config's own loss terms, so it is the
+  # Table 4 row with the same terms (full with L_csd on, as the synthetic
+  # default; full minus csd for the released recipe): one run serves both.
   names = [c['name'] for c in cells]
   assert len(set(names)) == len(cells) - 1
-  assert names[2] == names[3 + 3]
+  assert names[2] == names[3 + (4 if config.loss.weight_csd else 3)]
+  released = tiny_config()
+  released.loss.weight_csd = 0.0
+  released_names = [c['name'] for c in ablate.plan(released, ['centers', 'losses'],
+                                                   nbits=[16])]
+  assert released_names[2] == released_names[3 + 3]
   with pytest.raises(ValueError, match='grid'):
     ablate.plan(config, ['margins'])
   table = {'centers': {'language': {16: [0.8, 0.9]},

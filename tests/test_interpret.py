@@ -235,3 +235,44 @@ def test_tsne_keeps_separated_clusters_apart():
   nearest = dist.argmin(1)
   assert np.all((nearest < 6) == (np.arange(12) < 6))
   np.testing.assert_allclose(emb, interpret.tsne_embed(points, seed=0))
+
+
+def test_part_hits_take_the_nearest_visible_part_or_the_background():
+  # Two parts in a 64-px image, box x 10..50, y 20..40.
+  keypoints = np.array([[[15., 30., 1.], [45., 30., 1.]],
+                        [[15., 30., 1.], [45., 30., 0.]],  # part 1 hidden
+                        [[15., 30., 0.], [45., 30., 0.]]])  # none visible
+  boxes = np.tile([[10., 20., 40., 20.]], (3, 1))
+  locations = np.array([[[20., 28.], [40., 35.], [60., 5.]]] * 3)
+  hits = interpret.concept_part_hits(locations, keypoints, image_size=(64, 64),
+                                     boxes=boxes)
+  bg, none = interpret.BACKGROUND, interpret.NO_PART
+  np.testing.assert_array_equal(hits, [[0, 1, bg], [0, 0, bg],
+                                       [none, none, none]])
+  # Without boxes nothing is background: the far point goes to part 1.
+  no_box = interpret.concept_part_hits(locations[:1], keypoints[:1],
+                                       image_size=(64, 64))
+  np.testing.assert_array_equal(no_box, [[0, 1, 1]])
+
+
+def test_part_hit_summary_separates_fixed_parts_from_class_dependent_cues():
+  bg = interpret.BACKGROUND
+  labels = np.array([0, 0, 1, 1])
+  # Concept 0 is always part 0; concept 1 follows a cue that sits on part 1
+  # in class 0 and part 2 in class 1; concept 2 is background, concept 3
+  # repeats concept 0 in the first image only.
+  hits = np.array([[0, 1, bg, 0],
+                   [0, 1, bg, 2],
+                   [0, 2, bg, 1],
+                   [0, 2, bg, 1],
+                   [interpret.NO_PART] * 4])
+  out = interpret.part_hit_summary(hits, np.append(labels, 0), num_parts=3)
+  assert out['count'] == 4
+  np.testing.assert_allclose(out['fraction'][0], [1, 0, 0, 0])
+  np.testing.assert_allclose(out['fraction'][1], [0, .5, .5, 0])
+  np.testing.assert_allclose(out['fraction'][2], [0, 0, 0, 1])
+  np.testing.assert_allclose(out['consistency'], [1, .5, 1, .5])
+  np.testing.assert_allclose(out['consistency_within_class'], [1, 1, 1, .75])
+  assert out['distinct_rate'] == pytest.approx(0.75)
+  # Parts hit per image (background not counted): 2, 3, 3, 3.
+  assert out['mean_distinct_parts'] == pytest.approx(2.75)

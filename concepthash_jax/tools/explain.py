@@ -277,6 +277,25 @@ def plot_localisation(path, part_names, rows):
   plt.close(fig)
 
 
+def plot_part_hits(path, fraction, target_names, title):
+  """Concept x part heat map: share of images whose concept peak is on each part."""
+  m, t = fraction.shape
+  fig, ax = plt.subplots(figsize=(1.6 + 0.85 * t, 1.0 + 0.5 * m))
+  ax.imshow(fraction, cmap='Blues', vmin=0, vmax=1, aspect='auto')
+  for i in range(m):
+    for j in range(t):
+      ax.text(j, i, f'{100 * fraction[i, j]:.0f}', ha='center', va='center',
+              fontsize=7, color='white' if fraction[i, j] > 0.5 else 'black')
+  ax.set_xticks(range(t))
+  ax.set_xticklabels(target_names, fontsize=8)
+  ax.set_yticks(range(m))
+  ax.set_yticklabels([f'concept {i}' for i in range(m)], fontsize=8)
+  ax.set_title(title, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def plot_tsne(path, embedding, family_of, family_names, class_names, shown):
   """Fig. 5: t-SNE of class centers, one colour per family."""
   fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -421,6 +440,27 @@ def write_report(path, summary, figures):
               'train location of the part.', '']
     for subset, res in loc.items():
       lines += _localisation_table(subset, res, summary['part_names'])
+  hits = summary.get('part_hits')
+  if hits:
+    lines += ['## Which part each concept looks at', '',
+              f'Each concept\'s attention peak on the {hits["count"]} test '
+              f'images, assigned to the nearest visible part keypoint, or to '
+              f'the background when outside the object box. All concepts on '
+              f'different targets in {100 * hits["distinct_rate"]:.1f}% of '
+              f'the images; {hits["mean_distinct_parts"]:.2f} different parts '
+              f'per image on average. *same target*: share of images on the '
+              f'concept\'s most common target; *within class*: the same per '
+              f'class (much higher than *same target* means the part a '
+              f'concept finds depends on the class, i.e. it follows an '
+              f'appearance cue rather than a fixed part).', '',
+              '| concept | ' + ' | '.join(hits['targets'])
+              + ' | same target | within class |',
+              '|---' * (len(hits['targets']) + 3) + '|']
+    for c, row in enumerate(hits['fraction']):
+      lines.append(f'| {c} | ' + ' | '.join(f'{100 * v:.0f}%' for v in row)
+                   + f' | {100 * hits["consistency"][c]:.0f}% | '
+                   f'{100 * hits["consistency_within_class"][c]:.0f}% |')
+    lines.append('')
   corr = summary['correlation']
   lines += ['## Concept attention correlation (Fig. 7)', '',
             f'Cosine similarity of the concepts\' last-layer attention maps '
@@ -604,6 +644,22 @@ def explain(workdir: str, out_dir: Optional[str] = None, *,
          'mean location': list(head['mean_baseline_per_part'])
                           + [head['mean_baseline']]})
     figures.append(('Part localisation error (Table 3)', 'localisation.png'))
+    # Which part each concept is on (peak: a centroid of a background map
+    # lands mid-image, i.e. on the object).
+    hits = interpret.concept_part_hits(
+        interpret.attention_locations(test_enc['concept_attn'], size),
+        test_enc['keypoints'], image_size=size, boxes=test_enc.get('box'))
+    part_hits = interpret.part_hit_summary(hits, test_enc['labels'],
+                                           len(part_names))
+    part_hits['targets'] = part_names + ['background']
+    summary['part_hits'] = part_hits
+    plot_part_hits(
+        os.path.join(out_dir, 'part_hits.png'), part_hits['fraction'],
+        part_hits['targets'],
+        f'% of {part_hits["count"]} test images whose concept peak is on each '
+        f'part; all concepts on different targets in '
+        f'{100 * part_hits["distinct_rate"]:.0f}%')
+    figures.append(('Which part each concept looks at', 'part_hits.png'))
   steps.update()
 
   # Class centers: t-SNE and family structure (Fig. 5).
@@ -640,6 +696,11 @@ def headline(summary) -> str:
                  f'{head["mean"]:.2f}% (image centre '
                  f'{head["centre_baseline"]:.2f}%'
                  f', mean location {head["mean_baseline"]:.2f}%)')
+  hits = summary.get('part_hits')
+  if hits:
+    lines.append(f'concepts on different parts/background in '
+                 f'{100 * hits["distinct_rate"]:.1f}% of test images '
+                 f'({hits["mean_distinct_parts"]:.2f} parts per image)')
   corr = summary['correlation']
   lines.append('attention correlation, mean off-diagonal: cosine '
                f'{_fmt(corr["mean_off_diagonal"], 3)}, Pearson '
