@@ -413,7 +413,7 @@ def part_hit_summary(hits, labels, num_parts: int) -> dict:
   parts_hit = onehot[..., :num_parts].max(1).sum(-1)  # (n,)
   return {'fraction': fraction,
           'consistency': fraction.max(-1),
-          'consistency_within_class': within / max(n, 1),
+          'consistency_within_class': within / n if n else np.full(m, np.nan),
           'distinct_rate': float(np.mean(~repeats)) if n else float('nan'),
           'mean_distinct_parts': float(parts_hit.mean()) if n else float('nan'),
           'count': int(n)}

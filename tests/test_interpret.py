@@ -276,3 +276,12 @@ def test_part_hit_summary_separates_fixed_parts_from_class_dependent_cues():
   assert out['distinct_rate'] == pytest.approx(0.75)
   # Parts hit per image (background not counted): 2, 3, 3, 3.
   assert out['mean_distinct_parts'] == pytest.approx(2.75)
+
+
+def test_part_hit_summary_of_no_scored_image_is_nan_not_zero():
+  out = interpret.part_hit_summary(np.full((2, 3), interpret.NO_PART),
+                                   np.zeros(2), num_parts=4)
+  assert out['count'] == 0
+  assert np.isnan(out['consistency']).all()
+  assert np.isnan(out['consistency_within_class']).all()
+  assert np.isnan(out['distinct_rate'])
