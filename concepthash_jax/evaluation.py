@@ -19,21 +19,42 @@ would be O(N log N) with an expensive comparator.
 `ties="average"` needs only the per-distance counts: the expected AP over all
 orders of tied items has a closed form (harmonic numbers, plus a hypergeometric
 sum when R cuts inside a tie block), evaluated in float64 on the host.
+
+Two engines compute the per-query statistics. On CPU a native kernel
+(`_hamming.c`, built by `pip install`) walks the database once per query in
+database order and reads the same ranks off running histograms. Elsewhere (and
+where the kernel is not built) the jitted XLA stages below run under
+`shard_map` over a device mesh: the database is split over its devices, each
+device counts its slice, and per-query histograms cross devices (all-gather of
+(Q, K + 2) integers) so every item gets its global rank. AP is summed in one
+canonical order on every engine and any number of devices: float32 terms
+cum_rel / rank, a pairwise tree of adjacent pairs inside each aligned 512-item
+segment of the database, segment sums added in float64 in database order. So
+the result has the same bits on 1 or 8 devices and from the native kernel.
 """
 import functools
+import os
 from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from scipy import special
 from scipy import stats
 import tqdm
 
+try:  # Built by setup.py; optional, the XLA path covers every platform.
+  from concepthash_jax import _hamming
+except ImportError:  # pragma: no cover - depends on the install
+  _hamming = None
+
 TIES = ('index', 'average')
+KERNELS = ('auto', 'native', 'xla')
 _BLOCK = 32  # Items per block: XLA:CPU vectorises reductions this short.
 _GROUP = 16  # Blocks per group: packed counts of <= 512 items fit 16 bits.
-_SPAN = _BLOCK * _GROUP
+_SPAN = _BLOCK * _GROUP  # Also the AP summation segment (= SEGMENT in _hamming.c).
 _SUPER = 32  # Groups per supergroup: packed counts of <= 16384 items fit too.
 _SHIFT = 16  # Relevant counts live in the high half of a packed int32.
 _LOW = (1 << _SHIFT) - 1
@@ -133,13 +154,16 @@ def _prefix_sum(x, axis, exclusive=False):
   return jnp.sum(jnp.where(mask, jnp.expand_dims(x, axis), 0), axis=axis + 1)
 
 
-def _sum_last(x):
-  """Sums the last axis in stages of 32 (keeps float32 rounding ~ log N)."""
-  while x.shape[-1] > _BLOCK:
-    size = -(-x.shape[-1] // _BLOCK) * _BLOCK
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
-    x = jnp.sum(x.reshape(x.shape[:-1] + (size // _BLOCK, _BLOCK)), axis=-1)
-  return jnp.sum(x, axis=-1)
+def _pairwise_sum(x):
+  """Sums the last axis (a power of two) by a tree of adjacent pairs.
+
+  Elementwise adds only, so a segment's sum has the same bits whatever the
+  array around it, the device or the engine (`_hamming.c` does the same).
+  """
+  while x.shape[-1] > 1:
+    x = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
+    x = x[..., 0] + x[..., 1]
+  return x[..., 0]
 
 
 def _gather(table, rows, index):
@@ -152,22 +176,24 @@ def _gather(table, rows, index):
 # speed: inside one program XLA:CPU fuses a reduction into its consumers and
 # recomputes it per element (up to 40x slower measured on CUB sizes), and
 # optimization_barrier does not stop it on CPU; arrays returned from a jit
-# are always materialised.
+# are always materialised. Each stage body sees one device's slice of the
+# database; `axes` names the mesh axes it is split over (None: not split).
 
 
-@functools.partial(jax.jit, static_argnames=('nbit', 'num_db', 'ranked'))
 def _count_stage(query_bits, query_labels, db_bits, db_labels, *, nbit, num_db,
-                 ranked):
+                 ranked, axes=None):
   """Distances, relevance and packed per-distance counts of 32-item blocks.
 
   Args:
     query_bits: (Q, W) uint32.
     query_labels: (Q,) int32 or (Q, L) uint32.
-    db_bits: (Np, W) uint32, Np % 512 == 0; rows >= num_db are padding.
+    db_bits: (Np, W) uint32, this device's slice, Np % 512 == 0; items at
+      global index >= num_db are padding.
     db_labels: (Np,) or (Np, L).
     nbit: K.
-    num_db: number of real database rows.
+    num_db: number of real database rows (all devices).
     ranked: also return what `_rank_stage` needs.
+    axes: mesh axes the database is split over, or None.
 
   Returns:
     dict: 'counts' (Q, Np/32, K + 2) int32, all-item counts in the low and
@@ -178,7 +204,8 @@ def _count_stage(query_bits, query_labels, db_bits, db_labels, *, nbit, num_db,
   """
   bins = nbit + 2
   dtype = jnp.int8 if bins < 127 else jnp.int16
-  valid = jnp.arange(db_bits.shape[0]) < num_db
+  offset = 0 if axes is None else jax.lax.axis_index(axes) * db_bits.shape[0]
+  valid = offset + jnp.arange(db_bits.shape[0]) < num_db
   dist = jnp.where(valid, hamming_distance(query_bits, db_bits), nbit + 1)
   dist = dist.astype(dtype)
   rel = relevance(query_labels, db_labels) & valid
@@ -195,8 +222,7 @@ def _count_stage(query_bits, query_labels, db_bits, db_labels, *, nbit, num_db,
   return out
 
 
-@functools.partial(jax.jit, static_argnames=('nbit', 'num_db', 'ranked'))
-def _start_stage(counts, *, nbit, num_db, ranked):
+def _start_stage(counts, *, nbit, num_db, ranked, axes=None):
   """Histograms per query and, when ranked, where each (group, distance) starts.
 
   Args:
@@ -204,22 +230,35 @@ def _start_stage(counts, *, nbit, num_db, ranked):
     nbit: K.
     num_db: real database size (static); below 2^15 every start fits 15 bits.
     ranked: also return the start tables.
+    axes: mesh axes the database is split over, or None.
 
   Returns:
-    dict: 'hist', 'hist_rel' (Q, K + 1) int32 and, when ranked, 'starts' (Q,
-    Np/512, K + 2): packed items before each 512-item group in its distance
-    bin (small databases); or 'starts' packed within 16384-item supergroups
-    plus 'super_all', 'super_rel' (Q, supergroups, K + 2) unpacked.
+    dict: 'hist', 'hist_rel' (Q, K + 1) int32 over the whole database and,
+    when ranked, 'starts' (Q, Np/512, K + 2): packed items before each
+    512-item group in its distance bin (small databases); or 'starts' packed
+    within 16384-item supergroups plus 'super_all', 'super_rel' (Q,
+    supergroups, K + 2) unpacked.
   """
   q, _, bins = counts.shape
   group_counts = jnp.sum(counts.reshape(q, -1, _GROUP, bins), axis=2)
   hist_all = jnp.sum(group_counts & _LOW, axis=1)
   hist_rel = jnp.sum(group_counts >> _SHIFT, axis=1)
+  before_all = before_rel = 0  # items of this bin on earlier devices
+  if axes is not None:
+    every_all = jax.lax.all_gather(hist_all, axes)  # (devices, Q, bins)
+    every_rel = jax.lax.all_gather(hist_rel, axes)
+    earlier = (jnp.arange(every_all.shape[0])
+               < jax.lax.axis_index(axes))[:, None, None]
+    before_all = jnp.sum(jnp.where(earlier, every_all, 0), axis=0)
+    before_rel = jnp.sum(jnp.where(earlier, every_rel, 0), axis=0)
+    hist_all, hist_rel = jnp.sum(every_all, axis=0), jnp.sum(every_rel, axis=0)
   out = {'hist': hist_all[:, :nbit + 1], 'hist_rel': hist_rel[:, :nbit + 1]}
   if not ranked:
     return out
-  bin_all = _prefix_sum(hist_all, axis=1, exclusive=True)[:, None, :]
-  bin_rel = _prefix_sum(hist_rel, axis=1, exclusive=True)[:, None, :]
+  bin_all = (_prefix_sum(hist_all, axis=1, exclusive=True)
+             + before_all)[:, None, :]
+  bin_rel = (_prefix_sum(hist_rel, axis=1, exclusive=True)
+             + before_rel)[:, None, :]
   if num_db < (1 << (_SHIFT - 1)):
     start_all = _prefix_sum(group_counts & _LOW, axis=1, exclusive=True) + bin_all
     start_rel = (_prefix_sum(group_counts >> _SHIFT, axis=1, exclusive=True)
@@ -242,7 +281,6 @@ def _start_stage(counts, *, nbit, num_db, ranked):
   return out
 
 
-@jax.jit
 def _rank_stage(dist, within_block, counts, starts, super_all=None,
                 super_rel=None):
   """Rank of every item and relevant items ranked up to it (ties by index).
@@ -280,18 +318,21 @@ def _rank_stage(dist, within_block, counts, starts, super_all=None,
   return pos.reshape(q, num), cum_rel.reshape(q, num)
 
 
-@functools.partial(jax.jit, static_argnames=('topk',))
-def _ap_stage(ranks, rel, R, *, topk):
-  """AP@R and relevant items in each top k from ranks.
+def _ap_stage(ranks, rel, R, *, topk, axes=None):
+  """Segment sums of AP terms and relevant items in each top k, from ranks.
 
   Args:
     ranks: packed (Q, Np) or a (pos, cum_rel) pair, from `_rank_stage`.
     rel: (Q, Np) bool.
     R: int32 scalar cut-off (traced: a new R does not recompile).
     topk: tuple of k (each <= N).
+    axes: mesh axes the database is split over, or None.
 
   Returns:
-    ap (Q,) float32 and hits (Q, len(topk)) int32.
+    dict: 'partial' (Q, Np/512) float32 sums of the precision at each
+    relevant item ranked within R, per 512-item segment of the database (all
+    devices' segments, in order); 'num_hit' (Q,) int32 relevant items within
+    R; 'hits' (Q, len(topk)) int32.
   """
   if isinstance(ranks, tuple):
     pos, cum_rel = ranks
@@ -300,35 +341,85 @@ def _ap_stage(ranks, rel, R, *, topk):
   hit = rel & (pos <= R)
   precision = jnp.where(hit, cum_rel.astype(jnp.float32)
                         / jnp.maximum(pos, 1).astype(jnp.float32), 0.0)
-  num_hit = jnp.sum(hit, axis=-1)
-  # Official rule: sum of precisions at relevant ranks over the relevant items
-  # in the top R; a query with none scores 0.
-  ap = jnp.where(num_hit > 0,
-                 _sum_last(precision) / jnp.maximum(num_hit, 1), 0.0)
-  hits = [jnp.sum(rel & (pos <= k), axis=-1) for k in topk]
-  hits = jnp.stack(hits, -1) if hits else jnp.zeros((pos.shape[0], 0), jnp.int32)
-  return ap, hits
+  q, num = precision.shape
+  partial = _pairwise_sum(precision.reshape(q, num // _SPAN, _SPAN))
+  num_hit = jnp.sum(hit, axis=-1, dtype=jnp.int32)
+  hits = [jnp.sum(rel & (pos <= k), axis=-1, dtype=jnp.int32) for k in topk]
+  hits = jnp.stack(hits, -1) if hits else jnp.zeros((q, 0), jnp.int32)
+  if axes is not None:
+    partial = jax.lax.all_gather(partial, axes, axis=1, tiled=True)
+    num_hit, hits = jax.lax.psum((num_hit, hits), axes)
+  return {'partial': partial, 'num_hit': num_hit, 'hits': hits}
 
 
 def _chunk_stats(query_bits, query_labels, db_bits, db_labels, R, *, nbit,
-                 num_db, topk, ranked):
+                 num_db, topk, ranked, axes=None):
   """Per-query statistics of one query chunk against the padded database.
 
   Returns:
-    dict with 'hist', 'hist_rel' (Qc, K + 1) int32 and, when ranked, 'ap'
-    (Qc,) float32 and 'hits' (Qc, len(topk)) int32.
+    dict with 'hist', 'hist_rel' (Qc, K + 1) int32 and, when ranked, the
+    outputs of `_ap_stage`.
   """
   counted = _count_stage(query_bits, query_labels, db_bits, db_labels,
-                         nbit=nbit, num_db=num_db, ranked=ranked)
+                         nbit=nbit, num_db=num_db, ranked=ranked, axes=axes)
   starts = _start_stage(counted['counts'], nbit=nbit, num_db=num_db,
-                        ranked=ranked)
+                        ranked=ranked, axes=axes)
   out = {'hist': starts['hist'], 'hist_rel': starts['hist_rel']}
   if ranked:
     ranks = _rank_stage(counted['dist'], counted['within_block'],
                         counted['counts'], starts['starts'],
                         starts.get('super_all'), starts.get('super_rel'))
-    out['ap'], out['hits'] = _ap_stage(ranks, counted['rel'], R, topk=topk)
+    out.update(_ap_stage(ranks, counted['rel'], R, topk=topk, axes=axes))
   return out
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_stages(mesh, nbit, num_db, topk, ranked):
+  """The four stages as jitted shard_maps over all axes of `mesh`.
+
+  Returns:
+    A function (query_bits, query_labels, db_bits, db_labels, R) -> dict of
+    `_chunk_stats`, every output replicated; queries and R replicated, the
+    database split over the devices in index order.
+  """
+  axes = tuple(mesh.axis_names)
+  split, whole = P(None, axes), P()
+
+  def stage(fn, in_specs, out_specs):
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
+                                 out_specs=out_specs, check_vma=False))
+
+  count = stage(
+      functools.partial(_count_stage, nbit=nbit, num_db=num_db, ranked=ranked,
+                        axes=axes),
+      (whole, whole, P(axes), P(axes)),
+      {'counts': split} if not ranked else {
+          'counts': split, 'dist': split, 'rel': split, 'within_block': split})
+  start_specs = {'hist': whole, 'hist_rel': whole}
+  if ranked:
+    start_specs['starts'] = split
+    if num_db >= (1 << (_SHIFT - 1)):
+      start_specs.update(super_all=split, super_rel=split)
+  start = stage(functools.partial(_start_stage, nbit=nbit, num_db=num_db,
+                                  ranked=ranked, axes=axes),
+                (split,), start_specs)
+  rank_out = split if num_db < (1 << (_SHIFT - 1)) else (split, split)
+  rank = stage(_rank_stage, (split,) * 6, rank_out)
+  ap = stage(functools.partial(_ap_stage, topk=topk, axes=axes),
+             (rank_out, split, whole),
+             {'partial': whole, 'num_hit': whole, 'hits': whole})
+
+  def run(query_bits, query_labels, db_bits, db_labels, R):
+    counted = count(query_bits, query_labels, db_bits, db_labels)
+    starts = start(counted['counts'])
+    out = {'hist': starts['hist'], 'hist_rel': starts['hist_rel']}
+    if ranked:
+      ranks = rank(counted['dist'], counted['within_block'], counted['counts'],
+                   starts['starts'], starts.get('super_all'),
+                   starts.get('super_rel'))
+      out.update(ap(ranks, counted['rel'], R))
+    return out
+  return run
 
 
 def average_precision(query_codes, query_labels, db_codes, db_labels, *,
@@ -367,7 +458,9 @@ def average_precision(query_codes, query_labels, db_codes, db_labels, *,
   out = _chunk_stats(pack(query_codes), labels(query_labels, query_codes.shape[0]),
                      db_bits, labels(db_labels, padded), jnp.int32(R),
                      nbit=nbit, num_db=num_db, topk=(), ranked=True)
-  return out['ap']
+  num_hit = out['num_hit']
+  return jnp.where(num_hit > 0, jnp.sum(out['partial'], axis=-1)
+                   / jnp.maximum(num_hit, 1).astype(jnp.float32), 0.0)
 
 
 def _harmonic_gap(start, count):
@@ -467,12 +560,150 @@ def _radius_curve(hist, hist_rel):
   return precision.mean(0), recall.mean(0)
 
 
+def _cpu_threads() -> int:
+  """CPU cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def _words64(bits):
+  """(N, W) uint32 code words -> (N, ceil(W / 2)) uint64 (same bit order)."""
+  if bits.shape[1] % 2:
+    bits = np.pad(bits, ((0, 0), (0, 1)))
+  bits = bits.astype(np.uint64)
+  return np.ascontiguousarray(bits[:, 0::2] | (bits[:, 1::2] << np.uint64(32)))
+
+
+def _native_stats(query, q_labels, db, d_labels, R, topk, ranked, *,
+                  chunk_size, progress):
+  """Per-query statistics from the native kernel (same contract as XLA's).
+
+  Returns:
+    dict: 'hist', 'hist_rel' (Q, K + 1) int64; when ranked also 'ap' (Q,)
+    float64 and 'hits' (Q, len(topk)) int64.
+  """
+  qbits, dbits = _words64(query.bits), _words64(db.bits)
+  num_q, num_db, bins = len(qbits), len(dbits), db.nbit + 1
+  if q_labels.ndim == 1:
+    # Relevant items of a query = its class's run in the label-sorted order,
+    # ascending database index inside it (stable sort).
+    order = np.argsort(d_labels, kind='stable')
+    ordered = d_labels[order]
+    q_lab, d_lab, order = None, None, order.astype(np.int64)
+    qstart = np.searchsorted(ordered, q_labels, 'left').astype(np.int64)
+    qend = np.searchsorted(ordered, q_labels, 'right').astype(np.int64)
+  else:
+    q_lab = np.ascontiguousarray(q_labels, np.uint32)
+    d_lab = np.ascontiguousarray(d_labels, np.uint32)
+    order = qstart = qend = None
+  part = lambda x, sl: None if x is None else x[sl]
+  out = {'hist': np.zeros((num_q, bins), np.int64),
+         'hist_rel': np.zeros((num_q, bins), np.int64),
+         'ap': np.zeros(num_q), 'hits': np.zeros((num_q, len(topk)), np.int64)}
+  if chunk_size is None:  # ~1e9 pairs a call: a few seconds between bar ticks
+    chunk_size = max(256, (1 << 30) // num_db)
+  topk = np.asarray(topk, np.int64)
+  threads = _cpu_threads()
+  for s in tqdm.trange(0, num_q, chunk_size, desc='retrieval metrics',
+                       unit='chunk', disable=not progress, leave=False):
+    sl = slice(s, s + chunk_size)
+    _hamming.stats(qbits[sl], dbits, db.nbit, part(q_lab, sl), d_lab, order,
+                   part(qstart, sl), part(qend, sl), ranked, R, topk,
+                   out['hist'][sl], out['hist_rel'][sl], out['ap'][sl],
+                   out['hits'][sl], threads)
+  return out
+
+
+def _put(x, sharding):
+  """Host array (the same on every process) -> global jax.Array."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _xla_stats(query, q_labels, db, d_labels, R, topk, ranked, *, chunk_size,
+               progress, mesh):
+  """Per-query statistics from the jitted stages, database split over `mesh`.
+
+  Returns:
+    dict: 'hist', 'hist_rel' (Q, K + 1); when ranked also 'ap' (Q,) float64
+    and 'hits' (Q, len(topk)).
+  """
+  if mesh is None:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  axes = tuple(mesh.axis_names)
+  whole = NamedSharding(mesh, P())
+  num_q, num_db, nbit = len(query.bits), len(db.bits), db.nbit
+  # Every device gets the same whole number of 512-item segments.
+  padded = -(-num_db // (_SPAN * mesh.size)) * _SPAN * mesh.size
+  db_bits = _put(np.pad(db.bits, ((0, padded - num_db), (0, 0))),
+                 NamedSharding(mesh, P(axes)))
+  db_lab = _put(np.pad(
+      d_labels, ((0, padded - num_db),) + ((0, 0),) * (d_labels.ndim - 1)),
+                NamedSharding(mesh, P(axes)))
+  if chunk_size is None:
+    per_chunk = max(_ITEMS_PER_CHUNK * mesh.size // padded, 1)
+    chunk_size = 1 << max(1, min(8, int(np.log2(per_chunk))))
+  chunk_size = max(1, min(int(chunk_size), num_q))
+  num_chunks = -(-num_q // chunk_size)
+  q_pad = num_chunks * chunk_size - num_q  # one compiled shape for all chunks
+  q_bits = np.pad(query.bits, ((0, q_pad), (0, 0)))
+  q_lab = np.pad(q_labels, ((0, q_pad),) + ((0, 0),) * (q_labels.ndim - 1))
+  run = _sharded_stages(mesh, nbit, num_db, tuple(topk), ranked)
+  R = _put(np.int32(R), whole)
+  # Outputs are replicated: any local shard is the whole array.
+  fetch = lambda tree: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)),
+                                    tree)
+  outputs, pending = [], None
+  for c in tqdm.trange(num_chunks, desc='retrieval metrics', unit='chunk',
+                       disable=not progress, leave=False):
+    sl = slice(c * chunk_size, (c + 1) * chunk_size)
+    # Dispatch is asynchronous: fetch the previous chunk while this one runs.
+    current = run(_put(q_bits[sl], whole), _put(q_lab[sl], whole), db_bits,
+                  db_lab, R)
+    if pending is not None:
+      outputs.append(fetch(pending))
+    pending = current
+  outputs.append(fetch(pending))
+  out = {k: np.concatenate([o[k] for o in outputs])[:num_q] for k in outputs[0]}
+  if ranked:
+    # Segment sums in float64, in database order (as `_hamming.c` does).
+    segments = -(-num_db // _SPAN)
+    total = np.cumsum(out.pop('partial')[:, :segments].astype(np.float64),
+                      axis=1)[:, -1]
+    num_hit = out.pop('num_hit')
+    out['ap'] = np.where(num_hit > 0, total / np.maximum(num_hit, 1), 0.0)
+  return out
+
+
+def _pick_kernel(kernel, mesh, nbit, num_db):
+  """'native' or 'xla' for `kernel` in KERNELS (see `retrieval_metrics`)."""
+  if kernel not in KERNELS:
+    raise ValueError(f'Unknown kernel {kernel!r}; expected one of {KERNELS}')
+  fits = nbit < (1 << 16) and num_db < (1 << 32)
+  if kernel == 'native':
+    if _hamming is None:
+      raise ValueError('kernel="native": the native kernel is not built; '
+                       '`pip install -e .` builds it (needs a C compiler)')
+    if not fits:
+      raise ValueError('kernel="native" handles < 65536 bits and < 2^32 items')
+    return 'native'
+  if kernel == 'xla' or _hamming is None or not fits:
+    return 'xla'
+  devices = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
+  on_cpu = all(d.platform == 'cpu' for d in devices)
+  return 'native' if on_cpu and jax.process_count() == 1 else 'xla'
+
+
 def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, *,
                       R: Optional[int] = None, ties: str = 'index',
                       topk: Sequence[int] = (1, 5, 10), radius: int = 2,
                       chunk_size: Optional[int] = None,
                       progress: Optional[bool] = None,
-                      per_query: bool = False) -> dict:
+                      per_query: bool = False,
+                      mesh: Optional[jax.sharding.Mesh] = None,
+                      kernel: str = 'auto') -> dict:
   """mAP@R, P@k, precision within a Hamming radius and the PR curve, one pass.
 
   Args:
@@ -485,9 +716,15 @@ def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, *,
       'average' (expectation over all orders of tied items, closed form).
     topk: k values for P@k = (relevant in the top min(k, N)) / k.
     radius: Hamming radius for 'precision_at_radius_<radius>'.
-    chunk_size: queries per device call (default: ~512k query-item pairs).
+    chunk_size: queries per call (default: ~512k query-item pairs per device
+      for XLA, ~1e9 pairs for the native kernel).
     progress: tqdm bar over query chunks; None = only for >= 1e9 pairs.
     per_query: also return 'ap' (Q,) float64 per-query AP.
+    mesh: devices for the XLA path; the database is split over all its axes
+      (every process passes the same full arrays). None = the first device.
+    kernel: 'native' (C kernel, CPU threads), 'xla' (jitted, on `mesh`) or
+      'auto': native when it is built and the devices are this process's
+      CPUs, else XLA. All give the same bits.
 
   Returns:
     dict: 'map_at_r', 'precision_at_<k>' for each k,
@@ -517,36 +754,14 @@ def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, *,
   if radius < 0:
     raise ValueError(f'radius must be >= 0, got {radius}')
 
-  padded = -(-num_db // _SPAN) * _SPAN
-  db_bits = jnp.asarray(np.pad(db.bits, ((0, padded - num_db), (0, 0))))
-  db_lab = jnp.asarray(np.pad(
-      d_labels, ((0, padded - num_db),) + ((0, 0),) * (d_labels.ndim - 1)))
-  if chunk_size is None:
-    per_chunk = max(_ITEMS_PER_CHUNK // padded, 1)
-    chunk_size = 1 << max(1, min(8, int(np.log2(per_chunk))))
-  chunk_size = max(1, min(int(chunk_size), num_q))
-  num_chunks = -(-num_q // chunk_size)
-  q_pad = num_chunks * chunk_size - num_q  # one compiled shape for all chunks
-  q_bits = np.pad(query.bits, ((0, q_pad), (0, 0)))
-  q_lab = np.pad(q_labels, ((0, q_pad),) + ((0, 0),) * (q_labels.ndim - 1))
   ranked = ties == 'index'
-  run = functools.partial(
-      _chunk_stats, db_bits=db_bits, db_labels=db_lab, R=jnp.int32(R),
-      nbit=nbit, num_db=num_db, topk=tuple(min(k, num_db) for k in topk),
-      ranked=ranked)
   if progress is None:
     progress = num_q * num_db >= 10**9
-  outputs, pending = [], None
-  for c in tqdm.trange(num_chunks, desc='retrieval metrics', unit='chunk',
-                       disable=not progress, leave=False):
-    sl = slice(c * chunk_size, (c + 1) * chunk_size)
-    # Dispatch is asynchronous: fetch the previous chunk while this one runs.
-    current = run(jnp.asarray(q_bits[sl]), jnp.asarray(q_lab[sl]))
-    if pending is not None:
-      outputs.append(jax.device_get(pending))
-    pending = current
-  outputs.append(jax.device_get(pending))
-  out = {k: np.concatenate([o[k] for o in outputs])[:num_q] for k in outputs[0]}
+  stats = (_native_stats if _pick_kernel(kernel, mesh, nbit, num_db) == 'native'
+           else functools.partial(_xla_stats, mesh=mesh))
+  out = stats(query, q_labels, db, d_labels, R,
+              tuple(min(k, num_db) for k in topk), ranked,
+              chunk_size=chunk_size, progress=progress)
 
   hist, hist_rel = out['hist'], out['hist_rel']
   if ranked:
@@ -573,7 +788,9 @@ def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, *,
 def map_at_r(query_codes, query_labels, db_codes, db_labels, *,
              R: Optional[int] = None, ties: str = 'index',
              chunk_size: Optional[int] = None,
-             progress: Optional[bool] = None) -> float:
+             progress: Optional[bool] = None,
+             mesh: Optional[jax.sharding.Mesh] = None,
+             kernel: str = 'auto') -> float:
   """Mean average precision over the top R of a Hamming ranking (SPEC §4, §6.1).
 
   AP = sum_k P(k) rel(k) / (relevant in top R); a query with no relevant item
@@ -587,12 +804,16 @@ def map_at_r(query_codes, query_labels, db_codes, db_labels, *,
     R: cut-off; None (or -1) = the whole database.
     ties: 'index' (ascending database index) or 'average' (expected AP over
       all orders of tied items).
-    chunk_size: queries per device call (default: ~512k query-item pairs).
+    chunk_size: queries per call (see `retrieval_metrics`).
     progress: tqdm bar over query chunks; None = only for >= 1e9 pairs.
+    mesh: devices for the XLA path, the database split over them; None = the
+      first device.
+    kernel: 'auto', 'native' or 'xla' (see `retrieval_metrics`).
 
   Returns:
     mAP@R as a python float.
   """
   return retrieval_metrics(query_codes, query_labels, db_codes, db_labels, R=R,
                            ties=ties, topk=(), radius=0, chunk_size=chunk_size,
-                           progress=progress)['map_at_r']
+                           progress=progress, mesh=mesh,
+                           kernel=kernel)['map_at_r']
