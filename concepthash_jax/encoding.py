@@ -114,7 +114,7 @@ def evaluate(model, variables, query_batches, db_batches, *, eval_cfg, mesh):
   db = encode_dataset(model, variables, db_batches, mesh=mesh)
   r = None if eval_cfg.R is None or eval_cfg.R < 0 else int(eval_cfg.R)
   score = evaluation.map_at_r(query['codes'], query['labels'], db['codes'],
-                              db['labels'], R=r, ties=eval_cfg.ties)
+                              db['labels'], R=r, ties=eval_cfg.ties, mesh=mesh)
   return {'map_at_r': float(score),
           'chance_map_at_r': chance_map_at_r(query['labels'], db['labels']),
           'num_queries': len(query['labels']),
