@@ -1,9 +1,9 @@
 """mAP@R evaluator speed and peak memory: ours vs the official algorithm in numpy.
 
-  python benchmarks/evaluator.py               # CUB + NABirds, 16/32/64 bits
-  python benchmarks/evaluator.py --sizes=cub --bits=64 --repeats=3
-  python benchmarks/evaluator.py --sizes=100k_1m --bits=64 --modes=index \
-      --reference_queries=50
+  python benchmarks/evaluator.py                       # CUB, 16/32/64 bits
+  python benchmarks/evaluator.py --sizes=cub,nabirds --repeats=3
+  python benchmarks/evaluator.py --sizes=100k_1m --bits=64 --reference_queries=100
+  python benchmarks/evaluator.py --kernel=xla           # the jitted path
 
 Reference: the official `calculate_mAP` algorithm (the batch path of
 `utils/hashing.py`, which ConceptHash's experiments import; the file lives in
@@ -12,14 +12,21 @@ distances from +-1 inner products in query batches of <= 256 MB, a stable
 argsort of each row, retrieved labels, cumulative matches, AP over the top R.
 Ours: the shipped `evaluation.map_at_r` (ties="index" must equal the reference
 to 1e-6; ties="average" is the tie-order expectation, a different value).
-All measurements of a setting run in this process, one after the other. Peak
+Each repeat runs the reference and every mode of ours back to back in this
+process (interleaved rounds), so a ratio compares calls seconds apart. Peak
 memory is the peak resident set above the level before the call (sampled
-every 2 ms); CPU is process CPU seconds (ours uses every core). "first"
-includes jit compilation; "warm" is the best of `repeats` calls once compiled.
+every 2 ms); CPU is process CPU seconds (ours uses every core); load is the
+1-minute load average before the call (the box may be shared). "first"
+includes jit compilation (XLA) and building the CSR label index; "warm" is the
+best of `repeats` calls.
 Data: class-structured synthetic codes (each class a random centre, 10% of
 bits flipped per item), so relevant items rank early and distances tie
 heavily, as with trained codes. For 100k x 1M the reference runs on
-`reference_queries` queries and is extrapolated linearly (marked ~).
+`reference_queries` queries and is extrapolated linearly (marked ~); ours
+runs once per mode, its index-mode APs of those queries are checked against
+the reference, and the "floor" rows time the pass alone on `floor_queries`
+queries (XOR + popcount of every pair; then also counting each distance into
+a histogram), extrapolated to all queries.
 """
 import os
 import sys
@@ -36,13 +43,17 @@ sys.path.insert(0, ROOT)
 from concepthash_jax import evaluation  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('sizes', ['cub', 'nabirds'], 'Settings: cub, nabirds, 100k_1m.')
+flags.DEFINE_list('sizes', ['cub'], 'Settings: cub, nabirds, 100k_1m.')
 flags.DEFINE_list('bits', ['16', '32', '64'], 'Code lengths.')
 flags.DEFINE_list('modes', ['index', 'average'], 'Tie modes of ours to time.')
-flags.DEFINE_integer('repeats', 1, 'Timed repeats (reference and warm ours).')
+flags.DEFINE_enum('kernel', 'auto', list(evaluation.KERNELS),
+                  'Engine of ours (evaluation.retrieval_metrics `kernel`).')
+flags.DEFINE_integer('repeats', 3, 'Interleaved rounds (not for 100k_1m).')
 flags.DEFINE_integer('reference_queries', 100,
                      'Queries the reference runs on when it would take hours '
                      '(100k_1m); its time is scaled to all queries.')
+flags.DEFINE_integer('floor_queries', 5000,
+                     'Queries of the floor rows (100k_1m, native kernel).')
 flags.DEFINE_bool('reference', True, 'Also run the numpy reference.')
 
 SIZES = {  # name: (queries, database items, classes)
@@ -91,8 +102,8 @@ def make_codes(centres, labels, rng):
   return np.where(flips, -centres[labels], centres[labels]).astype(np.float32)
 
 
-def reference_map(query_codes, query_labels, db_codes, db_labels, R=None):
-  """Official calculate_mAP (batch version), numpy: stable argsort per query."""
+def reference_ap(query_codes, query_labels, db_codes, db_labels, R=None):
+  """Official calculate_mAP (batch version), numpy: per-query AP@R."""
   num_db, nbit = db_codes.shape
   R = num_db if R is None else R
   # The official code bounds the distance block at 1-2 GB; 256 MB keeps the
@@ -108,16 +119,35 @@ def reference_map(query_codes, query_labels, db_codes, db_labels, R=None):
     precision = np.cumsum(match, 1) / np.arange(1, R + 1)
     ap = (precision * match).sum(1) / np.maximum(num_rel, 1)
     aps.append(np.where(num_rel > 0, ap, 0.0))
-  return float(np.concatenate(aps).mean())
+  return np.concatenate(aps)
 
 
 def timed(fn):
-  """(result, wall seconds, peak extra RSS bytes, CPU seconds) of one call."""
+  """dict(out, seconds, peak extra RSS bytes, CPU seconds, load) of one call."""
+  load = os.getloadavg()[0]
   with PeakRSS() as mem:
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-  return out, seconds, mem.peak, cpu
+  return dict(out=out, seconds=seconds, peak=mem.peak, cpu=cpu, load=load)
+
+
+def row(size, nbit, method, runs, *, scale=1.0, first=None, value=None,
+        speedup=None):
+  """A table row from timed runs (times scaled by `scale`, marked ~ if != 1)."""
+  return dict(size=size, nbit=nbit, method=method, first=first,
+              times=[r['seconds'] * scale for r in runs],
+              cpu=min(r['cpu'] for r in runs) * scale,
+              peak=max(r['peak'] for r in runs),
+              load=[r['load'] for r in runs], value=value, scaled=scale != 1,
+              speedup=speedup)
+
+
+def ours(q_packed, q_labels, db_packed, d_labels, mode):
+  """Per-query AP of ours (the shipped retrieval_metrics with no extras)."""
+  return evaluation.retrieval_metrics(
+      q_packed, q_labels, db_packed, d_labels, ties=mode, topk=(), radius=0,
+      per_query=True, kernel=FLAGS.kernel)['ap']
 
 
 def bench(size, nbit):
@@ -131,73 +161,108 @@ def bench(size, nbit):
   q_codes = make_codes(centres, q_labels, rng)
   db_packed = evaluation.pack_codes(db_codes)
   q_packed = evaluation.pack_codes(q_codes)
+  big = size == '100k_1m'
+  sub = min(FLAGS.reference_queries, num_q) if big else num_q
+  reference = lambda: reference_ap(q_codes[:sub], q_labels[:sub], db_codes,
+                                   d_labels)
+  call = {m: (lambda m=m: ours(q_packed, q_labels, db_packed, d_labels, m))
+          for m in FLAGS.modes}
+  first = {m: timed(call[m]) for m in FLAGS.modes} if not big else {}
+  runs = {m: [] for m in ['reference'] * FLAGS.reference + FLAGS.modes}
+  for _ in range(1 if big else FLAGS.repeats):  # interleaved rounds
+    if FLAGS.reference:
+      runs['reference'].append(timed(reference))
+    for m in FLAGS.modes:
+      runs[m].append(timed(call[m]))
   rows = []
-
-  ref_value, ref_times, ref_mem, scaled = None, [], 0, False
+  ref_time, ref_ap = None, None
   if FLAGS.reference:
-    sub = num_q
-    if size == '100k_1m':
-      sub, scaled = min(FLAGS.reference_queries, num_q), True
-    ref_cpu = []
-    for _ in range(FLAGS.repeats):
-      ref_value, seconds, peak, cpu = timed(lambda: reference_map(
-          q_codes[:sub], q_labels[:sub], db_codes, d_labels))
-      ref_times.append(seconds * num_q / sub)
-      ref_cpu.append(cpu * num_q / sub)
-      ref_mem = max(ref_mem, peak)
-    rows.append(dict(size=size, nbit=nbit, method='numpy reference',
-                     first=None, warm=min(ref_times), peak=ref_mem,
-                     value=ref_value, scaled=scaled, speedup=None,
-                     all_times=ref_times, cpu=min(ref_cpu)))
-  del db_codes
-  for mode in FLAGS.modes:
-    call = lambda: evaluation.map_at_r(q_packed, q_labels, db_packed, d_labels,
-                                       ties=mode)
-    value, first, peak, cpu = timed(call)
-    warm, cpus = [], [cpu]
-    if size != '100k_1m':  # one run per mode at 100k x 1M
-      cpus = []
-      for _ in range(FLAGS.repeats):
-        value, seconds, p, cpu = timed(call)
-        warm.append(seconds)
-        cpus.append(cpu)
-        peak = max(peak, p)
-    best = min(warm) if warm else first
-    if mode == 'index' and ref_value is not None and not scaled:
-      assert abs(value - ref_value) <= 1e-6, (value, ref_value)
-    rows.append(dict(size=size, nbit=nbit, method=f'ours ties={mode}',
-                     first=first, warm=best, peak=peak, value=value,
-                     scaled=False, all_times=warm, cpu=min(cpus),
-                     speedup=min(ref_times) / best if ref_times else None))
+    ref_ap = runs['reference'][0]['out']
+    rows.append(row(size, nbit, 'numpy reference', runs['reference'],
+                    scale=num_q / sub, value=float(ref_ap.mean())))
+    ref_time = min(rows[-1]['times'])
+  for m in FLAGS.modes:
+    ap = runs[m][0]['out']
+    if m == 'index' and ref_ap is not None:
+      # Same values: every reference query's AP within 1e-6.
+      assert np.abs(ap[:sub] - ref_ap).max() <= 1e-6, (ap[:sub], ref_ap)
+    best = min(r['seconds'] for r in runs[m])
+    rows.append(row(size, nbit, f'ours ties={m}', runs[m],
+                    first=first[m]['seconds'] if m in first else None,
+                    value=float(ap.mean()),
+                    speedup=ref_time / best if ref_time else None))
+  if big and evaluation._hamming is not None:
+    rows.extend(floor_rows(size, nbit, q_packed, db_packed))
+  return rows
+
+
+def floor_rows(size, nbit, q_packed, db_packed):
+  """The pass alone (no labels, ranks or AP), extrapolated to all queries."""
+  num_q = len(q_packed.bits)
+  sub = min(FLAGS.floor_queries, num_q)
+  qbits = evaluation._words64(q_packed.bits[:sub])
+  dbits = evaluation._words64(db_packed.bits)
+  rows = []
+  for counts, what in ((False, 'XOR + popcount'),
+                       (True, 'XOR + popcount + count')):
+    run = timed(lambda c=counts: evaluation._hamming.floor(
+        qbits, dbits, nbit, c, evaluation._cpu_threads()))
+    rows.append(row(size, nbit, f'floor: {what}', [run], scale=num_q / sub))
   return rows
 
 
 def table(rows):
   """Markdown table of the rows."""
   lines = ['| setting | bits | method | first call (s) | warm (s) | speedup vs '
-           'reference | CPU (s) | peak extra RSS (MB) | mAP@R |',
-           '|---|---|---|---|---|---|---|---|---|']
+           'reference | CPU (s) | peak extra RSS (MB) | load | mAP@R |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     num_q, num_db, _ = SIZES[r['size']]
     first = '' if r['first'] is None else f'{r["first"]:.3f}'
-    warm = ('~' if r['scaled'] else '') + f'{r["warm"]:.3f}'
-    if len(r['all_times']) > 1:
-      warm += ' (' + ', '.join(f'{t:.3f}' for t in r['all_times']) + ')'
+    warm = ('~' if r['scaled'] else '') + f'{min(r["times"]):.3f}'
+    if len(r['times']) > 1:
+      warm += ' (' + ', '.join(f'{t:.3f}' for t in r['times']) + ')'
     speed = '' if r['speedup'] is None else f'{r["speedup"]:.1f}x'
+    value = '' if r['value'] is None else f'{r["value"]:.6f}'
+    load = ', '.join(f'{x:.1f}' for x in r['load'])
     lines.append(f'| {r["size"]} ({num_q} x {num_db}) | {r["nbit"]} | '
                  f'{r["method"]} | {first} | {warm} | {speed} | '
-                 f'{r["cpu"]:.3f} | {r["peak"] / 2**20:.0f} | {r["value"]:.6f} |')
+                 f'{r["cpu"]:.3f} | {r["peak"] / 2**20:.0f} | {load} | '
+                 f'{value} |')
   return '\n'.join(lines)
+
+
+def machine():
+  """CPU model, the popcount-relevant flags and the engine, one line."""
+  model, flags_ = 'unknown CPU', set()
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          model = line.split(':', 1)[1].strip()
+        elif line.startswith('flags'):
+          flags_ = set(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  wanted = ('popcnt', 'avx2', 'avx512f', 'avx512bw', 'avx512vl',
+            'avx512_vpopcntdq')
+  have = ' '.join(f for f in wanted if f in flags_)
+  variant = (evaluation._hamming.variant() if evaluation._hamming is not None
+             else 'not built')
+  return (f'{model}, {evaluation._cpu_threads()} cores, flags: {have}; '
+          f'kernel={FLAGS.kernel}, native variant: {variant}')
 
 
 def main(argv):
   """Runs every requested setting and prints the table."""
   del argv
+  print(machine(), flush=True)
   rows = []
   for size in FLAGS.sizes:
     for nbit in FLAGS.bits:
-      rows.extend(bench(size, int(nbit)))
-      print(table(rows[-1 - len(FLAGS.modes):]), flush=True)
+      new = bench(size, int(nbit))
+      rows.extend(new)
+      print(table(new), flush=True)
   print('\n' + table(rows))
   print(f'load average at the end: {os.getloadavg()}')
 

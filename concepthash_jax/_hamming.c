@@ -54,6 +54,7 @@ typedef struct {
   const int64_t *topk;
   int64_t *hist, *hist_rel, *hits;
   double *ap;
+  int floor; /* benchmark: 1 distances only, 2 distances + all-item counts */
   atomic_long next_block;
   atomic_int failed;
 } Job;
@@ -174,6 +175,19 @@ static inline __attribute__((always_inline)) int walk_tile(
   return 0;
 }
 
+/* The floor of a pass: the two inner loops alone, no labels or ranks. */
+static volatile uint16_t floor_sink; /* keeps the distances computed */
+
+static inline __attribute__((always_inline)) void floor_tile(
+    const Job *job, int64_t q, Query *state, int64_t t0, int64_t t1,
+    int64_t words, uint16_t *dist) {
+  distances(job->qbits + q * words, job->dbits, t0, t1, words, dist);
+  if (job->floor == 2)
+    count(state->counts, dist, t1 - t0);
+  else
+    floor_sink = dist[(q + t0) % (t1 - t0)];
+}
+
 /* Sum of the pairwise tree over one segment, from its nonzero leaves
    (offset, value) sorted by offset; overwrites the arrays. */
 static float tree_sum(uint32_t *offset, float *value, int64_t n) {
@@ -271,10 +285,14 @@ static inline __attribute__((always_inline)) void work(Job *job,
     }
     for (int64_t t0 = 0; t0 < job->num_db; t0 += TILE) {
       const int64_t t1 = t0 + TILE < job->num_db ? t0 + TILE : job->num_db;
-      for (int64_t i = 0; i < qn; ++i)
-        if (walk_tile(job, q0 + i, &state[i], t0, t1, words, dist)) goto fail;
+      for (int64_t i = 0; i < qn; ++i) {
+        if (job->floor)
+          floor_tile(job, q0 + i, &state[i], t0, t1, words, dist);
+        else if (walk_tile(job, q0 + i, &state[i], t0, t1, words, dist))
+          goto fail;
+      }
     }
-    for (int64_t i = 0; i < qn; ++i)
+    for (int64_t i = 0; i < qn && !job->floor; ++i)
       if (finish(job, q0 + i, &state[i])) goto fail;
   }
   goto done;
@@ -336,6 +354,25 @@ static void detect(void) {
 static void *thread_main(void *arg) {
   variants[chosen].run(arg);
   return NULL;
+}
+
+/* Runs `job` on `threads` threads (this one included) with the GIL
+   released; nonzero when out of memory. */
+static int run_threads(Job *job, Py_ssize_t threads) {
+  atomic_init(&job->next_block, 0);
+  atomic_init(&job->failed, 0);
+  if (threads < 1) threads = 1;
+  pthread_t *pool = calloc(threads, sizeof(pthread_t));
+  if (!pool) return -1;
+  Py_ssize_t started = 0;
+  Py_BEGIN_ALLOW_THREADS;
+  for (; started < threads - 1; ++started)
+    if (pthread_create(&pool[started], NULL, thread_main, job)) break;
+  thread_main(job);
+  for (Py_ssize_t t = 0; t < started; ++t) pthread_join(pool[t], NULL);
+  Py_END_ALLOW_THREADS;
+  free(pool);
+  return atomic_load(&job->failed);
 }
 
 static int get_buffer(PyObject *obj, Py_buffer *view, int writable,
@@ -417,23 +454,7 @@ static PyObject *stats(PyObject *self, PyObject *args, PyObject *kwargs) {
   job.num_topk = num_topk;
   job.hist = v[3].buf, job.hist_rel = v[4].buf, job.ap = v[5].buf;
   job.hits = v[6].buf;
-  atomic_init(&job.next_block, 0);
-  atomic_init(&job.failed, 0);
-  if (threads < 1) threads = 1;
-  pthread_t *pool = calloc(threads, sizeof(pthread_t));
-  if (!pool) {
-    PyErr_NoMemory();
-    goto out;
-  }
-  Py_ssize_t started = 0;
-  Py_BEGIN_ALLOW_THREADS;
-  for (; started < threads - 1; ++started)
-    if (pthread_create(&pool[started], NULL, thread_main, &job)) break;
-  thread_main(&job);
-  for (Py_ssize_t t = 0; t < started; ++t) pthread_join(pool[t], NULL);
-  Py_END_ALLOW_THREADS;
-  free(pool);
-  if (atomic_load(&job.failed)) {
+  if (run_threads(&job, threads)) {
     PyErr_NoMemory();
     goto out;
   }
@@ -441,6 +462,32 @@ static PyObject *stats(PyObject *self, PyObject *args, PyObject *kwargs) {
 out:
   for (int i = 0; i < got; ++i) PyBuffer_Release(&v[i]);
   return result;
+}
+
+/* floor(qbits, dbits, nbit, counts, threads): the pass without labels. */
+static PyObject *pass_floor(PyObject *self, PyObject *args) {
+  PyObject *qobj, *dobj;
+  Py_ssize_t nbit, threads;
+  int counts;
+  if (!PyArg_ParseTuple(args, "OOnpn", &qobj, &dobj, &nbit, &counts,
+                        &threads))
+    return NULL;
+  Job job;
+  memset(&job, 0, sizeof(job));
+  job.words = (nbit + 63) / 64, job.nbit = nbit, job.floor = 1 + counts;
+  Py_buffer q, d;
+  if (PyObject_GetBuffer(qobj, &q, PyBUF_C_CONTIGUOUS)) return NULL;
+  if (PyObject_GetBuffer(dobj, &d, PyBUF_C_CONTIGUOUS)) {
+    PyBuffer_Release(&q);
+    return NULL;
+  }
+  job.qbits = q.buf, job.dbits = d.buf;
+  job.num_q = q.len / 8 / job.words, job.num_db = d.len / 8 / job.words;
+  int failed = run_threads(&job, threads);
+  PyBuffer_Release(&q);
+  PyBuffer_Release(&d);
+  if (failed) return PyErr_NoMemory();
+  Py_RETURN_NONE;
 }
 
 static PyObject *get_variant(PyObject *self, PyObject *args) {
@@ -478,6 +525,9 @@ static PyObject *supported_variants(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"stats", (PyCFunction)(void (*)(void))stats, METH_VARARGS | METH_KEYWORDS,
      "Per-query Hamming histograms, AP@R and top-k hits (see evaluation.py)."},
+    {"floor", pass_floor, METH_VARARGS,
+     "floor(qbits, dbits, nbit, counts, threads): distances (and all-item "
+     "counts) of every pair, nothing else (benchmarks)."},
     {"variant", get_variant, METH_NOARGS,
      "Instruction-set variant in use (the best this CPU runs, by default)."},
     {"set_variant", set_variant, METH_O,
