@@ -128,44 +128,37 @@ static inline uint32_t total(const uint32_t *counts, uint32_t d) {
   return c[0] + c[1] + c[2] + c[3];
 }
 
+/* The first relevant item in [from, t1), or t1; calls come in ascending
+   order of `from` within a query. */
+static inline int64_t next_relevant(const Job *job, int64_t q, Query *state,
+                                    int64_t from, int64_t t1) {
+  if (job->single) {
+    if (state->next_rel < job->qend[q] && job->order[state->next_rel] < t1)
+      return job->order[state->next_rel++];
+    return t1;
+  }
+  while (from < t1 && !relevant_multi(job, q, from)) ++from;
+  return from;
+}
+
 /* Items [t0, t1) of the database for one query; `dist` is scratch of TILE. */
 static inline __attribute__((always_inline)) int walk_tile(
     const Job *job, int64_t q, Query *state, int64_t t0, int64_t t1,
     int64_t words, uint16_t *dist) {
-  const uint64_t *qb = job->qbits + q * words;
-  distances(qb, job->dbits, t0, t1, words, dist);
-  if (!job->single) {
-    if (!job->ranked) {
-      count(state->counts, dist, t1 - t0);
-      /* relevant items of multi-hot labels are counted in finish() */
-      for (int64_t j = t0; j < t1; ++j)
-        if (relevant_multi(job, q, j) &&
-            push(&state->records, (uint32_t)j, 0, dist[j - t0]))
-          return -1;
-      return 0;
-    }
-    int64_t pos = t0;
-    for (int64_t j = t0; j < t1; ++j) {
-      if (!relevant_multi(job, q, j)) continue;
-      count(state->counts, dist + (pos - t0), j - pos);
-      uint32_t d = dist[j - t0];
-      state->counts[d * COPIES]++;
-      if (push(&state->records, (uint32_t)j, total(state->counts, d), d))
-        return -1;
-      pos = j + 1;
-    }
-    count(state->counts, dist + (pos - t0), t1 - pos);
-    return 0;
-  }
-  if (!job->ranked) { /* relevant items come from the CSR list in finish() */
+  distances(job->qbits + q * words, job->dbits, t0, t1, words, dist);
+  if (!job->ranked) {
     count(state->counts, dist, t1 - t0);
+    if (job->single) return 0; /* finish() counts the CSR list's items */
+    for (int64_t j = next_relevant(job, q, state, t0, t1); j < t1;
+         j = next_relevant(job, q, state, j + 1, t1))
+      if (push(&state->records, (uint32_t)j, 0, dist[j - t0])) return -1;
     return 0;
   }
-  int64_t pos = t0, end = job->qend[q];
-  while (state->next_rel < end && job->order[state->next_rel] < t1) {
-    int64_t j = job->order[state->next_rel++];
+  int64_t pos = t0; /* items before pos are counted */
+  for (int64_t j = next_relevant(job, q, state, t0, t1); j < t1;
+       j = next_relevant(job, q, state, j + 1, t1)) {
     count(state->counts, dist + (pos - t0), j - pos);
-    uint32_t d = dist[j - t0];
+    const uint32_t d = dist[j - t0];
     state->counts[d * COPIES]++;
     if (push(&state->records, (uint32_t)j, total(state->counts, d), d))
       return -1;
