@@ -4,6 +4,7 @@
   python benchmarks/evaluator.py --sizes=cub,nabirds --repeats=3
   python benchmarks/evaluator.py --sizes=100k_1m --bits=64 --reference_queries=100
   python benchmarks/evaluator.py --kernel=xla           # the jitted path
+  python benchmarks/evaluator.py --variant=popcnt       # as on AVX2-only CPUs
 
 Reference: the official `calculate_mAP` algorithm (the batch path of
 `utils/hashing.py`, which ConceptHash's experiments import; the file lives in
@@ -55,6 +56,9 @@ flags.DEFINE_integer('reference_queries', 100,
 flags.DEFINE_integer('floor_queries', 5000,
                      'Queries of the floor rows (100k_1m, native kernel).')
 flags.DEFINE_bool('reference', True, 'Also run the numpy reference.')
+flags.DEFINE_string('variant', None,
+                    'Native instruction-set variant (e.g. popcnt: what an '
+                    'AVX2-only CPU runs); default: the best this CPU runs.')
 
 SIZES = {  # name: (queries, database items, classes)
     'cub': (5794, 5994, 200),
@@ -256,6 +260,8 @@ def machine():
 def main(argv):
   """Runs every requested setting and prints the table."""
   del argv
+  if FLAGS.variant:
+    evaluation._hamming.set_variant(FLAGS.variant)
   print(machine(), flush=True)
   rows = []
   for size in FLAGS.sizes:
