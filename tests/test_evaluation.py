@@ -1,6 +1,7 @@
 """Tests of concepthash_jax.evaluation against plain numpy references."""
 import itertools
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -336,3 +337,49 @@ def test_database_split_over_eight_devices_gives_the_same_bits():
                        text=True, timeout=600, check=False)
   assert run.returncode == 0, run.stderr[-3000:]
   assert run.stdout.strip().endswith('OK')
+
+
+_PROCESS_DRIVER = textwrap.dedent('''
+    import os, sys
+    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+    sys.path[:0] = [{tests!r}, {root!r}]
+    import jax
+    jax.distributed.initialize('127.0.0.1:{port}', num_processes=2,
+                               process_id={process_id})
+    import numpy as np
+    import test_evaluation as t
+    from concepthash_jax import evaluation
+    assert jax.device_count() == 4 and jax.local_device_count() == 2
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+    qc, ql, dc, dl, R = t._engine_case(t._ENGINE_CASES[1], seed=0)
+    # Several processes: "auto" takes the XLA path over all hosts' devices.
+    assert evaluation._pick_kernel('auto', mesh, 8, len(dc)) == 'xla'
+    for ties in evaluation.TIES:
+      run = lambda **kw: evaluation.retrieval_metrics(
+          qc, ql, dc, dl, R=R, ties=ties, topk=(1, 50), per_query=True, **kw)
+      t._assert_same_bits(run(mesh=mesh), run(kernel='native'))
+    print('OK')
+''')
+
+
+def test_database_split_over_two_processes_gives_the_same_bits():
+  tests = os.path.dirname(os.path.abspath(__file__))
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', _PROCESS_DRIVER.format(
+          tests=tests, root=os.path.dirname(tests), port=port, process_id=i)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=300)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for proc, out in zip(procs, outputs):
+    assert proc.returncode == 0 and out.strip().endswith('OK'), out[-3000:]
