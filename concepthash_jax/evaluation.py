@@ -768,7 +768,11 @@ def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, *,
     ap = out['ap'].astype(np.float64)
     hits = out['hits'].astype(np.float64)
   else:
-    ap = expected_average_precision(hist, hist_rel, R)
+    # In row chunks: the closed form's float64 temporaries are ~10 per cell.
+    rows = max(1, (1 << 20) // hist.shape[1])
+    ap = np.concatenate([
+        expected_average_precision(hist[s:s + rows], hist_rel[s:s + rows], R)
+        for s in range(0, num_q, rows)])
     hits = np.stack([_expected_hits(hist, hist_rel, min(k, num_db))
                      for k in topk], -1) if topk else np.zeros((num_q, 0))
   pr_precision, pr_recall = _radius_curve(hist, hist_rel)
