@@ -77,8 +77,8 @@ static int push(Records *r, uint32_t index, uint32_t equal, uint32_t dist) {
   return 0;
 }
 
-static inline uint32_t distance(const uint64_t *a, const uint64_t *b,
-                                int64_t words) {
+static inline __attribute__((always_inline)) uint32_t distance(
+    const uint64_t *a, const uint64_t *b, int64_t words) {
   uint32_t d = 0;
   for (int64_t w = 0; w < words; ++w) d += __builtin_popcountll(a[w] ^ b[w]);
   return d;
@@ -141,30 +141,68 @@ static inline int64_t next_relevant(const Job *job, int64_t q, Query *state,
   return from;
 }
 
+/* Counts items [a, b) straight from the codes, no distance buffer: faster
+   where popcount is scalar (one fewer store and load per item). */
+static inline __attribute__((always_inline)) void count_codes(
+    uint32_t *counts, const uint64_t *q, const uint64_t *db, int64_t a,
+    int64_t b, int64_t words) {
+  int64_t j = a;
+  for (; j + COPIES <= b; j += COPIES)
+    for (int c = 0; c < COPIES; ++c)
+      counts[distance(q, db + (j + c) * words, words) * COPIES + c]++;
+  for (; j < b; ++j) counts[distance(q, db + j * words, words) * COPIES]++;
+}
+
+/* One query's pass over a tile [t0, t1). `fused` (a constant per variant):
+   count from the codes; else from distances computed for the whole tile into
+   `dist` first (a vectorised loop where the CPU has a vector popcount). */
+typedef struct {
+  const Job *job;
+  const uint64_t *qb;
+  const uint16_t *dist;
+  int64_t t0, words;
+  int fused;
+} Tile;
+
+static inline __attribute__((always_inline)) void count_span(
+    const Tile *t, uint32_t *counts, int64_t a, int64_t b) {
+  if (t->fused)
+    count_codes(counts, t->qb, t->job->dbits, a, b, t->words);
+  else
+    count(counts, t->dist + (a - t->t0), b - a);
+}
+
+static inline __attribute__((always_inline)) uint32_t distance_at(
+    const Tile *t, int64_t j) {
+  return t->fused ? distance(t->qb, t->job->dbits + j * t->words, t->words)
+                  : t->dist[j - t->t0];
+}
+
 /* Items [t0, t1) of the database for one query; `dist` is scratch of TILE. */
 static inline __attribute__((always_inline)) int walk_tile(
     const Job *job, int64_t q, Query *state, int64_t t0, int64_t t1,
-    int64_t words, uint16_t *dist) {
-  distances(job->qbits + q * words, job->dbits, t0, t1, words, dist);
+    int64_t words, uint16_t *dist, int fused) {
+  const Tile t = {job, job->qbits + q * words, dist, t0, words, fused};
+  if (!fused) distances(t.qb, job->dbits, t0, t1, words, dist);
   if (!job->ranked) {
-    count(state->counts, dist, t1 - t0);
+    count_span(&t, state->counts, t0, t1);
     if (job->single) return 0; /* finish() counts the CSR list's items */
     for (int64_t j = next_relevant(job, q, state, t0, t1); j < t1;
          j = next_relevant(job, q, state, j + 1, t1))
-      if (push(&state->records, (uint32_t)j, 0, dist[j - t0])) return -1;
+      if (push(&state->records, (uint32_t)j, 0, distance_at(&t, j))) return -1;
     return 0;
   }
   int64_t pos = t0; /* items before pos are counted */
   for (int64_t j = next_relevant(job, q, state, t0, t1); j < t1;
        j = next_relevant(job, q, state, j + 1, t1)) {
-    count(state->counts, dist + (pos - t0), j - pos);
-    const uint32_t d = dist[j - t0];
+    count_span(&t, state->counts, pos, j);
+    const uint32_t d = distance_at(&t, j);
     state->counts[d * COPIES]++;
     if (push(&state->records, (uint32_t)j, total(state->counts, d), d))
       return -1;
     pos = j + 1;
   }
-  count(state->counts, dist + (pos - t0), t1 - pos);
+  count_span(&t, state->counts, pos, t1);
   return 0;
 }
 
@@ -173,8 +211,13 @@ static volatile uint16_t floor_sink; /* keeps the distances computed */
 
 static inline __attribute__((always_inline)) void floor_tile(
     const Job *job, int64_t q, Query *state, int64_t t0, int64_t t1,
-    int64_t words, uint16_t *dist) {
-  distances(job->qbits + q * words, job->dbits, t0, t1, words, dist);
+    int64_t words, uint16_t *dist, int fused) {
+  const uint64_t *qb = job->qbits + q * words;
+  if (job->floor == 2 && fused) {
+    count_codes(state->counts, qb, job->dbits, t0, t1, words);
+    return;
+  }
+  distances(qb, job->dbits, t0, t1, words, dist);
   if (job->floor == 2)
     count(state->counts, dist, t1 - t0);
   else
@@ -258,8 +301,8 @@ static int finish(const Job *job, int64_t q, Query *state) {
   return 0;
 }
 
-static inline __attribute__((always_inline)) void work(Job *job,
-                                                       int64_t words) {
+static inline __attribute__((always_inline)) void work(Job *job, int64_t words,
+                                                       int fused) {
   const int64_t bins = job->nbit + 1;
   uint16_t *dist = malloc(TILE * sizeof(uint16_t));
   uint32_t *counts = malloc(BLOCK * bins * COPIES * sizeof(uint32_t));
@@ -280,8 +323,9 @@ static inline __attribute__((always_inline)) void work(Job *job,
       const int64_t t1 = t0 + TILE < job->num_db ? t0 + TILE : job->num_db;
       for (int64_t i = 0; i < qn; ++i) {
         if (job->floor)
-          floor_tile(job, q0 + i, &state[i], t0, t1, words, dist);
-        else if (walk_tile(job, q0 + i, &state[i], t0, t1, words, dist))
+          floor_tile(job, q0 + i, &state[i], t0, t1, words, dist, fused);
+        else if (walk_tile(job, q0 + i, &state[i], t0, t1, words, dist,
+                           fused))
           goto fail;
       }
     }
@@ -296,22 +340,24 @@ done:
   free(dist), free(counts);
 }
 
-/* One copy of the hot loop per code width class and instruction set. */
-#define VARIANT(name, attr)                              \
-  attr static void name(Job *job) {                      \
-    if (job->words == 1)                                 \
-      work(job, 1);                                      \
-    else if (job->words == 2)                            \
-      work(job, 2);                                      \
-    else                                                 \
-      work(job, job->words);                             \
+/* One copy of the hot loop per code width class and instruction set; only
+   AVX-512 VPOPCNTDQ has a vector popcount, so the others count fused. */
+#define VARIANT(name, attr, fused)   \
+  attr static void name(Job *job) {  \
+    if (job->words == 1)             \
+      work(job, 1, fused);           \
+    else if (job->words == 2)        \
+      work(job, 2, fused);           \
+    else                             \
+      work(job, job->words, fused);  \
   }
 
-VARIANT(work_default, )
+VARIANT(work_default, , 1)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-VARIANT(work_popcnt, __attribute__((target("popcnt"))))
+VARIANT(work_popcnt, __attribute__((target("popcnt"))), 1)
 VARIANT(work_avx512,
-        __attribute__((target("popcnt,avx512f,avx512bw,avx512vl,avx512vpopcntdq"))))
+        __attribute__((target("popcnt,avx512f,avx512bw,avx512vl,avx512vpopcntdq"))),
+        0)
 #endif
 
 typedef void (*Kernel)(Job *);

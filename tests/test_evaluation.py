@@ -373,13 +373,10 @@ def test_database_split_over_two_processes_gives_the_same_bits():
           tests=tests, root=os.path.dirname(tests), port=port, process_id=i)],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
-  outputs = []
   try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=300)[0])
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
   finally:
     for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
+      proc.kill()  # no-op once it has exited
   for proc, out in zip(procs, outputs):
     assert proc.returncode == 0 and out.strip().endswith('OK'), out[-3000:]
