@@ -213,8 +213,15 @@ static inline __attribute__((always_inline)) void floor_tile(
     const Job *job, int64_t q, Query *state, int64_t t0, int64_t t1,
     int64_t words, uint16_t *dist, int fused) {
   const uint64_t *qb = job->qbits + q * words;
-  if (job->floor == 2 && fused) {
-    count_codes(state->counts, qb, job->dbits, t0, t1, words);
+  if (fused) { /* as the pass does it: no distance buffer */
+    if (job->floor == 2) {
+      count_codes(state->counts, qb, job->dbits, t0, t1, words);
+    } else {
+      uint32_t sum = 0;
+      for (int64_t j = t0; j < t1; ++j)
+        sum += distance(qb, job->dbits + j * words, words);
+      floor_sink = (uint16_t)sum;
+    }
     return;
   }
   distances(qb, job->dbits, t0, t1, words, dist);
