@@ -16,8 +16,10 @@ float64 in database order, divided by the number of hits.
 Speed: queries go in blocks that walk the database tile by tile, so a tile
 stays in cache across the block; threads take blocks from a shared counter
 with the GIL released. The hot loop is compiled once per instruction set and
-picked at run time (popcnt, AVX-512 VPOPCNTDQ), so a build on any x86-64 runs
-on any other; elsewhere the compiler's popcount builtin is used.
+picked at import (AVX-512 VPOPCNTDQ: a tile's distances vectorised into a
+buffer, then counted; POPCNT and portable: counted straight from the codes),
+and the build uses no -march flag, so a build on any x86-64 runs on any other;
+elsewhere the compiler's popcount builtin is used.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
