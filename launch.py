@@ -21,6 +21,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from concepthash_jax import configuration
 from concepthash_jax import train
 
 FLAGS = flags.FLAGS
@@ -95,7 +96,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   py_logging.getLogger('absl').addFilter(_quiet_orbax)
   # Fail on a bad config before anything slow (model download, data).
-  train.validate_config(FLAGS.config)
+  configuration.validate_config(FLAGS.config)
   train.configure_xla_flags(FLAGS.config)  # Before the first JAX computation.
   distributed = FLAGS.distributed
   if distributed is None:

@@ -12,7 +12,10 @@ from ml_collections import config_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `configs` is a directory of data, not installed.
 
+from concepthash_jax import configuration  # pylint: disable=g-import-not-at-top
+from concepthash_jax import models  # pylint: disable=g-import-not-at-top
 from concepthash_jax import optim  # pylint: disable=g-import-not-at-top
+from concepthash_jax import run_files  # pylint: disable=g-import-not-at-top
 from concepthash_jax import sharding  # pylint: disable=g-import-not-at-top
 from concepthash_jax import train  # pylint: disable=g-import-not-at-top
 from concepthash_jax.interop import hf  # pylint: disable=g-import-not-at-top
@@ -43,7 +46,7 @@ def test_every_config_file_is_covered():
 @pytest.mark.parametrize('spec', SPECS)
 def test_config_loads_and_validates(spec):
   config = load(spec)
-  train.validate_config(config)
+  configuration.validate_config(config)
   assert config.model.nbit % config.model.num_concepts == 0
 
 
@@ -65,8 +68,8 @@ def test_config_builds_the_train_state_shape(spec):
   config = load(spec)
   clip_config = hf.random_clip_config(config.model.random_clip)
   num_classes = 7
-  model = train.build_model(config, clip_config, num_classes)
-  abstract_clip = train.abstract_vision_params(clip_config)
+  model = models.build_model(config.model, clip_config, num_classes)
+  abstract_clip = run_files.abstract_vision_params(clip_config)
   text = None
   if config.model.center_type == 'language':
     text = jax.ShapeDtypeStruct(
@@ -124,26 +127,26 @@ def test_launch_names_the_valid_keys_of_an_unknown_one():
 def test_bad_choice_names_the_valid_ones(key, value):
   config = load('configs/synthetic.py', f'--config.{key}={value}')
   with pytest.raises(ValueError, match=f'config.{key}=.*valid: \\['):
-    train.validate_config(config)
+    configuration.validate_config(config)
 
 
 def test_bad_lr_multipliers_fail_at_validation():
   config = load('configs/synthetic.py',
                 '--config.optim.lr_multipliers=concept_generator=fast')
   with pytest.raises(ValueError, match='optim.lr_multipliers entry'):
-    train.validate_config(config)
+    configuration.validate_config(config)
 
 
 def test_nbit_not_divisible_by_concepts_is_an_error():
   config = load('configs/synthetic.py', '--config.model.nbit=18')
   with pytest.raises(ValueError, match='divisible by config.model.num_concepts'):
-    train.validate_config(config)
+    configuration.validate_config(config)
 
 
 def test_unimportable_loss_fn_is_an_error():
   config = load('configs/synthetic.py', '--config.loss.fn=nowhere.loss')
   with pytest.raises(ValueError, match='cannot be imported'):
-    train.validate_config(config)
+    configuration.validate_config(config)
 
 
 def test_configure_xla_flags_adds_the_scheduler_flag_once_and_user_flags_win(

@@ -30,6 +30,7 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 import numpy as np
 
+from concepthash_jax import run_files
 from concepthash_jax import train
 
 FLAGS = flags.FLAGS
@@ -140,7 +141,7 @@ def plan(config, grids: Sequence[str], *, nbits=None, concepts=(1, 2, 4, 8, 16),
 
 def read_result(workdir: str, name: str):
   """A cell's results.json, or None while it is not done."""
-  path = os.path.join(workdir, name, train.RESULTS_FILE)
+  path = os.path.join(workdir, name, run_files.RESULTS_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
