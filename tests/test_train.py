@@ -172,6 +172,13 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   saved = np.load(out)
   np.testing.assert_array_equal(saved['codes'], codes['codes'])
   assert os.path.exists(str(tmp_path / 'codes.index.npz'))
+  with open(str(tmp_path / 'codes.retrieval.json')) as f:
+    curves = json.load(f)
+  assert curves['map_at_r'] == pytest.approx(results['map_at_r'], abs=1e-6)
+  assert curves['precision_at_k']['k'] == [1, 2, 5, 10, 20]  # 24 in the database.
+  assert len(curves['pr_recall']) == 8 + 1 and curves['pr_recall'][-1] == 1.0
+  for name in ('codes.pr_curve.png', 'codes.precision_at_k.png'):
+    assert os.path.getsize(str(tmp_path / name)) > 1000
 
 
 def test_custom_loss_example_plugs_in_through_its_import_path(monkeypatch):
