@@ -9,7 +9,7 @@ from flax import traverse_util
 import pytest
 
 from concepthash_jax.interop import hf
-from configs import base
+from concepthash_jax.configs import base
 from concepthash_jax.models import clip
 from concepthash_jax.models.adapter import Adapter
 

@@ -1,6 +1,6 @@
-"""tools/parity.py against the reference goldens (SPEC §6.2). Never skipped.
+"""tools/parity.py against the reference goldens (docs/method.md §6.2). Never skipped.
 
-Tolerances (SPEC): 1e-4 absolute on outputs, losses, buffers, text/vision features and
+Tolerances (docs/method.md §6.2): 1e-4 absolute on outputs, losses, buffers, text/vision features and
 SGD results; 1e-3 relative on gradients, where for a tensor
   rel(ours, golden) = max|ours - golden| / max(max|golden|, 1e-2).
 The 1e-2 floor makes a gradient that is zero in exact arithmetic (e.g. grad/hash_pe:
@@ -70,7 +70,7 @@ def hf_run(tmp_path_factory):
 
 
 def expected_official_keys(golden):
-  """Every key SPEC §6.2 asks us to write for an official golden."""
+  """Every key docs/method.md §6.2 lists for an official golden."""
   keys = {k for k in golden if k.startswith(('out/', 'loss/', 'grad/', 'sgd/'))}
   keys |= {f'buffer/{name}' for name in parity.BN_BUFFERS}
   return keys | {'text/pooler'}

@@ -8,8 +8,8 @@ losses with L_csd at the paper's weight, mAP@R). Expected: mAP@R >= 0.9 at 16
 bits on the held-out queries (chance ~0.09 with 12 classes), and concept maps
 on different parts (`python -m concepthash_jax.tools.explain --workdir DIR`).
 """
-from configs import base
-from configs import common
+from concepthash_jax.configs import base
+from concepthash_jax.configs import common
 
 
 def get_config(arg=None):

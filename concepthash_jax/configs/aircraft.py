@@ -8,7 +8,7 @@ data.root is the extracted fgvc-aircraft-2013b/ (data/images, variants.txt,
 images_variant_{trainval,test}.txt). Paper mAP@R (%): 82.76 / 83.54 / 84.05
 at 16 / 32 / 64 bits (3,333 queries, 6,667-image database).
 """
-from configs import base
+from concepthash_jax.configs import base
 
 
 def get_config(arg=None):

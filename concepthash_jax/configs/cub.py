@@ -9,7 +9,7 @@
 Paper mAP@R (%): 83.45 / 85.27 / 85.50 at 16 / 32 / 64 bits (5,794 queries
 against the 5,994-image train database).
 """
-from configs import base
+from concepthash_jax.configs import base
 
 
 def get_config(arg=None):

@@ -11,11 +11,11 @@ projection on raw e_c (Eq. 4), and one concept embedding E shared by the
 sub-code and concept heads. The paper's numbers were produced by the released
 recipe, so expect this to land near, not on, them.
 """
-from configs import aircraft
-from configs import cars
-from configs import common
-from configs import cub
-from configs import nabirds
+from concepthash_jax.configs import aircraft
+from concepthash_jax.configs import cars
+from concepthash_jax.configs import common
+from concepthash_jax.configs import cub
+from concepthash_jax.configs import nabirds
 
 DATASETS = {'cub': cub, 'cars': cars, 'aircraft': aircraft, 'nabirds': nabirds}
 

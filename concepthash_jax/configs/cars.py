@@ -9,7 +9,7 @@ cars_test_annos_withlabels.mat (TFDS cars196 cannot download any more).
 Paper mAP@R (%): 91.70 / 92.60 / 93.01 at 16 / 32 / 64 bits (8,041 queries,
 8,144-image database).
 """
-from configs import base
+from concepthash_jax.configs import base
 
 
 def get_config(arg=None):

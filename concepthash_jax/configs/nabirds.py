@@ -8,7 +8,7 @@ data.root holds images/ and the CUB-like text files plus hierarchy.txt.
 Paper mAP@R (%): 76.41 / 81.28 / 82.16 at 16 / 32 / 64 bits (24,633 queries,
 23,929-image database).
 """
-from configs import base
+from concepthash_jax.configs import base
 
 
 def get_config(arg=None):

@@ -11,7 +11,7 @@ An unknown key is an error (the config is locked).
 """
 import ml_collections
 
-from configs import common
+from concepthash_jax.configs import common
 
 
 def get_config():
