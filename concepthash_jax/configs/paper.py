@@ -1,7 +1,7 @@
-"""The paper's choices instead of the released recipe, on any of the four datasets.
+r"""The paper's choices instead of the released recipe, on any of the four datasets.
 
-  python launch.py --config=configs/paper.py:cub --workdir=runs/cub_paper
-  python launch.py --config=configs/paper.py:cars,nbit=16 --workdir=runs/cars_paper16 \
+  concepthash-train --config=paper:cub --workdir=runs/cub_paper
+  concepthash-train --config=paper:cars,nbit=16 --workdir=runs/cars_paper16 \
     --config.data.root=/data/stanford_cars
 
 Differences from the released recipe (configs/base.py): all four losses with
