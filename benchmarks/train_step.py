@@ -41,7 +41,7 @@ def run_one(dtype: str) -> dict:
   """Measures one setting in this process."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from configs import cub  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
   from concepthash_jax import configuration, encoding, models, optim, sharding, train  # pylint: disable=g-import-not-at-top
   from concepthash_jax.interop import hf  # pylint: disable=g-import-not-at-top
 

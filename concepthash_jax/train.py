@@ -3,8 +3,8 @@
 `train_and_evaluate(config, workdir)` is the only place that does I/O: it
 builds data, model and state, runs the jitted `train_step`, logs
 (metrics.jsonl, TensorBoard, tqdm), evaluates mAP@R (queries = test split,
-database = train split with test transforms, SPEC §5), checkpoints and writes
-results.json (SPEC §6.3). The steps are module-level pure functions whose
+database = train split with test transforms, docs/method.md §5.1), checkpoints and writes
+results.json (docs/method.md §6.3). The steps are module-level pure functions whose
 static pieces (model, optimizer, loss) are bound with functools.partial.
 
 Reproducibility: data order and augmentation depend on (seed, epoch), dropout
@@ -479,7 +479,7 @@ class _Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Trains, evaluates and writes workdir/results.json (SPEC §6.3).
+  """Trains, evaluates and writes workdir/results.json (docs/method.md §6.3).
 
   Args:
     config: a config from configs/*.py (validated here again).

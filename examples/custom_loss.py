@@ -84,7 +84,7 @@ def mean_concept_similarity(concept_attn):
 def run(name, loss_fn):
   """Trains the synthetic default with weight_csd=1 and `loss_fn`."""
   sys.path.insert(0, ROOT)
-  from configs import synthetic  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.configs import synthetic  # pylint: disable=g-import-not-at-top
   from concepthash_jax import data, encoding, train  # pylint: disable=g-import-not-at-top
   config = synthetic.get_config()
   config.loss.fn = loss_fn

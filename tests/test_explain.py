@@ -9,7 +9,7 @@ from PIL import Image
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # `configs` is a directory of data, not installed.
+sys.path.insert(0, ROOT)  # The checkout's package when it is not installed.
 
 from concepthash_jax import configuration  # pylint: disable=g-import-not-at-top
 from concepthash_jax import report  # pylint: disable=g-import-not-at-top
@@ -17,7 +17,7 @@ from concepthash_jax import run_files  # pylint: disable=g-import-not-at-top
 from concepthash_jax import train  # pylint: disable=g-import-not-at-top
 from concepthash_jax.tools import ablate  # pylint: disable=g-import-not-at-top
 from concepthash_jax.tools import explain  # pylint: disable=g-import-not-at-top
-from configs import synthetic  # pylint: disable=g-import-not-at-top
+from concepthash_jax.configs import synthetic  # pylint: disable=g-import-not-at-top
 
 NBIT, M = 8, 2
 

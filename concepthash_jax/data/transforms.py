@@ -8,7 +8,7 @@ image is marked invisible (its coordinates are still mapped). Random ops also
 take a `numpy.random.Generator`; given the same generator state they draw the
 same augmentation, which is what makes the input pipeline deterministic.
 
-Pipelines (config `data.train_augment`, SPEC §3):
+Pipelines (config `data.train_augment`, docs/method.md §4):
   'released': Resize(resize_size) -> RandomHorizontalFlip -> TrivialAugmentWide
               (bicubic) -> CenterCrop(image_size)       [official trivialaugment.yaml]
   'paper':    RandomResizedCrop(image_size, bicubic) -> RandomHorizontalFlip

@@ -1,18 +1,18 @@
-"""Encodes a split with a trained run and reports its mAP@R against the database.
+r"""Encodes a split with a trained run and reports its mAP@R against the database.
 
-  python -m concepthash_jax.tools.encode --workdir runs/synthetic --split test \
-    --out runs/synthetic/codes_test.npz
+  concepthash-encode --workdir=runs/synthetic --split=test \
+    --out=runs/synthetic/codes_test.npz
 
 Writes OUT (codes ±1 int8, codes_cont, labels, index, concept_attn) and beside
 it OUT with suffix `.index.npz`, a searchable code index of the database
 (train split), and `.retrieval.json`, `.pr_curve.png`, `.precision_at_k.png`
-(mAP@R, P@k and the precision-recall curve over Hamming radii). Prints mAP@R of the split against the database beside the
-chance level of a random ranking.
+(mAP@R, P@k and the precision-recall curve over Hamming radii). Prints mAP@R
+of the split against the database beside the chance level of a random ranking
+(docs/method.md §4).
 """
 import json
 import os
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -23,6 +23,7 @@ from concepthash_jax import index as index_lib
 from concepthash_jax import report
 from concepthash_jax import sharding
 from concepthash_jax import train
+from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
 
@@ -95,6 +96,10 @@ def main(argv):
         f'{", ".join(curve_paths)}')
 
 
+def run():
+  """Console script `concepthash-encode`."""
+  cli.run(main, __doc__, define_flags)
+
+
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  run()

@@ -1,6 +1,6 @@
-"""Explains a trained ConceptHash run: every qualitative result of the paper.
+r"""Explains a trained ConceptHash run: every qualitative result of the paper.
 
-  python -m concepthash_jax.tools.explain --workdir runs/synthetic
+  concepthash-explain --workdir=runs/synthetic
 
 Encodes the train (database) and test (query) splits with the run's final
 checkpoint and writes into WORKDIR/explain (or --out):
@@ -12,15 +12,18 @@ checkpoint and writes into WORKDIR/explain (or --out):
   pr_curve.png, precision_at_k.png   retrieval precision-recall over Hamming
                            radii and P@k against k (numbers in explain.json)
   correlation.png          concept-attention correlation, train split (Fig. 7)
+  part_hits.png            where each concept's attention peak lands: the share
+                           of test images per part keypoint or background
   localisation.png         part localisation error vs. baselines (Table 3)
-  part_hits.png            which part each concept's attention peak is on
   tsne_centers.png         t-SNE of the hash class centers by family (Fig. 5)
   report.md, explain.json  every number, with the figures
 Numbers: class- and family-level mAP@R beside chance (Table 5), part
-localisation error beside the image-centre and mean-location baselines, and the
-within/between-family cosine of the class centers. The analyses live in
-`interpret`, the drawing in `figures`, the markdown in `report`; this module
-runs them as a list of steps.
+localisation error beside the image-centre and mean-location baselines, how
+often the concepts land on different parts, and the within/between-family
+cosine of the class centers. part_hits.png and localisation.png need part
+keypoints (the synthetic data and CUB's parts/part_locs.txt have them). The
+analyses live in `interpret`, the drawing in `figures`, the markdown in
+`report`; this module runs them as a list of steps.
 """
 import dataclasses
 import functools
@@ -42,6 +45,7 @@ from concepthash_jax import report
 from concepthash_jax import run_files
 from concepthash_jax import sharding
 from concepthash_jax import train
+from concepthash_jax.tools import cli
 from concepthash_jax.data import core as data_core
 
 FLAGS = flags.FLAGS
@@ -300,6 +304,10 @@ def main(argv):
   logging.info('Wrote %s', out)
 
 
+def run():
+  """Console script `concepthash-explain`."""
+  cli.run(main, __doc__, define_flags)
+
+
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  run()

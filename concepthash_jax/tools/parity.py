@@ -1,5 +1,6 @@
-"""Runs our model on a golden file from the reference implementations (SPEC §6.2).
+"""Runs our model on a golden file from the reference implementations (docs/method.md §6.2).
 
+  concepthash-parity GOLDEN.npz --clip DIR --out OUT.npz
   python -m concepthash_jax.tools.parity GOLDEN.npz --clip DIR --out OUT.npz
 
 Two golden kinds:
@@ -125,7 +126,7 @@ def pre_step_batch_stats(golden, state) -> dict:
   The official golden stores its buffers as dumped *after* that step
   (num_batches_tracked == 1): the statistics it started from are a fresh
   BatchNorm's (mean 0, var 1). With num_batches_tracked == 0 the stored buffers are
-  the starting point themselves. The SGD run starts from the stored buffers (SPEC).
+  the starting point themselves. The SGD run starts from the stored buffers (docs/method.md §6.2).
   """
   if 'batch_stats' not in state:
     return {}
@@ -262,8 +263,8 @@ def run(golden_path: str, clip: str) -> dict:
 
 
 def main(argv=None) -> int:
-  """CLI entry point."""
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+  """CLI entry point (console script `concepthash-parity`); returns the exit status."""
+  parser = argparse.ArgumentParser(prog='concepthash-parity', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('golden', help='golden .npz from the reference implementation')
   parser.add_argument('--clip', required=True,
