@@ -6,7 +6,7 @@ r"""Encodes a split with a trained run and reports its mAP@R against the databas
 Writes OUT (codes ±1 int8, codes_cont, labels, index, concept_attn) and beside
 it OUT with suffix `.index.npz`, a searchable code index of the database
 (train split). Prints mAP@R of the split against the database beside the
-chance level of a random ranking (docs/method.md §4).
+chance level of a random ranking (docs/method.md §5.2).
 """
 import os
 
