@@ -8,7 +8,7 @@ it OUT with suffix `.index.npz`, a searchable code index of the database
 (train split), and `.retrieval.json`, `.pr_curve.png`, `.precision_at_k.png`
 (mAP@R, P@k and the precision-recall curve over Hamming radii). Prints mAP@R
 of the split against the database beside the chance level of a random ranking
-(docs/method.md §4).
+(docs/method.md §5.2).
 """
 import json
 import os
