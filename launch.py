@@ -10,6 +10,13 @@ the same command on every host: jax.distributed is initialised when the
 environment describes a cluster (JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES
 and JAX_PROCESS_ID, a multi-task SLURM/Open MPI job, a multi-host TPU slice) or
 when --distributed is given.
+
+Exit status: 0 finished (results.json written); 1 a fault of the code (with
+its traceback); 2 a mistake to fix - a config value, a missing or malformed
+file, a busy workdir or one whose checkpoints were trained with another config
+(one line naming the key or file and the fix, no traceback); 75 preempted
+(SIGTERM): the current step was saved, rerun the same command to resume.
+README.md "Failure modes" lists what each case prints and what to do.
 """
 import logging as py_logging
 import os
@@ -21,6 +28,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from concepthash_jax import errors
 from concepthash_jax import train
 
 FLAGS = flags.FLAGS
@@ -95,7 +103,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   py_logging.getLogger('absl').addFilter(_quiet_orbax)
   # Fail on a bad config before anything slow (model download, data).
-  train.validate_config(FLAGS.config)
+  try:
+    train.validate_config(FLAGS.config)
+  except ValueError as e:  # validate_config raises only for config values.
+    _exit_user_error(e)
   train.configure_xla_flags(FLAGS.config)  # Before the first JAX computation.
   distributed = FLAGS.distributed
   if distributed is None:
@@ -112,7 +123,18 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.default_backend())
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except errors.UserError as e:
+    _exit_user_error(e)
+  if results.get('preempted'):
+    sys.exit(errors.EXIT_PREEMPTED)  # A scheduler must not read it as done.
+
+
+def _exit_user_error(error):
+  """Prints the message alone (the traceback of a user mistake is noise)."""
+  sys.stderr.write(f'FATAL: {error}\n')
+  sys.exit(errors.EXIT_USER_ERROR)
 
 
 if __name__ == '__main__':

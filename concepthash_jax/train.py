@@ -34,6 +34,7 @@ from concepthash_jax import encoding
 from concepthash_jax import models
 from concepthash_jax import optim
 from concepthash_jax import sharding
+from concepthash_jax import workdir as workdir_lib
 from concepthash_jax.interop import hf
 from concepthash_jax.models import concepthash
 
@@ -381,6 +382,7 @@ def _check_finite(step: int, logged: dict, ckpt):
         'Lower config.optim.lr or check the data.')
 
 
+@workdir_lib.guarded  # One run per workdir; config must match its checkpoints.
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains, evaluates and writes workdir/results.json (SPEC §6.3).
 
@@ -407,10 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   test_ds = data_lib.build(config.data, 'test', process_index=pi,
                            process_count=pc)
   class_names = list(train_ds.class_names)
-  for ds in (train_ds, test_ds):
-    if getattr(ds, 'num_skipped', 0):
-      logging.warning('%s split: skipped %d corrupt images (data.on_corrupt='
-                      "'skip')", ds.split, ds.num_skipped)
+  for message in data_lib.core.data_warnings(train_ds, test_ds):
+    logging.warning(message)
   steps_per_epoch = data_lib.num_batches(
       len(train_ds), batch_size=local_bs, process_count=pc,
       drop_remainder=True)
@@ -578,6 +578,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       'num_queries': eval_result['num_queries'],
       'num_database': eval_result['num_database'],
       'ties': config.eval.ties,
+      'skipped_images': {ds.split: list(ds.skipped) for ds in (train_ds, test_ds)},
   }
   _write_json(os.path.join(workdir, RESULTS_FILE), results)
   logging.info('Final mAP@R %.4f (best %.4f, chance %.4f) at step %d.',
