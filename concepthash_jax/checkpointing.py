@@ -249,13 +249,17 @@ class Checkpointer:
                  force=True)
     manager.wait_until_finished()
 
-  def restore(self, abstract_state, step: Optional[int] = None):
-    """Restores `step` (default: the newest readable) into the structure/shardings given.
+  def restore(self, abstract_state, step: Optional[int] = None, *,
+              fallback: bool = False):
+    """Restores a step into the structure/shardings given.
 
     Args:
       abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding`.
       step: which step; None = the newest one that can be read (unreadable
         newer ones are skipped with a warning naming them).
+      fallback: when `step` cannot be read, warn and use the newest readable
+        step instead of failing (for a step picked as latest/best, not one
+        the user asked for).
 
     Returns:
       The restored state (jax.Arrays placed per the shardings).
@@ -264,7 +268,7 @@ class Checkpointer:
       CheckpointError: naming the directory (and each step's problem) when
         no checkpoint (or the requested `step`) can be read.
     """
-    if step is not None:
+    if step is not None and not fallback:
       try:
         return self._restore_step(abstract_state, step)
       except Exception as e:  # pylint: disable=broad-except
@@ -272,7 +276,9 @@ class Checkpointer:
             f'Checkpoint step {step} at {self._step_path(step)} cannot be '
             f'read ({type(e).__name__}: {str(e)[:300]}); pick another step '
             f'of {self.all_steps()}') from e
-    for candidate in reversed(self.all_steps()):
+    candidates = [] if step is None else [step]
+    candidates += [s for s in reversed(self.all_steps()) if s != step]
+    for candidate in candidates:
       try:
         return self._restore_step(abstract_state, candidate)
       except Exception as e:  # pylint: disable=broad-except

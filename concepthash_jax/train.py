@@ -286,13 +286,14 @@ def restore_for_inference(workdir: str, *, step: Optional[int] = None,
   _, abstract, _, _ = create_train_state(config, model, tx, abstract_clip,
                                          abstract_text, mesh)
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
+  fallback = step is None  # An unreadable latest/best: the newest readable.
   try:
     if step is None:
       if which not in ('latest', 'best'):
         raise ValueError(f"which={which!r}; valid: ['latest', 'best']")
       step = ckpt.best_step() if which == 'best' else ckpt.latest_step()
       step = ckpt.latest_step() if step is None else step
-    state = ckpt.restore(abstract, step)
+    state = ckpt.restore(abstract, step, fallback=fallback)
   finally:
     ckpt.close()
   return config, model, {'params': state.params, **state.model_state}, \
