@@ -11,12 +11,13 @@ environment describes a cluster (JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES
 and JAX_PROCESS_ID, a multi-task SLURM/Open MPI job, a multi-host TPU slice) or
 when --distributed is given.
 
-Exit status: 0 finished (results.json written); 1 a fault of the code (with
-its traceback); 2 a mistake to fix - a config value, a missing or malformed
-file, a busy workdir or one whose checkpoints were trained with another config
-(one line naming the key or file and the fix, no traceback); 75 preempted
-(SIGTERM): the current step was saved, rerun the same command to resume.
-README.md "Failure modes" lists what each case prints and what to do.
+Exit status: 0 finished (results.json written); 2 a mistake to fix - an
+unknown config key or bad value, a missing or malformed file, a busy workdir or
+one whose checkpoints were trained with another config (one 'FATAL' line naming
+the key or file and the fix, no traceback); 75 preempted (SIGTERM): the current
+step was saved, rerun the same command to resume; 1 anything else (a fault,
+printed with its traceback; also absl's own flag errors such as a missing
+--workdir). README.md "Failure modes" lists each case and what to do.
 """
 import logging as py_logging
 import os
@@ -89,7 +90,8 @@ def parse_flags(argv):
     if files:
       parser = config_flags.config_flags.ConfigFileFlagParser(name='config')
       message = unknown_key_message(parser.parse(files[-1]), argv)
-    sys.exit(f'FATAL Flags parsing error: {message or e}')
+    sys.stderr.write(f'FATAL Flags parsing error: {message or e}\n')
+    sys.exit(errors.EXIT_USER_ERROR)
 
 
 def _quiet_orbax(record) -> bool:

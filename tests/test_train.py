@@ -296,10 +296,13 @@ def test_one_step_on_a_generated_cub_folder(tmp_path):
   classes = ['001.Black_footed_Albatross', '002.Laysan_Albatross',
              '003.Sooty_Albatross']
   rows = []
-  for i in range(12):  # 4 per class: 3 train, 1 test.
+  for i in range(13):  # 4 per class: 3 train, 1 test; + 1 truncated (train).
     path = f'{classes[i % 3]}/img_{i}.jpg'
     _image(str(root / 'images' / path), i)
-    rows.append((i + 1, path, i % 3 + 1, int(i < 9)))
+    rows.append((i + 1, path, i % 3 + 1, int(i < 9 or i == 12)))
+  truncated = str(root / 'images' / rows[12][1])
+  with open(truncated, 'r+b') as f:
+    f.truncate(os.path.getsize(truncated) // 2)
   for name, lines in (
       ('images.txt', [f'{i} {p}' for i, p, _, _ in rows]),
       ('image_class_labels.txt', [f'{i} {c}' for i, _, c, _ in rows]),
@@ -307,8 +310,10 @@ def test_one_step_on_a_generated_cub_folder(tmp_path):
       ('classes.txt', [f'{k + 1} {c}' for k, c in enumerate(classes)])):
     (root / name).write_text('\n'.join(lines) + '\n')
   results = _one_step('configs/cub.py', {'data.source': 'folders',
-                                         'data.root': str(root)},
+                                         'data.root': str(root),
+                                         'data.on_corrupt': 'skip'},
                       str(tmp_path / 'run'))
+  assert results['skipped_images'] == {'train': [truncated], 'test': []}
   assert results['num_classes'] == 3 and results['num_database'] == 9
   assert results['num_queries'] == 3 and np.isfinite(results['loss'])
 
