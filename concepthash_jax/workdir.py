@@ -25,8 +25,9 @@ import jax
 
 from concepthash_jax import checkpointing
 from concepthash_jax import errors
+from concepthash_jax import run_files
 
-CONFIG_FILE = 'config.json'
+CONFIG_FILE = run_files.CONFIG_FILE
 HISTORY_FILE = 'config_history.jsonl'
 
 # Keys whose change leaves the saved state valid and its meaning intact, with

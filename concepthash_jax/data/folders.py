@@ -295,7 +295,7 @@ def cub(root, split, *, on_corrupt='raise', **process):
   class_index = {class_id: c for c, (class_id, _) in enumerate(classes)}
   # '001.Black_footed_Albatross' -> 'Black_footed_Albatross'.
   class_names = [name.split('.', 1)[-1] for _, name in classes]
-  family_of, family_names = core.family_by_word(class_names, 'last')
+  family_of, family_names = core.families_by_name('cub', class_names)
   keypoints, part_names = _cub_like_parts(root, ids, _CUB_LAYOUT)
   class_ids = _lookup(class_of, ids, what='image id', source=split_path,
                       target=join('image_class_labels.txt'))
@@ -460,7 +460,7 @@ def cars(root, split, *, on_corrupt='raise', **process):
     raise errors.DataError(
         f'{annos}: class {out_of_range[0]} is outside 1..{len(class_names)}, '
         f'the classes of {meta}')
-  family_of, family_names = core.family_by_word(class_names, 'first')
+  family_of, family_names = core.families_by_name('cars', class_names)
   return FolderDataset(
       paths=[os.path.join(root, folder, f) for f in fnames], labels=labels,
       on_corrupt=on_corrupt, name='cars', split=split, class_names=class_names,
