@@ -16,6 +16,7 @@ from PIL import Image
 
 import data_testlib
 import train_testlib as lib
+from concepthash_jax import inference
 from concepthash_jax import train
 
 # Long enough (120 steps) for a SIGTERM to land mid-run; evals at epochs 20, 40.
@@ -145,7 +146,7 @@ def test_sigterm_saves_exits_cleanly_and_resume_is_bit_identical(reference,
 
 def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   workdir, results = reference
-  config, model, variables, class_names = train.restore_for_inference(workdir)
+  config, model, variables, class_names = inference.restore_for_inference(workdir)
   assert len(class_names) == 4 and config.model.nbit == 8
   from concepthash_jax import data  # pylint: disable=g-import-not-at-top
   ds = data.build(config.data, 'test')

@@ -17,6 +17,7 @@ import numpy as np
 from concepthash_jax import data as data_lib
 from concepthash_jax import evaluation
 from concepthash_jax import index as index_lib
+from concepthash_jax import inference
 from concepthash_jax import sharding
 from concepthash_jax import train
 
@@ -49,7 +50,7 @@ def encode_split(workdir: str, split: str, *, checkpoint: str = 'latest',
   Returns:
     (config, codes of `split` (dict of numpy), codes of the database).
   """
-  config, model, variables, _ = train.restore_for_inference(
+  config, model, variables, _ = inference.restore_for_inference(
       workdir, which=checkpoint)
   if data_root is not None:
     config.data.root = data_root

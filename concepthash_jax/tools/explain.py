@@ -37,6 +37,7 @@ import tqdm
 
 from concepthash_jax import data as data_lib
 from concepthash_jax import evaluation
+from concepthash_jax import inference
 from concepthash_jax import interpret
 from concepthash_jax import sharding
 from concepthash_jax import train
@@ -524,7 +525,7 @@ def explain(workdir: str, out_dir: Optional[str] = None, *,
   """
   out_dir = out_dir or os.path.join(workdir, 'explain')
   os.makedirs(out_dir, exist_ok=True)
-  config, model, variables, class_names = train.restore_for_inference(
+  config, model, variables, class_names = inference.restore_for_inference(
       workdir, which=checkpoint)
   if data_root is not None:
     config.data.root = data_root
