@@ -292,7 +292,7 @@ class ConceptHasher:
 
   # --------------------------------------------------------------- images
 
-  def encode(self, images, *, attention: bool = False,
+  def encode(self, images, *, attention: bool = False, display: bool = False,
              batch_size: Optional[int] = None,
              progress: Optional[bool] = None) -> dict:
     """Binary codes of images.
@@ -301,12 +301,15 @@ class ConceptHasher:
       images: a PIL image, uint8 array (H, W, 3) or (N, H, W, 3), file path,
         folder (its images, recursively, sorted by path), or a list of these.
       attention: also return the concept attention maps.
+      display: also return the model inputs as uint8 images (what the
+        attention maps are drawn on).
       batch_size: images per compiled call (default data.eval_batch_size).
       progress: tqdm bar; None = when there is more than one batch.
 
     Returns:
       {'codes': (N, K) int8 ±1, 'codes_cont': (N, K) float32,
        'concept_attn': (N, M, HW) float32 when `attention`,
+       'images': (N, S, S, 3) uint8 when `display`,
        'paths': N str ('' for in-memory images)}.
 
     Raises:
@@ -320,7 +323,7 @@ class ConceptHasher:
     if progress is None:
       progress = len(starts) > 1
     keys = ('codes', 'codes_cont') + (('concept_attn',) if attention else ())
-    parts = {k: [] for k in keys}
+    parts = {k: [] for k in keys + (('images',) if display else ())}
     for start in tqdm.tqdm(starts, desc='encode', unit='batch',
                            disable=not progress, leave=False):
       chunk = items[start:start + batch_size]
@@ -330,9 +333,18 @@ class ConceptHasher:
       out = jax.device_get(step(self.variables, pixels))
       for k in keys:
         parts[k].append(np.asarray(out[k])[:len(chunk)])
+      if display:
+        parts['images'].append(transforms.denormalize(pixels[:len(chunk)]))
     result = {k: np.concatenate(v) for k, v in parts.items()}
     result['paths'] = [item if isinstance(item, str) else '' for item in items]
     return result
+
+  def dataset(self, split: str, *, data_root: Optional[str] = None):
+    """A split of the run's dataset (`data.build`), root optionally moved."""
+    data_cfg = copy.deepcopy(self.config.data)
+    if data_root is not None:
+      data_cfg.unlock().root = data_root
+    return data_lib.build(data_cfg, split)
 
   def encode_split(self, split: str, *, data_root: Optional[str] = None,
                    attention: bool = False) -> dict:
@@ -343,10 +355,8 @@ class ConceptHasher:
       concept_attn unless `attention` is False) plus 'paths' (N str, '' for
       sources without files).
     """
-    data_cfg = copy.deepcopy(self.config.data)
-    if data_root is not None:
-      data_cfg.unlock().root = data_root
-    ds = data_lib.build(data_cfg, split)
+    ds = self.dataset(split, data_root=data_root)
+    data_cfg = self.config.data
     batches = data_lib.batches(ds, data_cfg, train=False,
                                batch_size=data_cfg.eval_batch_size,
                                seed=self.config.seed, epoch=0,

@@ -310,6 +310,13 @@ def normalize(image):
       CLIP_STD, np.float32)
 
 
+def denormalize(images):
+  """Undoes `normalize` for display: (..., S, S, 3) float32 -> uint8."""
+  pixels = (np.asarray(images, np.float32) * np.array(CLIP_STD)
+            + np.array(CLIP_MEAN))
+  return np.clip(np.round(pixels * 255), 0, 255).astype(np.uint8)
+
+
 class Compose:
   """A named sequence of ops; random ops receive the generator (picklable)."""
 
