@@ -14,6 +14,7 @@ the run's own evaluation. Text goes through the CLIP text tower and the center
 projection t exactly as training builds the class centers (SPEC §1).
 """
 import copy
+import functools
 import json
 import os
 from typing import Optional
@@ -95,11 +96,28 @@ def abstract_variables(model, image_size: int) -> dict:
 
 
 def base_clip(config, base: Optional[str] = None):
-  """(CLIPConfig, params) of the run's CLIP, or of `base` (hub name/local dir)."""
+  """(CLIPConfig, params) of the run's CLIP, or of `base` (hub name/local dir).
+
+  The last one is cached: exporting, loading a trained-only export and
+  `encode_text` each need it, and a 'random' CLIP is rebuilt by compiling its
+  init (seconds) while a hub one is read from disk.
+  """
   model_cfg = copy.deepcopy(config.model)
   if base is not None:
     model_cfg.unlock().clip = base
-  return train.load_clip(model_cfg, config.seed)
+  random_cfg = (json.dumps(model_cfg.random_clip.to_dict(), sort_keys=True)
+                if model_cfg.clip == 'random' else '')
+  return _load_clip_cached(model_cfg.clip, random_cfg, int(config.seed))
+
+
+@functools.lru_cache(maxsize=1)
+def _load_clip_cached(name: str, random_cfg: str, seed: int):
+  """train.load_clip keyed by hashable values (see base_clip)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  model_cfg = ml_collections.ConfigDict({'clip': name})
+  if random_cfg:
+    model_cfg.random_clip = ml_collections.ConfigDict(json.loads(random_cfg))
+  return train.load_clip(model_cfg, seed)
 
 
 def _assemble(abstract: dict, stored: dict, frozen_vision, where: str) -> dict:
@@ -384,7 +402,7 @@ class ConceptHasher:
     self._text_params = params['text_model']
     return params
 
-  def _text_tower(self):
+  def text_params(self):
     """CLIP params['text_model']: from the export, else from the base CLIP."""
     if self._text_params is None:
       self.clip_params()
@@ -410,7 +428,7 @@ class ConceptHasher:
       raise ValueError(f'encode_text needs a run trained with language centers; '
                        f'this one has model.center_type='
                        f'{self.model.center_type!r}.')
-    embeds = hf.text_features(self.clip_config, self._text_tower(), prompts,
+    embeds = hf.text_features(self.clip_config, self.text_params(), prompts,
                               self.tokenizer())
     centers = np.asarray(_project_centers(
         self.model.center_input, self.model.center_projection, self.nbit,

@@ -69,8 +69,7 @@ def _official_extras(clip_params, num_patches: int, step) -> dict:
 
 
 def export_hasher(hasher, out: str, *, trained_only: bool = False,
-                  base_clip=None, official_file: bool = False,
-                  clip_params=None) -> dict:
+                  base_clip=None, official_file: bool = False) -> dict:
   """Writes `hasher` (a loaded run or export) as an export directory.
 
   Args:
@@ -79,16 +78,12 @@ def export_hasher(hasher, out: str, *, trained_only: bool = False,
     trained_only: leave the frozen CLIP weights out (named by `base_clip`).
     base_clip: hub name or directory of the base CLIP (default model.clip).
     official_file: also write out/official.safetensors.
-    clip_params: the base CLIP params if already loaded (else
-      `hasher.clip_params()`).
 
   Returns:
     The export's config.json dict.
   """
   config = hasher.config
   variables = _numpy(hasher.variables)
-  if clip_params is None:
-    clip_params = hasher.clip_params()
   stored = dict(variables)
   if trained_only:
     flat = traverse_util.flatten_dict(variables['params'])
@@ -103,7 +98,7 @@ def export_hasher(hasher, out: str, *, trained_only: bool = False,
   tokenizer = hasher.tokenizer() if config.model.center_type == 'language' else None
   exporting.write_export(
       out, meta=meta, variables=stored,
-      text_params=None if trained_only else clip_params['text_model'],
+      text_params=None if trained_only else hasher.text_params(),
       class_names=hasher.class_names, class_centers=hasher.class_centers,
       results=hasher.results,
       tokenizer=tokenizer if isinstance(tokenizer, hf.HFTokenizer) else None)
@@ -112,7 +107,7 @@ def export_hasher(hasher, out: str, *, trained_only: bool = False,
     exporting.write_official(
         os.path.join(out, exporting.OFFICIAL_FILE),
         exporting.official_state_dict(variables, extras=_official_extras(
-            clip_params, grid * grid, hasher.step)))
+            hasher.clip_params(), grid * grid, hasher.step)))
   return meta
 
 

@@ -228,7 +228,8 @@ def neighbour_items(hasher, index, positions, distances):
 def write_why(out_dir, hasher, index, query, positions, distances, number, *,
               data_root=None):
   """Writes the query's HTML page and PNG; returns their paths."""
-  item = retrieval_view.Item(code=query.code, title=os.path.basename(query.name),
+  title = query.name if query.text is not None else os.path.basename(query.name)
+  item = retrieval_view.Item(code=query.code, title=title,
                              image=query.image, attn=query.attn, text=query.text)
   if query.image is None and query.text is None:  # A split query: draw it.
     item = _split_query_item(hasher, query, data_root)
@@ -254,11 +255,16 @@ def run(*, model, index_path=None, db_split=None, db_folder=None,
         data_root=None, images=(), folder=None, texts=(), query_split=None,
         k=10, faiss_kind=None, why=None, why_max=8, print_max=5,
         out=sys.stdout) -> dict:
-  """The CLI as a function; returns {'queries', 'positions', 'distances',
-  'precision', 'index'} (precision per labelled query, NaN otherwise)."""
+  """The CLI as a function (`model`: a path or a loaded ConceptHasher).
+
+  Returns:
+    {'queries', 'positions', 'distances', 'precision', 'index'}; precision is
+    P@k per labelled query, NaN for the others.
+  """
   if db_split and db_folder:
     raise ValueError('Pass one of --db_split and --db_folder.')
-  hasher = inference.ConceptHasher.load(model)
+  hasher = (model if isinstance(model, inference.ConceptHasher)
+            else inference.ConceptHasher.load(model))
   if db_split or db_folder:
     index = build_index(hasher, split=db_split, folder=db_folder,
                         data_root=data_root)
