@@ -233,8 +233,9 @@ def write_why(out_dir, hasher, index, query, positions, distances, number, *,
                              image=query.image, attn=query.attn, text=query.text)
   if query.image is None and query.text is None:  # A split query: draw it.
     item = _split_query_item(hasher, query, data_root)
-  name = f'{number:03d}_' + re.sub(r'[^A-Za-z0-9._-]+', '_',
-                                   os.path.basename(query.name))[:60]
+  stem = query.name if query.text is not None else os.path.splitext(
+      os.path.basename(query.name))[0]
+  name = f'{number:03d}_' + re.sub(r'[^A-Za-z0-9._-]+', '_', stem)[:60]
   return retrieval_view.write(
       out_dir, name, item, neighbour_items(hasher, index, positions, distances),
       hasher.num_concepts, heading=f'query: {query.name}')
