@@ -1,4 +1,4 @@
-"""Hamming-ranking metrics: mAP@R (SPEC §4, §6.1), P@k, radius precision, PR curve.
+"""Hamming-ranking metrics: mAP@R (docs/method.md §5, §6.1), P@k, radius precision, PR curve.
 
 Pure metric math, arrays in: nothing here imports a model or a data module.
 Codes are real arrays (a value > 0 is bit 1) or `PackedCodes`; labels are int
@@ -574,7 +574,7 @@ def map_at_r(query_codes, query_labels, db_codes, db_labels, *,
              R: Optional[int] = None, ties: str = 'index',
              chunk_size: Optional[int] = None,
              progress: Optional[bool] = None) -> float:
-  """Mean average precision over the top R of a Hamming ranking (SPEC §4, §6.1).
+  """Mean average precision over the top R of a Hamming ranking (docs/method.md §5, §6.1).
 
   AP = sum_k P(k) rel(k) / (relevant in top R); a query with no relevant item
   in the top R scores 0; the mean runs over all queries.

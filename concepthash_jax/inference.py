@@ -30,7 +30,9 @@ from concepthash_jax import checkpointing
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
 from concepthash_jax import exporting
+from concepthash_jax import models
 from concepthash_jax import optim
+from concepthash_jax import run_files
 from concepthash_jax import sharding
 from concepthash_jax import train
 from concepthash_jax.data import folders
@@ -56,14 +58,13 @@ def restore_for_inference(workdir: str, *, step: Optional[int] = None,
     {'params', 'batch_stats', 'centers'} ready for `model.apply(...,
     train=False)` on the default device(s).
   """
-  config = train.read_run_config(workdir)
-  clip_config = train._read_clip_config(workdir)  # pylint: disable=protected-access
-  with open(os.path.join(workdir, train.CLASS_NAMES_FILE)) as f:
-    class_names = json.load(f)
-  model = train.build_model(config, clip_config, len(class_names))
+  config = run_files.read_run_config(workdir)
+  clip_config = run_files.read_clip_config(workdir)
+  class_names = run_files.read_class_names(workdir)
+  model = models.build_model(config.model, clip_config, len(class_names))
   mesh = sharding.create_mesh()
   tx = optim.make_optimizer(config.optim, 1)  # Structure only.
-  abstract_clip = train.abstract_vision_params(clip_config)
+  abstract_clip = run_files.abstract_vision_params(clip_config)
   abstract_text = None
   if config.model.center_type == 'language':
     abstract_text = jax.ShapeDtypeStruct(
@@ -112,12 +113,12 @@ def base_clip(config, base: Optional[str] = None):
 
 @functools.lru_cache(maxsize=1)
 def _load_clip_cached(name: str, random_cfg: str, seed: int):
-  """train.load_clip keyed by hashable values (see base_clip)."""
+  """train.load_backbone keyed by hashable values (see base_clip)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   model_cfg = ml_collections.ConfigDict({'clip': name})
   if random_cfg:
     model_cfg.random_clip = ml_collections.ConfigDict(json.loads(random_cfg))
-  return train.load_clip(model_cfg, seed)
+  return train.load_backbone(model_cfg, seed)
 
 
 def _assemble(abstract: dict, stored: dict, frozen_vision, where: str) -> dict:
@@ -231,23 +232,23 @@ class ConceptHasher:
     """
     if exporting.is_export(path):
       return cls._from_export(path)
-    if os.path.isfile(os.path.join(path, train.CONFIG_FILE)) and os.path.isdir(
+    if os.path.isfile(os.path.join(path, run_files.CONFIG_FILE)) and os.path.isdir(
         checkpointing.checkpoint_dir(path)):
       config, model, variables, class_names = restore_for_inference(
           path, which=which, step=step)
-      results_path = os.path.join(path, train.RESULTS_FILE)
+      results_path = os.path.join(path, run_files.RESULTS_FILE)
       results = None
       if os.path.isfile(results_path):
         with open(results_path) as f:
           results = json.load(f)
       return cls(config=config,
-                 clip_config=train._read_clip_config(path),  # pylint: disable=protected-access
+                 clip_config=run_files.read_clip_config(path),
                  model=model, variables=variables, class_names=class_names,
                  source=path, tokenizer_source=config.model.clip,
                  results=results,
                  step=None if results is None else results.get('step'))
     raise exporting.ExportError(
-        f'{path} is neither a training workdir ({train.CONFIG_FILE} + '
+        f'{path} is neither a training workdir ({run_files.CONFIG_FILE} + '
         f'checkpoints/) nor an export ({exporting.WEIGHTS_FILE}); pass one, or '
         'export a run with python -m concepthash_jax.tools.export --workdir W '
         '--out DIR.')
@@ -267,7 +268,7 @@ class ConceptHasher:
           f'{os.path.join(path, exporting.CONFIG_FILE)} lacks a valid '
           f'{e} entry; re-export the run.') from e
     class_names = stored['class_names']
-    model = train.build_model(config, clip_config, len(class_names))
+    model = models.build_model(config.model, clip_config, len(class_names))
     frozen, text = None, stored['text_params']
     if meta.get('trained_only'):
       _, clip_params = base_clip(config, meta.get('base_clip'))
@@ -345,14 +346,14 @@ class ConceptHasher:
     for start in tqdm.tqdm(starts, desc='encode', unit='batch',
                            disable=not progress, leave=False):
       chunk = items[start:start + batch_size]
-      pixels = np.zeros((batch_size, size, size, 3), np.float32)
+      shown = np.zeros((batch_size, size, size, 3), np.uint8)
       for i, item in enumerate(chunk):
-        pixels[i] = self.transform(_pixels(item))[0]
-      out = jax.device_get(step(self.variables, pixels))
+        shown[i] = np.asarray(self.transform.apply(_pixels(item))[0])
+      out = jax.device_get(step(self.variables, transforms.normalize(shown)))
       for k in keys:
         parts[k].append(np.asarray(out[k])[:len(chunk)])
       if display:
-        parts['images'].append(transforms.denormalize(pixels[:len(chunk)]))
+        parts['images'].append(shown[:len(chunk)])
     result = {k: np.concatenate(v) for k, v in parts.items()}
     result['paths'] = [item if isinstance(item, str) else '' for item in items]
     return result
@@ -369,24 +370,14 @@ class ConceptHasher:
     """Codes of a split of the run's dataset, exactly as its evaluation made them.
 
     Returns:
-      `encoding.encode_dataset`'s dict (codes, codes_cont, labels, index,
-      concept_attn unless `attention` is False) plus 'paths' (N str, '' for
-      sources without files).
+      `encoding.encode_split`'s dict (codes, codes_cont, labels, index, and
+      concept_attn when `attention`) plus 'paths' (N str, '' for sources
+      without files).
     """
     ds = self.dataset(split, data_root=data_root)
-    data_cfg = self.config.data
-    batches = data_lib.batches(ds, data_cfg, train=False,
-                               batch_size=data_cfg.eval_batch_size,
-                               seed=self.config.seed, epoch=0,
-                               drop_remainder=False)
-    num = data_lib.num_batches(len(ds), batch_size=data_cfg.eval_batch_size,
-                               process_count=1, drop_remainder=False)
-    out = encoding.encode_dataset(
-        self.model, self.variables,
-        tqdm.tqdm(batches, total=num, desc=f'encode {split}', unit='batch',
-                  leave=False))
-    if not attention:
-      out.pop('concept_attn')
+    out = encoding.encode_split(
+        self.model, self.variables, ds, self.config.data,
+        keep=('codes', 'attention') if attention else ('codes',))
     paths = getattr(ds, 'paths', None)
     out['paths'] = ([paths[i] for i in out['index']] if paths is not None
                     else [''] * len(out['index']))

@@ -12,7 +12,7 @@ from concepthash_jax import data
 from concepthash_jax.data import pipeline
 from concepthash_jax.data import synthetic
 from concepthash_jax.data import transforms
-from configs import base
+from concepthash_jax.configs import base
 
 
 _SYNTHETIC_KEYS = ('num_classes', 'num_families', 'train_per_class',

@@ -20,7 +20,7 @@ def hasher(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def own_test_codes(hasher):
-  """The run's evaluation path: data.batches -> encoding.encode_dataset."""
+  """The run's evaluation path: encoding.encode_split."""
   return hasher.encode_split('test', attention=True)
 
 

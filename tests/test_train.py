@@ -16,6 +16,8 @@ from PIL import Image
 
 import data_testlib
 import train_testlib as lib
+from concepthash_jax import configuration
+from concepthash_jax import encoding
 from concepthash_jax import inference
 from concepthash_jax import train
 
@@ -150,9 +152,9 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   assert len(class_names) == 4 and config.model.nbit == 8
   from concepthash_jax import data  # pylint: disable=g-import-not-at-top
   ds = data.build(config.data, 'test')
-  codes = train.encode_dataset(model, variables, data.batches(
-      ds, config.data, train=False, batch_size=5, seed=0, epoch=0,
-      drop_remainder=False))  # 12 images in batches of 5: padding dropped.
+  codes = encoding.encode_split(
+      model, variables, ds, config.data, batch_size=5,
+      keep=('codes', 'attention', 'keypoints'))  # 12 in 5s: padding dropped.
   assert codes['codes'].shape == (12, 8) and codes['codes'].dtype == np.int8
   assert set(np.unique(codes['codes'])) <= {-1, 1}
   assert codes['concept_attn'].shape == (12, 4, 16)
@@ -175,7 +177,7 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
 
 def test_custom_loss_example_plugs_in_through_its_import_path(monkeypatch):
   monkeypatch.syspath_prepend(os.path.join(lib.ROOT, 'examples'))
-  fn = train.resolve_loss_fn('custom_loss.hinge_csd_total_loss')
+  fn = configuration.resolve_loss_fn('custom_loss.hinge_csd_total_loss')
   # The script runs as __main__ and the trainer imports it again by path:
   # an import must define no flags, or the second one clashes.
   assert 'epochs' not in flags.FLAGS
@@ -185,7 +187,7 @@ def test_custom_loss_example_plugs_in_through_its_import_path(monkeypatch):
          'logits_bin': rng.uniform(-1, 1, (2, 3)),
          'logits_concept': rng.uniform(-1, 1, (4, 2, 3)),
          'codes': rng.normal(size=(2, 8))}
-  kwargs = train.loss_kwargs(lib.load_config().loss)
+  kwargs = configuration.loss_keywords(fn, lib.load_config().loss)
   # Four concepts on disjoint patches: no pair is similar, the hinge is 0.
   apart = dict(aux, concept_attn=np.tile(np.eye(4)[None], (2, 1, 1)))
   # All four on the same patch: every pair has cosine 1 -> 1 - HINGE each.

@@ -11,7 +11,7 @@ from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)  # `configs` is a directory of data, not installed.
+  sys.path.insert(0, ROOT)  # The checkout's package when it is not installed.
 
 # 4 classes x 6 train / 3 test images of 32 px; a 1-layer, 32-wide CLIP.
 # Batch 8 -> 3 steps per epoch, 2 epochs; eval every epoch.

@@ -107,3 +107,25 @@ def family_by_word(class_names, word):
       family_names.append(key)
     family_of.append(family_names.index(key))
   return family_of, family_names
+
+
+# Which word of a class name is its family, by dataset ('cars': the make,
+# 'AM General Hummer SUV 2000'); any other dataset: the last word, as CUB's
+# 'Laysan Albatross' -> 'Albatross'.
+_FAMILY_WORD = {'cars': 'first'}
+
+
+def families_by_name(dataset_name: str, class_names):
+  """The family-name rule: (family_of, family_names) from the class names.
+
+  For datasets that ship no family list (CUB, Cars, tfds copies), and for
+  tools reading a dataset that did not give one.
+  """
+  return family_by_word(class_names, _FAMILY_WORD.get(dataset_name, 'last'))
+
+
+def families(ds):
+  """(family_of, family_names) of a built split: its own, else by name."""
+  if ds.family_of is not None:
+    return ds.family_of, ds.family_names
+  return families_by_name(ds.name, ds.class_names)

@@ -179,7 +179,7 @@ def cub(root, split, *, on_corrupt='raise', **process):
   class_index = {row[0]: c for c, row in enumerate(classes)}
   # '001.Black_footed_Albatross' -> 'Black_footed_Albatross'.
   class_names = [' '.join(row[1:]).split('.', 1)[-1] for row in classes]
-  family_of, family_names = core.family_by_word(class_names, 'last')
+  family_of, family_names = core.families_by_name('cub', class_names)
   keypoints, part_names = _cub_like_parts(root, ids, _CUB_LAYOUT)
   return FolderDataset(
       paths=[join(os.path.join('images', path_of[i])) for i in ids],
@@ -303,7 +303,7 @@ def cars(root, split, *, on_corrupt='raise', **process):
       _load_mat(_require(annos, _CARS_LAYOUT))['annotations'])
   fnames = [str(a['fname']) for a in annotations]
   labels = [int(a['class']) - 1 for a in annotations]  # .mat classes are 1-based.
-  family_of, family_names = core.family_by_word(class_names, 'first')
+  family_of, family_names = core.families_by_name('cars', class_names)
   return FolderDataset(
       paths=[os.path.join(root, folder, f) for f in fnames], labels=labels,
       on_corrupt=on_corrupt, name='cars', split=split, class_names=class_names,

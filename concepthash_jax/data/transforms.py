@@ -8,7 +8,7 @@ image is marked invisible (its coordinates are still mapped). Random ops also
 take a `numpy.random.Generator`; given the same generator state they draw the
 same augmentation, which is what makes the input pipeline deterministic.
 
-Pipelines (config `data.train_augment`, SPEC §3):
+Pipelines (config `data.train_augment`, docs/method.md §4):
   'released': Resize(resize_size) -> RandomHorizontalFlip -> TrivialAugmentWide
               (bicubic) -> CenterCrop(image_size)       [official trivialaugment.yaml]
   'paper':    RandomResizedCrop(image_size, bicubic) -> RandomHorizontalFlip
@@ -310,13 +310,6 @@ def normalize(image):
       CLIP_STD, np.float32)
 
 
-def denormalize(images):
-  """Undoes `normalize` for display: (..., S, S, 3) float32 -> uint8."""
-  pixels = (np.asarray(images, np.float32) * np.array(CLIP_STD)
-            + np.array(CLIP_MEAN))
-  return np.clip(np.round(pixels * 255), 0, 255).astype(np.uint8)
-
-
 class Compose:
   """A named sequence of ops; random ops receive the generator (picklable)."""
 
@@ -330,6 +323,11 @@ class Compose:
 
   def __call__(self, image, keypoints=None, rng=None):
     """Applies the ops; returns (float32 (S, S, 3) normalised, keypoints)."""
+    image, keypoints = self.apply(image, keypoints, rng)
+    return normalize(image), keypoints
+
+  def apply(self, image, keypoints=None, rng=None):
+    """Applies the ops; returns (RGB PIL image (S, S), keypoints), unnormalised."""
     if isinstance(image, np.ndarray):
       image = Image.fromarray(image)
     image = image.convert('RGB')
@@ -344,7 +342,7 @@ class Compose:
         image, keypoints = fn(image, keypoints)
     if keypoints is not None:
       keypoints = keypoints.astype(np.float32)
-    return normalize(image), keypoints
+    return image, keypoints
 
 
 def test_transform(*, image_size, resize_size):

@@ -1,4 +1,4 @@
-"""Exports a trained run for use anywhere; converts to and from the authors' PyTorch layout.
+r"""Exports a trained run for use anywhere; converts to and from the authors' PyTorch layout.
 
   python -m concepthash_jax.tools.export --workdir runs/synthetic --out exported/synthetic
   python -m concepthash_jax.tools.export --workdir W --out DIR --trained_only \
@@ -15,7 +15,6 @@ state, and loads offline with `inference.ConceptHasher.load(DIR)`.
 import os
 import sys
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -25,6 +24,7 @@ from concepthash_jax import exporting
 from concepthash_jax import inference
 from concepthash_jax.interop import hf
 from concepthash_jax.models import concepthash
+from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
 
@@ -156,6 +156,10 @@ def main(argv):
         f'{", with " + exporting.OFFICIAL_FILE if FLAGS.official else ""})')
 
 
+def run():
+  """Console script `concepthash-export`."""
+  cli.run(main, __doc__, define_flags)
+
+
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  run()

@@ -1,4 +1,4 @@
-"""Searches a code index by image or by text, and shows why each result matched.
+r"""Searches a code index by image or by text, and shows why each result matched.
 
   # Build (and keep) an index of the run's database split, query with an image:
   python -m concepthash_jax.tools.search --model exported/synthetic \
@@ -22,7 +22,6 @@ import os
 import re
 import sys
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -31,6 +30,7 @@ from concepthash_jax import exporting
 from concepthash_jax import index as index_lib
 from concepthash_jax import inference
 from concepthash_jax import retrieval_view
+from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
 CLASS_FIELD = '{class}'
@@ -337,6 +337,10 @@ def main(argv):
     sys.exit(2)
 
 
+def run():
+  """Console script `concepthash-search`."""
+  cli.run(main, __doc__, define_flags)
+
+
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  run()
