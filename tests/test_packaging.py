@@ -23,7 +23,7 @@ import train_testlib as lib
 
 ROOT = lib.ROOT
 DATA = os.path.join(ROOT, 'tests', 'data')
-SCRIPTS = ('train', 'encode', 'explain', 'ablate', 'parity')
+SCRIPTS = ('train', 'encode', 'explain', 'ablate', 'parity', 'export', 'search')
 TORCH_NOTICE = 'PyTorch was not found'
 # Shell continuations that a non-raw docstring glues into one line.
 GLUED = re.compile(r'\S {2,}--\w')

@@ -20,6 +20,7 @@ from concepthash_jax import checkpointing
 from concepthash_jax import configuration
 from concepthash_jax import encoding
 from concepthash_jax import errors
+from concepthash_jax import inference
 from concepthash_jax import train
 from concepthash_jax import workdir as workdir_lib
 
@@ -192,7 +193,7 @@ def test_config_check_history_and_unreadable_newest_checkpoint(
     f.truncate(os.path.getsize(metadata) // 2)
   with open(metadata, 'rb') as f:
     torn = f.read()
-  train.restore_for_inference(workdir)
+  inference.restore_for_inference(workdir)
   assert f'Skipping checkpoint step 120: {os.path.join(ckpt_dir, "120")}' in (
       caplog.text)
   assert os.path.exists(metadata)
@@ -214,7 +215,7 @@ def test_config_check_history_and_unreadable_newest_checkpoint(
 
 def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   workdir, results = reference
-  config, model, variables, class_names = train.restore_for_inference(workdir)
+  config, model, variables, class_names = inference.restore_for_inference(workdir)
   assert len(class_names) == 4 and config.model.nbit == 8
   from concepthash_jax import data  # pylint: disable=g-import-not-at-top
   ds = data.build(config.data, 'test')
