@@ -11,7 +11,7 @@ Images go through the run's test transform (data/transforms.py) and one jitted
 eval step (`encoding.jitted_encode_step`) at a fixed batch size, the last batch
 padded, so one compiled shape serves every call and codes are bit-identical to
 the run's own evaluation. Text goes through the CLIP text tower and the center
-projection t exactly as training builds the class centers (SPEC §1).
+projection t exactly as training builds the class centers (docs/method.md §2.5).
 """
 import copy
 import functools
