@@ -229,3 +229,18 @@ def test_workdir_lock_refuses_a_live_holder_and_replaces_a_killed_one(
   with pytest.raises(checkpointing.errors.WorkdirError,
                      match=r'pid 1 on host other-host .*delete .*run\.lock'):
     checkpointing.WorkdirLock(workdir).acquire()
+
+
+def test_a_checkpoint_of_another_model_is_not_taken_for_a_damaged_one(
+    tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
+  ckpt.save(1, make_state(1.0, 1))
+  ckpt.save(2, make_state(2.0, 2))
+  wider = abstract_of(make_state(0.0)).replace(
+      params={'head': {'kernel': jax.ShapeDtypeStruct((3, 4), jnp.float32),
+                       'bias': jax.ShapeDtypeStruct((4,), jnp.float32)}})
+  with pytest.raises(checkpointing.errors.CheckpointError,
+                     match=r'step 2 at .*/2 does not fit the model of this '
+                     r'config'):
+    ckpt.restore(wider)
+  assert not ckpt.unreadable
