@@ -74,3 +74,15 @@ def final_params(workdir):
   _, _, variables, _ = train.restore_for_inference(workdir)
   return {'/'.join(k): np.asarray(v) for k, v in
           traverse_util.flatten_dict(jax.device_get(variables)).items()}
+
+
+def files_under(root, skip=('tensorboard',)):
+  """{path relative to root: bytes} of every file under `root` (`skip`: folder names)."""
+  out = {}
+  for folder, subfolders, files in os.walk(root):
+    subfolders[:] = [d for d in subfolders if d not in skip]
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
