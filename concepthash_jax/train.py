@@ -249,52 +249,6 @@ def _reset_to_init(fresh: TrainState, restored: TrainState) -> TrainState:
                        model_state=restored.model_state)
 
 
-# -------------------------------------------------------- inference
-
-
-def restore_for_inference(workdir: str, *, step: Optional[int] = None,
-                          which: str = 'latest'):
-  """Loads a trained run for encoding/explaining; needs no dataset or network.
-
-  Args:
-    workdir: a run directory written by `train_and_evaluate`.
-    step: explicit checkpoint step; overrides `which`.
-    which: 'latest' (the final model, as in results.json) or 'best'.
-
-  Returns:
-    (config, model, variables, class_names): variables =
-    {'params', 'batch_stats', 'centers'} ready for `model.apply(...,
-    train=False)` on the default device(s).
-  """
-  config = run_files.read_run_config(workdir)
-  clip_config = run_files.read_clip_config(workdir)
-  with open(os.path.join(workdir, run_files.CLASS_NAMES_FILE)) as f:
-    class_names = json.load(f)
-  model = models.build_model(config.model, clip_config, len(class_names))
-  mesh = sharding.create_mesh()
-  tx = optim.make_optimizer(config.optim, 1)  # Structure only.
-  abstract_clip = run_files.abstract_vision_params(clip_config)
-  abstract_text = None
-  if config.model.center_type == 'language':
-    abstract_text = jax.ShapeDtypeStruct(
-        (len(class_names), clip_config.text_config.hidden_size), jnp.float32)
-  _, abstract, _, _ = create_train_state(config, model, tx, abstract_clip,
-                                         abstract_text, mesh)
-  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
-  fallback = step is None  # An unreadable latest/best: the newest readable.
-  try:
-    if step is None:
-      if which not in ('latest', 'best'):
-        raise ValueError(f"which={which!r}; valid: ['latest', 'best']")
-      step = ckpt.best_step() if which == 'best' else ckpt.latest_step()
-      step = ckpt.latest_step() if step is None else step
-    state = ckpt.restore(abstract, step, fallback=fallback)
-  finally:
-    ckpt.close()
-  return config, model, {'params': state.params, **state.model_state}, \
-      class_names
-
-
 # -------------------------------------------------------------- loop
 
 

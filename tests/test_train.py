@@ -20,6 +20,7 @@ from concepthash_jax import checkpointing
 from concepthash_jax import configuration
 from concepthash_jax import encoding
 from concepthash_jax import errors
+from concepthash_jax import inference
 from concepthash_jax import train
 from concepthash_jax import workdir as workdir_lib
 
@@ -180,7 +181,7 @@ def test_config_check_history_and_unreadable_newest_checkpoint(
     f.truncate(os.path.getsize(metadata) // 2)
   with open(metadata, 'rb') as f:
     torn = f.read()
-  train.restore_for_inference(workdir)
+  inference.restore_for_inference(workdir)
   assert f'Skipping checkpoint step 120: {os.path.join(ckpt_dir, "120")}' in (
       caplog.text)
   assert os.path.exists(metadata)
@@ -202,7 +203,7 @@ def test_config_check_history_and_unreadable_newest_checkpoint(
 
 def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   workdir, results = reference
-  config, model, variables, class_names = train.restore_for_inference(workdir)
+  config, model, variables, class_names = inference.restore_for_inference(workdir)
   assert len(class_names) == 4 and config.model.nbit == 8
   from concepthash_jax import data  # pylint: disable=g-import-not-at-top
   ds = data.build(config.data, 'test')
@@ -227,6 +228,13 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   saved = np.load(out)
   np.testing.assert_array_equal(saved['codes'], codes['codes'])
   assert os.path.exists(str(tmp_path / 'codes.index.npz'))
+  with open(str(tmp_path / 'codes.retrieval.json')) as f:
+    curves = json.load(f)
+  assert curves['map_at_r'] == pytest.approx(results['map_at_r'], abs=1e-6)
+  assert curves['precision_at_k']['k'] == [1, 2, 5, 10, 20]  # 24 in the database.
+  assert len(curves['pr_recall']) == 8 + 1 and curves['pr_recall'][-1] == 1.0
+  for name in ('codes.pr_curve.png', 'codes.precision_at_k.png'):
+    assert os.path.getsize(str(tmp_path / name)) > 1000
 
 
 def test_custom_loss_example_plugs_in_through_its_import_path(monkeypatch):

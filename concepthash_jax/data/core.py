@@ -91,6 +91,16 @@ class Dataset:
             f'skipped={self.num_skipped})')
 
 
+SPLITS = ('train', 'test')  # The database/training split and the queries.
+ON_CORRUPT = ('raise', 'skip')  # data.on_corrupt: fail naming the file, or leave it out.
+
+
+def check_split(split: str):
+  """Raises ValueError for a split name outside SPLITS."""
+  if split not in SPLITS:
+    raise ValueError(f'Unknown split {split!r}; valid: {list(SPLITS)}')
+
+
 def family_by_word(class_names, word):
   """Groups classes by one word of their name ('first' or 'last').
 

@@ -170,9 +170,9 @@ class FolderDataset(core.Dataset):
         out; the dataset's `skipped` lists it).
       **metadata: the core.Dataset fields (name, split, class_names, ...).
     """
-    if on_corrupt not in ('raise', 'skip'):
-      raise ValueError(f"Unknown data.on_corrupt {on_corrupt!r}; valid: "
-                       "'raise', 'skip'")
+    if on_corrupt not in core.ON_CORRUPT:
+      raise ValueError(f'Unknown data.on_corrupt {on_corrupt!r}; valid: '
+                       f'{list(core.ON_CORRUPT)}')
     failures = scan_images(paths, desc=f'checking {len(paths)} '
                            f"{metadata.get('split', '')} images")
     bad = [e for e in failures if e is not None]
@@ -255,8 +255,7 @@ def _cub_like_boxes(root, image_ids, layout):
 
 def _split_flag(split):
   """train_test_split.txt value of a split (1 = train)."""
-  if split not in ('train', 'test'):
-    raise ValueError(f"Unknown split {split!r}; valid: 'train', 'test'")
+  core.check_split(split)
   return '1' if split == 'train' else '0'
 
 
@@ -467,7 +466,8 @@ def cars(root, split, *, on_corrupt='raise', **process):
       family_of=family_of, family_names=family_names, **process)
 
 
-LOADERS = {'cub': cub, 'nabirds': nabirds, 'aircraft': aircraft, 'cars': cars}
+# data.name -> loader of its official layout (the 'folders' source).
+LOADERS = {'cub': cub, 'cars': cars, 'aircraft': aircraft, 'nabirds': nabirds}
 
 
 def build(data_cfg, split, *, process_index=0, process_count=1):

@@ -40,11 +40,11 @@ import tqdm
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
 from concepthash_jax import figures
+from concepthash_jax import inference
 from concepthash_jax import interpret
 from concepthash_jax import report
 from concepthash_jax import run_files
 from concepthash_jax import sharding
-from concepthash_jax import train
 from concepthash_jax.tools import cli
 from concepthash_jax.data import core as data_core
 
@@ -84,13 +84,9 @@ def _retrieval(inp: _Inputs):
   numbers['pr_precision'] = curves['pr_precision']
   numbers['pr_recall'] = curves['pr_recall']
   numbers['precision_at_k'] = curves['precision_at_k']
-  title = (f'{inp.config.data.name}, {curves["num_queries"]} queries, '
-           f'{curves["num_database"]} database')
-  figures.plot_pr_curve(inp.path('pr_curve.png'), curves['pr_precision'],
-                        curves['pr_recall'], title)
-  figures.plot_precision_at_k(inp.path('precision_at_k.png'),
-                              curves['precision_at_k']['k'],
-                              curves['precision_at_k']['precision'], title)
+  figures.plot_retrieval_curves(
+      inp.path(''), curves, f'{inp.config.data.name}, {curves["num_queries"]}'
+      f' queries, {curves["num_database"]} database')
   return {'retrieval': numbers}, [
       ('Precision-recall over Hamming radii', 'pr_curve.png'),
       ('Precision at k', 'precision_at_k.png')]
@@ -183,7 +179,7 @@ def _centers(inp: _Inputs):
 def _encode(workdir, out_dir, *, checkpoint, data_root, max_images,
             num_display) -> _Inputs:
   """Restores the run and encodes both splits (test with display images)."""
-  config, model, variables, class_names = train.restore_for_inference(
+  config, model, variables, class_names = inference.restore_for_inference(
       workdir, which=checkpoint)
   if data_root is not None:
     config.data.root = data_root

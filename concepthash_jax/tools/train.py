@@ -16,9 +16,9 @@ followed by an optional `:arg` (the bit width, or the dataset for paper):
   paper       the paper's choices instead of the released ones; `:cub,nbit=32`
 Every key can be overridden with --config.section.key=value; unknown keys and
 invalid values stop here with the valid choices. The keys are documented in
-configs/base.py; docs/method.md §3 lists the released-vs-paper switches.
+configs/base.py; docs/method.md §4 lists the released-vs-paper switches.
 
-Writes WORKDIR/results.json (docs/method.md §5), metrics.jsonl, TensorBoard
+Writes WORKDIR/results.json (docs/method.md §6.3), metrics.jsonl, TensorBoard
 event files and checkpoints; a run resumes from its newest checkpoint. On a
 multi-host job start the same command on every host: jax.distributed is
 initialised when the environment describes a cluster (JAX_COORDINATOR_ADDRESS
