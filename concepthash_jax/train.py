@@ -34,6 +34,7 @@ from concepthash_jax import models
 from concepthash_jax import optim
 from concepthash_jax import run_files
 from concepthash_jax import sharding
+from concepthash_jax import workdir as workdir_lib
 from concepthash_jax.interop import hf
 from concepthash_jax.models import concepthash
 
@@ -248,51 +249,6 @@ def _reset_to_init(fresh: TrainState, restored: TrainState) -> TrainState:
                        model_state=restored.model_state)
 
 
-# -------------------------------------------------------- inference
-
-
-def restore_for_inference(workdir: str, *, step: Optional[int] = None,
-                          which: str = 'latest'):
-  """Loads a trained run for encoding/explaining; needs no dataset or network.
-
-  Args:
-    workdir: a run directory written by `train_and_evaluate`.
-    step: explicit checkpoint step; overrides `which`.
-    which: 'latest' (the final model, as in results.json) or 'best'.
-
-  Returns:
-    (config, model, variables, class_names): variables =
-    {'params', 'batch_stats', 'centers'} ready for `model.apply(...,
-    train=False)` on the default device(s).
-  """
-  config = run_files.read_run_config(workdir)
-  clip_config = run_files.read_clip_config(workdir)
-  with open(os.path.join(workdir, run_files.CLASS_NAMES_FILE)) as f:
-    class_names = json.load(f)
-  model = models.build_model(config.model, clip_config, len(class_names))
-  mesh = sharding.create_mesh()
-  tx = optim.make_optimizer(config.optim, 1)  # Structure only.
-  abstract_clip = run_files.abstract_vision_params(clip_config)
-  abstract_text = None
-  if config.model.center_type == 'language':
-    abstract_text = jax.ShapeDtypeStruct(
-        (len(class_names), clip_config.text_config.hidden_size), jnp.float32)
-  _, abstract, _, _ = create_train_state(config, model, tx, abstract_clip,
-                                         abstract_text, mesh)
-  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
-  try:
-    if step is None:
-      if which not in ('latest', 'best'):
-        raise ValueError(f"which={which!r}; valid: ['latest', 'best']")
-      step = ckpt.best_step() if which == 'best' else ckpt.latest_step()
-      step = ckpt.latest_step() if step is None else step
-    state = ckpt.restore(abstract, step)
-  finally:
-    ckpt.close()
-  return config, model, {'params': state.params, **state.model_state}, \
-      class_names
-
-
 # -------------------------------------------------------------- loop
 
 
@@ -381,10 +337,8 @@ class _Run:
     self.test_ds = data_lib.build(config.data, 'test', process_index=pi,
                                   process_count=pc)
     self.class_names = list(self.train_ds.class_names)
-    for ds in (self.train_ds, self.test_ds):
-      if getattr(ds, 'num_skipped', 0):
-        logging.warning('%s split: skipped %d corrupt images (data.on_corrupt='
-                        "'skip')", ds.split, ds.num_skipped)
+    for message in data_lib.core.data_warnings(self.train_ds, self.test_ds):
+      logging.warning(message)
     self.steps_per_epoch = data_lib.num_batches(
         len(self.train_ds), batch_size=config.data.batch_size // pc,
         process_count=pc, drop_remainder=True)
@@ -478,6 +432,7 @@ class _Run:
     self.ckpt.close()
 
 
+@workdir_lib.guarded  # One run per workdir; config must match its checkpoints.
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains, evaluates and writes workdir/results.json (docs/method.md §6.3).
 
@@ -522,6 +477,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       config, step=step, steps_per_epoch=per_epoch,
       eval_result=run.eval_result, best=run.best, loss=run.log.final_loss(),
       num_classes=len(run.class_names))
+  results['skipped_images'] = {ds.split: list(ds.skipped)
+                               for ds in (run.train_ds, run.test_ds)}
   _write_json(os.path.join(workdir, run_files.RESULTS_FILE), results)
   logging.info('Final mAP@R %.4f (best %.4f, chance %.4f) at step %d.',
                results['map_at_r'], results['best_map_at_r'],

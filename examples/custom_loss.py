@@ -85,7 +85,7 @@ def run(name, loss_fn):
   """Trains the synthetic default with weight_csd=1 and `loss_fn`."""
   sys.path.insert(0, ROOT)
   from concepthash_jax.configs import synthetic  # pylint: disable=g-import-not-at-top
-  from concepthash_jax import data, encoding, train  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import data, encoding, inference, train  # pylint: disable=g-import-not-at-top
   config = synthetic.get_config()
   config.loss.fn = loss_fn
   config.loss.weight_csd = 1.0
@@ -93,7 +93,7 @@ def run(name, loss_fn):
   config.eval.every_epochs = FLAGS.epochs
   workdir = os.path.join(FLAGS.workdir, name)
   results = train.train_and_evaluate(config, workdir)
-  _, model, variables, _ = train.restore_for_inference(workdir)
+  _, model, variables, _ = inference.restore_for_inference(workdir)
   test = data.build(config.data, 'test')
   encoded = encoding.encode_split(model, variables, test, config.data,
                                   keep=('attention',))

@@ -17,6 +17,7 @@ from concepthash_jax import optim  # pylint: disable=g-import-not-at-top
 from concepthash_jax import run_files  # pylint: disable=g-import-not-at-top
 from concepthash_jax import sharding  # pylint: disable=g-import-not-at-top
 from concepthash_jax import train  # pylint: disable=g-import-not-at-top
+from concepthash_jax import workdir  # pylint: disable=g-import-not-at-top
 from concepthash_jax.interop import hf  # pylint: disable=g-import-not-at-top
 
 from concepthash_jax.tools import cli  # pylint: disable=g-import-not-at-top
@@ -130,7 +131,7 @@ def test_launch_names_the_valid_keys_of_an_unknown_one():
        '--config=' + os.path.join(ROOT, 'configs/synthetic.py'),
        '--config.optim.lr=0.1', '--config.model.nbitt=3'],
       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
-  assert run.returncode == 1
+  assert run.returncode == 2
   last = run.stderr.strip().splitlines()[-1]
   assert last.startswith('FATAL Flags parsing error: unknown key '
                          'config.model.nbitt (from --config.model.nbitt=3); '
@@ -221,3 +222,24 @@ def test_a_loss_gets_only_the_keywords_it_declares():
   fn = configuration.make_loss_fn(loss_cfg)
   assert fn.func is configuration.losses.total_loss
   assert 'new_key' not in fn.keywords
+
+
+def test_workdir_config_check_classifies_every_key():
+  config = load('configs/synthetic.py').to_dict()
+  keys = workdir.flatten(config)
+  assert set(workdir.HARMLESS) <= set(keys)  # The table names real keys.
+  changed = {**config, 'seed': 1,
+             'model': {**config['model'], 'nbit': 32, 'remat': 'none'},
+             'optim': {**config['optim'], 'lr': 0.5},
+             'eval': {**config['eval'], 'every_epochs': 3},
+             'train': {**config['train'], 'max_steps': 7}}
+  breaking, harmless = workdir.config_changes(config, changed)
+  assert breaking == {'model.nbit': (config['model']['nbit'], 32),
+                      'optim.lr': (config['optim']['lr'], 0.5),
+                      'seed': (0, 1)}
+  assert set(harmless) == {'model.remat', 'eval.every_epochs',
+                           'train.max_steps'}
+  # A key one side lacks (another code version) is not compared.
+  older = {**config, 'model': {k: v for k, v in config['model'].items()
+                               if k != 'remat'}}
+  assert workdir.config_changes(older, config) == ({}, {})

@@ -8,7 +8,7 @@ it OUT with suffix `.index.npz`, a searchable code index of the database
 (train split), and `.retrieval.json`, `.pr_curve.png`, `.precision_at_k.png`
 (mAP@R, P@k and the precision-recall curve over Hamming radii). Prints mAP@R
 of the split against the database beside the chance level of a random ranking
-(docs/method.md §4).
+(docs/method.md §5.2).
 """
 import json
 import os
@@ -20,9 +20,9 @@ from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
 from concepthash_jax import figures
 from concepthash_jax import index as index_lib
+from concepthash_jax import inference
 from concepthash_jax import report
 from concepthash_jax import sharding
-from concepthash_jax import train
 from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
@@ -54,7 +54,7 @@ def encode_run(workdir: str, split: str, *, checkpoint: str = 'latest',
   Returns:
     (config, codes of `split` (dict of numpy), codes of the database).
   """
-  config, model, variables, _ = train.restore_for_inference(
+  config, model, variables, _ = inference.restore_for_inference(
       workdir, which=checkpoint)
   if data_root is not None:
     config.data.root = data_root

@@ -40,11 +40,11 @@ import tqdm
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
 from concepthash_jax import figures
+from concepthash_jax import inference
 from concepthash_jax import interpret
 from concepthash_jax import report
 from concepthash_jax import run_files
 from concepthash_jax import sharding
-from concepthash_jax import train
 from concepthash_jax.tools import cli
 from concepthash_jax.data import core as data_core
 
@@ -179,7 +179,7 @@ def _centers(inp: _Inputs):
 def _encode(workdir, out_dir, *, checkpoint, data_root, max_images,
             num_display) -> _Inputs:
   """Restores the run and encodes both splits (test with display images)."""
-  config, model, variables, class_names = train.restore_for_inference(
+  config, model, variables, class_names = inference.restore_for_inference(
       workdir, which=checkpoint)
   if data_root is not None:
     config.data.root = data_root
