@@ -216,6 +216,14 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   assert codes['keypoints'].shape[:2] == (12, len(ds.part_names))
   np.testing.assert_array_equal(codes['labels'], ds.labels)
   np.testing.assert_array_equal(codes['index'], np.arange(12))
+  # Keep only display images of the first rows: no forward pass, no codes.
+  size = config.data.image_size
+  shown = encoding.encode_split(model, variables, ds, config.data,
+                                keep=('images',), num_images=3, max_images=7)
+  assert set(shown) == {'labels', 'index', 'images'}
+  assert shown['images'].shape == (3, size, size, 3) and len(shown['index']) == 7
+  with pytest.raises(ValueError, match=r"keep \['pixels'\]; valid"):
+    encoding.encode_split(model, variables, ds, config.data, keep=('pixels',))
 
   out = str(tmp_path / 'codes.npz')
   run = subprocess.run(
