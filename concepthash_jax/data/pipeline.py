@@ -18,6 +18,8 @@ import numpy as np
 from concepthash_jax.data import transforms
 
 _PAD = -1  # 'index' (and 'label') of padding rows.
+# data.worker_type: decode in threads (PIL releases the GIL) or processes.
+WORKER_TYPES = ('thread', 'process')
 
 
 def epoch_order(num_images, *, shuffle, seed, epoch):
@@ -67,7 +69,9 @@ def process_positions(order, *, batch_size, process_index, process_count,
 class _Example:
   """Loads, augments and normalises one dataset index (picklable for workers)."""
 
-  def __init__(self, dataset, transform, *, seed, epoch, train, image_size):
+  def __init__(self, dataset, transform, *, seed, epoch, train, image_size,
+               display=False):
+    self.display = display  # Also emit the uint8 image the model sees.
     self.dataset = dataset
     self.transform = transform
     self.seed = seed
@@ -88,6 +92,9 @@ class _Example:
         example['keypoints'] = np.zeros((self.num_parts, 3), np.float32)
       if self.has_boxes:
         example['box'] = np.zeros(4, np.float32)
+      if self.display:
+        example['display'] = np.zeros((self.image_size, self.image_size, 3),
+                                      np.uint8)
       return example
     record = self.dataset[index]
     # Augmentation randomness is a function of the image, not of the worker.
@@ -102,9 +109,11 @@ class _Example:
                           [x + w, y + h, 1]], np.float32)
       points = corners if points is None else np.concatenate([points,
                                                               corners])
-    image, points = self.transform(record['image'], points, rng)
-    example = {'image': image, 'label': np.int32(record['label']),
+    image, points = self.transform.apply(record['image'], points, rng)
+    example = {'image': transforms.normalize(image), 'label': np.int32(record['label']),
                'index': np.int32(index), 'mask': np.bool_(True)}
+    if self.display:
+      example['display'] = np.asarray(image, np.uint8)
     if self.num_parts:
       example['keypoints'] = points[:self.num_parts]
     if self.has_boxes:
@@ -125,7 +134,7 @@ def make_transform(data_cfg, *, train):
 
 
 def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
-            drop_remainder):
+            drop_remainder, display=False):
   """Iterates over this process's batches of one epoch.
 
   Args:
@@ -139,6 +148,8 @@ def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
     seed: run seed; with `epoch` it fixes order and augmentation.
     epoch: 0-based epoch.
     drop_remainder: drop the last incomplete global batch, else pad it.
+    display: also yield 'display', the same images as uint8 (B, S, S, 3)
+      before normalisation (for figures).
 
   Returns:
     An iterator of dicts of numpy arrays: 'image' float32 (B, S, S, 3) CLIP-normalised,
@@ -146,11 +157,11 @@ def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
     (False and label = index = -1 on padding rows), 'keypoints' float32
     (B, P, 3) in the transformed image's pixels when the dataset has parts,
     and 'box' float32 (B, 4) x, y, w, h in the same frame when it has boxes
-    (not clipped to the crop).
+    (not clipped to the crop), and 'display' when asked.
   """
-  if data_cfg.worker_type not in ('thread', 'process'):
-    raise ValueError(f"Unknown data.worker_type {data_cfg.worker_type!r}; "
-                     "valid: 'thread', 'process'")
+  if data_cfg.worker_type not in WORKER_TYPES:
+    raise ValueError(f'Unknown data.worker_type {data_cfg.worker_type!r}; '
+                     f'valid: {list(WORKER_TYPES)}')
   if batch_size <= 0:
     raise ValueError(f'batch_size must be > 0, got {batch_size}')
   order = epoch_order(len(dataset), shuffle=train, seed=seed, epoch=epoch)
@@ -158,7 +169,8 @@ def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
       order, batch_size=batch_size, process_index=dataset.process_index,
       process_count=dataset.process_count, drop_remainder=drop_remainder)
   load = _Example(dataset, make_transform(data_cfg, train=train), seed=seed,
-                  epoch=epoch, train=train, image_size=data_cfg.image_size)
+                  epoch=epoch, train=train, image_size=data_cfg.image_size,
+                  display=display)
   ds = grain.MapDataset.source(positions).map(load)
   num_workers = data_cfg.num_workers
   if num_workers <= 0:  # In-process, no threads: the cheapest for tiny images.
