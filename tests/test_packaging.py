@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 
 import numpy as np
 import pytest
@@ -56,7 +57,10 @@ def venv(tmp_path_factory):
       check=False)
   assert build.returncode == 0, build.stderr[-3000:]
   wheels = os.listdir(dist)
-  assert len(wheels) == 1 and wheels[0].endswith('-py3-none-any.whl'), wheels
+  # A platform wheel: it carries the compiled evaluation kernel.
+  assert len(wheels) == 1 and wheels[0].endswith('.whl'), wheels
+  with zipfile.ZipFile(dist / wheels[0]) as wheel:
+    assert any(n.startswith('concepthash_jax/_hamming.') for n in wheel.namelist())
 
   env_dir = tmp / 'venv'
   subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(env_dir)], check=True,
