@@ -463,12 +463,17 @@ def average_precision(query_codes, query_labels, db_codes, db_labels, *,
                    / jnp.maximum(num_hit, 1).astype(jnp.float32), 0.0)
 
 
-def _harmonic_gap(start, count):
-  """H(start + count) - H(start) = sum_{p=1..count} 1 / (start + p), float64."""
-  return special.digamma(start + count + 1.0) - special.digamma(start + 1.0)
+def _harmonic_gap(start, count, psi):
+  """H(start + count) - H(start) = sum_{p=1..count} 1 / (start + p), float64.
+
+  `psi[k]` = digamma(k + 1) = H(k) - Euler's gamma: a lookup instead of two
+  digamma calls per cell (same values; start and count are whole numbers).
+  """
+  start = np.asarray(start).astype(np.int64)
+  return psi[start + np.asarray(count).astype(np.int64)] - psi[start]
 
 
-def _expected_precision_sum(before, rel_before, size, rel):
+def _expected_precision_sum(before, rel_before, size, rel, psi):
   """E[sum over relevant items of (relevant so far) / rank] for one tie block.
 
   The block's `size` items (`rel` relevant) sit at ranks before+1..before+size
@@ -477,7 +482,7 @@ def _expected_precision_sum(before, rel_before, size, rel):
   at p] = (p-1)(rel-1)/(size-1), the sum over p collapses to harmonic numbers.
   """
   size = np.asarray(size, np.float64)
-  gap = _harmonic_gap(before, size)
+  gap = _harmonic_gap(before, size, psi)
   with np.errstate(divide='ignore', invalid='ignore'):
     spread = np.where(size > 1, (rel - 1.0) / np.maximum(size - 1.0, 1.0), 0.0)
     term = (rel_before + 1.0) * gap + spread * (size - (before + 1.0) * gap)
@@ -500,9 +505,10 @@ def expected_average_precision(hist, hist_rel, R, *, max_grid=1 << 22):
   r = np.asarray(hist_rel, np.float64)
   before = np.cumsum(n, 1) - n
   rel_before = np.cumsum(r, 1) - r
+  psi = special.digamma(np.arange(1.0, n.sum(1).max() + 2.0))  # up to H(N)
   inside = before + n <= R  # tie blocks wholly inside the top R
   block_sums = np.where(
-      inside, _expected_precision_sum(before, rel_before, n, r), 0.0)
+      inside, _expected_precision_sum(before, rel_before, n, r, psi), 0.0)
   total = block_sums.sum(1)
   num_rel = np.where(inside, r, 0.0).sum(1)
   with np.errstate(divide='ignore', invalid='ignore'):
@@ -528,7 +534,7 @@ def expected_average_precision(hist, hist_rel, R, *, max_grid=1 << 22):
     pmf = np.where(valid, stats.hypergeom.pmf(
         x, size[sl, None], rel[sl, None], draws[sl, None]), 0.0)
     partial = _expected_precision_sum(start[sl, None], rel_start[sl, None],
-                                      draws[sl, None], x)
+                                      draws[sl, None], x, psi)
     denom = rel_start[sl, None] + x
     with np.errstate(divide='ignore', invalid='ignore'):
       value = np.where(valid & (denom > 0),
