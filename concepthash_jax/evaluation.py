@@ -708,6 +708,7 @@ def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, *,
                       chunk_size: Optional[int] = None,
                       progress: Optional[bool] = None,
                       per_query: bool = False,
+                      curves: bool = True,
                       mesh: Optional[jax.sharding.Mesh] = None,
                       kernel: str = 'auto') -> dict:
   """mAP@R, P@k, precision within a Hamming radius and the PR curve, one pass.
@@ -726,6 +727,7 @@ def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, *,
       for XLA, ~1e9 pairs for the native kernel).
     progress: tqdm bar over query chunks; None = only for >= 1e9 pairs.
     per_query: also return 'ap' (Q,) float64 per-query AP.
+    curves: also the radius metrics and the PR curve (map_at_r skips them).
     mesh: devices for the XLA path; the database is split over all its axes
       (every process passes the same full arrays). None = the first device.
     kernel: 'native' (C kernel, CPU threads), 'xla' (jitted, on `mesh`) or
@@ -736,7 +738,7 @@ def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, *,
     dict: 'map_at_r', 'precision_at_<k>' for each k,
     'precision_at_radius_<radius>', 'recall_at_radius_<radius>',
     'pr_precision' and 'pr_recall' ((K + 1,) means over queries for radii
-    0..K), and 'ap' when per_query. Scalars are python floats.
+    0..K) when curves, and 'ap' when per_query. Scalars are python floats.
   """
   if ties not in TIES:
     raise ValueError(f'Unknown ties {ties!r}; expected one of {TIES}')
@@ -781,15 +783,16 @@ def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, *,
         for s in range(0, num_q, rows)])
     hits = np.stack([_expected_hits(hist, hist_rel, min(k, num_db))
                      for k in topk], -1) if topk else np.zeros((num_q, 0))
-  pr_precision, pr_recall = _radius_curve(hist, hist_rel)
   metrics = {'map_at_r': float(ap.mean())}
   for i, k in enumerate(topk):
     metrics[f'precision_at_{k}'] = float((hits[:, i] / k).mean())
-  within = min(radius, nbit)  # a radius >= K retrieves everything
-  metrics[f'precision_at_radius_{radius}'] = float(pr_precision[within])
-  metrics[f'recall_at_radius_{radius}'] = float(pr_recall[within])
-  metrics['pr_precision'] = pr_precision
-  metrics['pr_recall'] = pr_recall
+  if curves:
+    pr_precision, pr_recall = _radius_curve(hist, hist_rel)
+    within = min(radius, nbit)  # a radius >= K retrieves everything
+    metrics[f'precision_at_radius_{radius}'] = float(pr_precision[within])
+    metrics[f'recall_at_radius_{radius}'] = float(pr_recall[within])
+    metrics['pr_precision'] = pr_precision
+    metrics['pr_recall'] = pr_recall
   if per_query:
     metrics['ap'] = ap
   return metrics
@@ -830,7 +833,7 @@ def map_at_r(query_codes, query_labels, db_codes, db_labels, *,
   _check_finite_codes(query_codes, db_codes)
   return retrieval_metrics(query_codes, query_labels, db_codes, db_labels, R=R,
                            ties=ties, topk=(), radius=0, chunk_size=chunk_size,
-                           progress=progress, mesh=mesh,
+                           progress=progress, curves=False, mesh=mesh,
                            kernel=kernel)['map_at_r']
 
 

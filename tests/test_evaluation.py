@@ -396,3 +396,10 @@ def test_database_split_over_two_processes_gives_the_same_bits():
       proc.kill()  # no-op once it has exited
   for proc, out in zip(procs, outputs):
     assert proc.returncode == 0 and out.strip().endswith('OK'), out[-3000:]
+
+
+def test_curves_false_skips_only_the_radius_metrics():
+  qc, ql, dc, dl = _random_case(np.random.default_rng(13), 6, 80, 8, 3)
+  full = evaluation.retrieval_metrics(qc, ql, dc, dl, topk=(5,))
+  lean = evaluation.retrieval_metrics(qc, ql, dc, dl, topk=(5,), curves=False)
+  assert lean == {k: full[k] for k in ('map_at_r', 'precision_at_5')}
