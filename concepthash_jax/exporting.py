@@ -121,7 +121,7 @@ def _read_json(path: str, what: str):
       return json.load(f)
   except FileNotFoundError as e:
     raise ExportError(f'{path} is missing: {what}. Re-export the run with '
-                      'python -m concepthash_jax.tools.export.') from e
+                      'concepthash-export --workdir=W --out=DIR.') from e
   except (ValueError, UnicodeDecodeError) as e:
     raise ExportError(f'{path} is not valid JSON ({e}); the export is corrupt: '
                       're-export the run.') from e
@@ -131,7 +131,7 @@ def _read_safetensors(path: str, what: str) -> dict:
   from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise ExportError(f'{path} is missing: {what}. Re-export the run with '
-                      'python -m concepthash_jax.tools.export.')
+                      'concepthash-export --workdir=W --out=DIR.')
   try:
     return st.load_file(path)
   except Exception as e:  # pylint: disable=broad-except
@@ -152,7 +152,7 @@ def read_export(path: str) -> dict:
   """
   if not os.path.isdir(path):
     raise ExportError(f'{path} is not a directory; pass a training workdir or a '
-                      'directory written by python -m concepthash_jax.tools.export.')
+                      'directory written by concepthash-export.')
   meta = _read_json(os.path.join(path, CONFIG_FILE), 'the export config')
   if not isinstance(meta, dict) or meta.get('format') != FORMAT:
     raise ExportError(f'{os.path.join(path, CONFIG_FILE)} is not a concepthash_jax '
