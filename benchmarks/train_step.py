@@ -6,7 +6,7 @@
 Each setting runs in its own process (so peak RSS is that setting's alone) and
 uses the real path: configs/cub.py with random B/32 weights
 (model.clip='random'), train.create_train_state and train.jit_train_step for
-training, train.encode_step for the eval forward. Prints a markdown table.
+training, encoding.jitted_encode_step for the eval forward. Prints a markdown table.
 """
 import json
 import os

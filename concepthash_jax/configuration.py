@@ -11,28 +11,36 @@ from typing import Callable
 
 import ml_collections
 
+from concepthash_jax import data
+from concepthash_jax import evaluation
 from concepthash_jax import losses
+from concepthash_jax import models
 from concepthash_jax import optim
+from concepthash_jax.data import core as data_core
+from concepthash_jax.data import pipeline
+from concepthash_jax.data import transforms
 from concepthash_jax.models import clip
+from concepthash_jax.models import concepthash
 
-# Valid values of every choice key; `validate_config` names them in its errors.
+# Valid values of every choice key, owned by the module that reads the key;
+# `validate_config` names them in its errors.
 CHOICES = {
-    'model.concept_tokens': ('generated', 'learned'),
-    'model.code_norm': ('batchnorm', 'none'),
-    'model.center_type': ('language', 'random_orthogonal', 'learnable'),
-    'model.center_input': ('sign', 'raw'),
-    'model.center_projection': ('mlp', 'linear'),
-    'model.concept_embedding': ('separate', 'shared'),
-    'model.dtype': ('float32', 'bfloat16'),
+    'model.concept_tokens': concepthash.CONCEPT_TOKENS,
+    'model.code_norm': concepthash.CODE_NORMS,
+    'model.center_type': concepthash.CENTER_TYPES,
+    'model.center_input': concepthash.CENTER_INPUTS,
+    'model.center_projection': concepthash.CENTER_PROJECTIONS,
+    'model.concept_embedding': concepthash.CONCEPT_EMBEDDINGS,
+    'model.dtype': tuple(models.DTYPES),
     'model.remat': tuple(clip.REMAT_POLICIES),
-    'loss.concept_margin': ('first', 'all'),
-    'data.name': ('synthetic', 'cub', 'cars', 'aircraft', 'nabirds'),
-    'data.source': ('tfds', 'folders', 'synthetic'),
-    'data.train_augment': ('released', 'paper', 'none'),
-    'data.on_corrupt': ('raise', 'skip'),
-    'data.worker_type': ('thread', 'process'),
-    'optim.schedule': ('epoch', 'step'),
-    'eval.ties': ('index', 'average'),
+    'loss.concept_margin': losses.CONCEPT_MARGINS,
+    'data.name': data.DATASETS,
+    'data.source': tuple(data.SOURCES),
+    'data.train_augment': transforms.TRAIN_AUGMENTS,
+    'data.on_corrupt': data_core.ON_CORRUPT,
+    'data.worker_type': pipeline.WORKER_TYPES,
+    'optim.schedule': tuple(optim.SCHEDULES),
+    'eval.ties': evaluation.TIES,
 }
 
 

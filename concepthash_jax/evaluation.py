@@ -592,7 +592,31 @@ def map_at_r(query_codes, query_labels, db_codes, db_labels, *,
 
   Returns:
     mAP@R as a python float.
+
+  Raises:
+    ValueError: NaN or inf in real-valued codes (their sign, the bit, is
+      meaningless), naming how many query and database rows hold them.
   """
+  _check_finite_codes(query_codes, db_codes)
   return retrieval_metrics(query_codes, query_labels, db_codes, db_labels, R=R,
                            ties=ties, topk=(), radius=0, chunk_size=chunk_size,
                            progress=progress)['map_at_r']
+
+
+def _check_finite_codes(query_codes, db_codes):
+  """Raises ValueError counting the rows of real codes with NaN/inf."""
+  bad = {}
+  for name, codes in (('query', query_codes), ('database', db_codes)):
+    if isinstance(codes, PackedCodes):
+      continue  # Bits: always finite.
+    codes = np.asarray(codes)
+    if np.issubdtype(codes.dtype, np.floating):
+      rows = ~np.isfinite(codes).reshape(len(codes), -1).all(axis=1)
+      if rows.any():
+        bad[name] = (int(rows.sum()), len(codes))
+  if bad:
+    counts = ' and '.join(f'{n} of {total} {name} rows'
+                          for name, (n, total) in bad.items())
+    raise ValueError(f'map_at_r: non-finite (NaN/inf) codes in {counts}; '
+                     'a code bit is its sign, undefined for NaN: check the '
+                     'model output (a diverged run?) before ranking')

@@ -18,6 +18,13 @@ from concepthash_jax import interpret
 CROP_SIDE = 48  # Pixels per gallery crop.
 
 
+def _save(fig, path):
+  """Lays out, writes and closes a figure."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def _concept_columns(num_concepts, nbit):
   """Column titles: concept m and the bits of its sub-code."""
   bits = nbit // num_concepts
@@ -135,9 +142,7 @@ def plot_gallery(path, concept, images, concept_attn, codes, *, per_group):
       crops.append(images[i, y0:y1, x0:x1])
     ax.imshow(_tile(crops, CROP_SIDE, per_group))
   fig.suptitle(f'concept {concept}: images by sub-code value', fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
   return counts
 
 
@@ -169,9 +174,7 @@ def plot_correlation(path, panels, title):
     ax.set_title(name, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
   fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_localisation(path, part_names, rows):
@@ -188,9 +191,7 @@ def plot_localisation(path, part_names, rows):
   # Above the bars, not over them.
   ax.legend(fontsize=7, loc='lower center', bbox_to_anchor=(0.5, 1.0),
             ncol=len(rows), frameon=False)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_part_hits(path, fraction, target_names, title):
@@ -207,9 +208,7 @@ def plot_part_hits(path, fraction, target_names, title):
   ax.set_yticks(range(m))
   ax.set_yticklabels([f'concept {i}' for i in range(m)], fontsize=8)
   ax.set_title(title, fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_tsne(path, embedding, family_of, family_names, class_names, shown):
@@ -231,39 +230,52 @@ def plot_tsne(path, embedding, family_of, family_names, class_names, shown):
             title='family', title_fontsize=8)
   ax.margins(0.15)  # Room for the names of the outermost points.
   ax.set_title('t-SNE of hash class centers', fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
+
+
+def _plot_curve(path, x, y, *, xlabel, ylabel, title, log_x=False,
+                point_labels=None):
+  """One retrieval curve on a [0, 1] y axis; optional labels on some points."""
+  fig, ax = plt.subplots(figsize=(4.2, 3.6))
+  ax.plot(x, y, marker='o', markersize=3)
+  for i, text in (point_labels or {}).items():
+    ax.annotate(text, (x[i], y[i]), xytext=(3, 3), textcoords='offset points',
+                fontsize=6)
+  if log_x:
+    ax.set_xscale('log')
+  else:
+    ax.set_xlim(0, 1.02)
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3, which='both')
+  _save(fig, path)
 
 
 def plot_pr_curve(path, pr_precision, pr_recall, title):
   """Precision against recall of Hamming-radius retrieval, radii 0..K marked."""
-  fig, ax = plt.subplots(figsize=(4.2, 3.6))
-  ax.plot(pr_recall, pr_precision, marker='o', markersize=3)
-  for radius in range(0, len(pr_recall), max(1, len(pr_recall) // 8)):
-    ax.annotate(str(radius), (pr_recall[radius], pr_precision[radius]),
-                xytext=(3, 3), textcoords='offset points', fontsize=6)
-  ax.set_xlim(0, 1.02)
-  ax.set_ylim(0, 1.02)
-  ax.set_xlabel('recall')
-  ax.set_ylabel('precision')
-  ax.set_title(f'{title}\n(numbers: Hamming radius)', fontsize=9)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  step = max(1, len(pr_recall) // 8)
+  _plot_curve(path, pr_recall, pr_precision, xlabel='recall',
+              ylabel='precision',
+              title=f'{title}\n(numbers: Hamming radius)',
+              point_labels={r: str(r) for r in range(0, len(pr_recall), step)})
 
 
 def plot_precision_at_k(path, ks, precision, title):
   """P@k against k (log axis): how precise the top of the ranking is."""
-  fig, ax = plt.subplots(figsize=(4.2, 3.6))
-  ax.plot(ks, precision, marker='o', markersize=3)
-  ax.set_xscale('log')
-  ax.set_ylim(0, 1.02)
-  ax.set_xlabel('k (retrieved items)')
-  ax.set_ylabel('precision at k')
-  ax.set_title(title, fontsize=9)
-  ax.grid(alpha=0.3, which='both')
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _plot_curve(path, ks, precision, xlabel='k (retrieved items)',
+              ylabel='precision at k', title=title, log_x=True)
+
+
+def plot_retrieval_curves(prefix, scores, title):
+  """PREFIXpr_curve.png and PREFIXprecision_at_k.png from `encoding.score(..., curves=True)`.
+
+  Returns:
+    The two paths written.
+  """
+  paths = (f'{prefix}pr_curve.png', f'{prefix}precision_at_k.png')
+  plot_pr_curve(paths[0], scores['pr_precision'], scores['pr_recall'], title)
+  plot_precision_at_k(paths[1], scores['precision_at_k']['k'],
+                      scores['precision_at_k']['precision'], title)
+  return paths

@@ -11,7 +11,7 @@ Images go through the run's test transform (data/transforms.py) and one jitted
 eval step (`encoding.jitted_encode_step`) at a fixed batch size, the last batch
 padded, so one compiled shape serves every call and codes are bit-identical to
 the run's own evaluation. Text goes through the CLIP text tower and the center
-projection t exactly as training builds the class centers (SPEC §1).
+projection t exactly as training builds the class centers (docs/method.md §2.5).
 """
 import copy
 import functools
@@ -72,6 +72,7 @@ def restore_for_inference(workdir: str, *, step: Optional[int] = None,
   _, abstract, _, _ = train.create_train_state(config, model, tx, abstract_clip,
                                                abstract_text, mesh)
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
+  fallback = step is None  # An unreadable latest/best: the newest readable.
   try:
     if step is None:
       if which not in ('latest', 'best'):
@@ -82,7 +83,7 @@ def restore_for_inference(workdir: str, *, step: Optional[int] = None,
       raise FileNotFoundError(
           f'{checkpointing.checkpoint_dir(workdir)} holds no checkpoint; train '
           f'the run first (concepthash-train ... --workdir={workdir}).')
-    state = ckpt.restore(abstract, step)
+    state = ckpt.restore(abstract, step, fallback=fallback)
   finally:
     ckpt.close()
   return config, model, {'params': state.params, **state.model_state}, \

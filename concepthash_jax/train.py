@@ -34,6 +34,7 @@ from concepthash_jax import models
 from concepthash_jax import optim
 from concepthash_jax import run_files
 from concepthash_jax import sharding
+from concepthash_jax import workdir as workdir_lib
 from concepthash_jax.interop import hf
 from concepthash_jax.models import concepthash
 
@@ -297,7 +298,7 @@ def _train_batches(train_ds, config, mesh, *, start_step: int,
 def build_results(config, *, step: int, steps_per_epoch: int,
                   eval_result: dict, best: float, loss: float,
                   num_classes: int) -> dict:
-  """The results.json dict (SPEC §6.3) of a finished run."""
+  """The results.json dict (docs/method.md §6.3) of a finished run."""
   return {
       'map_at_r': eval_result['map_at_r'],
       'nbit': int(config.model.nbit),
@@ -336,10 +337,8 @@ class _Run:
     self.test_ds = data_lib.build(config.data, 'test', process_index=pi,
                                   process_count=pc)
     self.class_names = list(self.train_ds.class_names)
-    for ds in (self.train_ds, self.test_ds):
-      if getattr(ds, 'num_skipped', 0):
-        logging.warning('%s split: skipped %d corrupt images (data.on_corrupt='
-                        "'skip')", ds.split, ds.num_skipped)
+    for message in data_lib.core.data_warnings(self.train_ds, self.test_ds):
+      logging.warning(message)
     self.steps_per_epoch = data_lib.num_batches(
         len(self.train_ds), batch_size=config.data.batch_size // pc,
         process_count=pc, drop_remainder=True)
@@ -433,6 +432,7 @@ class _Run:
     self.ckpt.close()
 
 
+@workdir_lib.guarded  # One run per workdir; config must match its checkpoints.
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains, evaluates and writes workdir/results.json (docs/method.md §6.3).
 
@@ -477,6 +477,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       config, step=step, steps_per_epoch=per_epoch,
       eval_result=run.eval_result, best=run.best, loss=run.log.final_loss(),
       num_classes=len(run.class_names))
+  results['skipped_images'] = {ds.split: list(ds.skipped)
+                               for ds in (run.train_ds, run.test_ds)}
   _write_json(os.path.join(workdir, run_files.RESULTS_FILE), results)
   logging.info('Final mAP@R %.4f (best %.4f, chance %.4f) at step %d.',
                results['map_at_r'], results['best_map_at_r'],

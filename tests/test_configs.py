@@ -17,6 +17,7 @@ from concepthash_jax import optim  # pylint: disable=g-import-not-at-top
 from concepthash_jax import run_files  # pylint: disable=g-import-not-at-top
 from concepthash_jax import sharding  # pylint: disable=g-import-not-at-top
 from concepthash_jax import train  # pylint: disable=g-import-not-at-top
+from concepthash_jax import workdir  # pylint: disable=g-import-not-at-top
 from concepthash_jax.interop import hf  # pylint: disable=g-import-not-at-top
 
 from concepthash_jax.tools import cli  # pylint: disable=g-import-not-at-top
@@ -130,7 +131,7 @@ def test_launch_names_the_valid_keys_of_an_unknown_one():
        '--config=' + os.path.join(ROOT, 'configs/synthetic.py'),
        '--config.optim.lr=0.1', '--config.model.nbitt=3'],
       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
-  assert run.returncode == 1
+  assert run.returncode == 2
   last = run.stderr.strip().splitlines()[-1]
   assert last.startswith('FATAL Flags parsing error: unknown key '
                          'config.model.nbitt (from --config.model.nbitt=3); '
@@ -185,3 +186,60 @@ def test_configure_xla_flags_adds_the_scheduler_flag_once_and_user_flags_win(
   config.train.cpu_concurrency_scheduler = True
   assert train.configure_xla_flags(config) == ''
   assert 'XLA_FLAGS' not in os.environ
+
+
+def test_every_choice_list_is_the_owning_modules_own():
+  # configuration reads the lists; it keeps no copy that could drift.
+  from concepthash_jax import data  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.models import concepthash  # pylint: disable=g-import-not-at-top
+  assert configuration.CHOICES['model.center_type'] is concepthash.CENTER_TYPES
+  assert configuration.CHOICES['data.name'] == ('synthetic', 'cub', 'cars',
+                                                'aircraft', 'nabirds')
+  assert configuration.CHOICES['data.source'] == tuple(data.SOURCES)
+
+
+def test_a_loss_gets_only_the_keywords_it_declares():
+  loss_cfg = load('configs/synthetic.py').loss
+  loss_cfg.unlock()
+  loss_cfg.new_key = 3.0  # A key no loss asked for: not forced on any.
+
+  def weighted_csd(aux, labels, *, weight_csd, scale=1.0):
+    del labels
+    return weight_csd * scale * aux['x'], {}
+  assert configuration.loss_keywords(weighted_csd, loss_cfg) == {
+      'weight_csd': loss_cfg.weight_csd, 'scale': loss_cfg.scale}
+
+  def wants_all(aux, labels, **kwargs):
+    return 0.0, kwargs
+  assert configuration.loss_keywords(wants_all, loss_cfg)['new_key'] == 3.0
+
+  def needs_unknown(aux, labels, *, temperature):
+    return temperature, {}
+  with pytest.raises(ValueError, match=r"needs keyword\(s\) \['temperature'\] "
+                     'that config.loss does not have'):
+    configuration.loss_keywords(needs_unknown, loss_cfg)
+  # The built-in loss, bound: only (aux, labels) left to pass.
+  fn = configuration.make_loss_fn(loss_cfg)
+  assert fn.func is configuration.losses.total_loss
+  assert 'new_key' not in fn.keywords
+
+
+def test_workdir_config_check_classifies_every_key():
+  config = load('configs/synthetic.py').to_dict()
+  keys = workdir.flatten(config)
+  assert set(workdir.HARMLESS) <= set(keys)  # The table names real keys.
+  changed = {**config, 'seed': 1,
+             'model': {**config['model'], 'nbit': 32, 'remat': 'none'},
+             'optim': {**config['optim'], 'lr': 0.5},
+             'eval': {**config['eval'], 'every_epochs': 3},
+             'train': {**config['train'], 'max_steps': 7}}
+  breaking, harmless = workdir.config_changes(config, changed)
+  assert breaking == {'model.nbit': (config['model']['nbit'], 32),
+                      'optim.lr': (config['optim']['lr'], 0.5),
+                      'seed': (0, 1)}
+  assert set(harmless) == {'model.remat', 'eval.every_epochs',
+                           'train.max_steps'}
+  # A key one side lacks (another code version) is not compared.
+  older = {**config, 'model': {k: v for k, v in config['model'].items()
+                               if k != 'remat'}}
+  assert workdir.config_changes(older, config) == ({}, {})

@@ -16,10 +16,13 @@ from PIL import Image
 
 import data_testlib
 import train_testlib as lib
+from concepthash_jax import checkpointing
 from concepthash_jax import configuration
 from concepthash_jax import encoding
+from concepthash_jax import errors
 from concepthash_jax import inference
 from concepthash_jax import train
+from concepthash_jax import workdir as workdir_lib
 
 # Long enough (120 steps) for a SIGTERM to land mid-run; evals at epochs 20, 40.
 LONG = {'optim.epochs': 40, 'eval.every_epochs': 20,
@@ -102,8 +105,15 @@ def test_max_steps_then_resume_is_bit_identical(reference, tmp_path):
   _assert_same_run(workdir, reference[0])
 
   # The copy diverges (NaN loss) after step 50: clear error, step 50 kept.
+  # (loss.fn is stored as if the run had used it from the start: a changed
+  # loss on a workdir with checkpoints is refused.)
   nan_dir = str(tmp_path / 'diverging')
   config = lib.load_config({**LONG, 'loss.fn': 'train_testlib.nan_loss'})
+  with open(os.path.join(nan_dir, 'config.json')) as f:
+    stored = json.load(f)
+  stored['loss']['fn'] = config.loss.fn
+  with open(os.path.join(nan_dir, 'config.json'), 'w') as f:
+    json.dump(stored, f)
   with pytest.raises(FloatingPointError,
                      match=r'Non-finite.*step 51.*checkpoint \(step 50\) is kept'):
     train.train_and_evaluate(config, nan_dir)
@@ -133,7 +143,7 @@ def test_sigterm_saves_exits_cleanly_and_resume_is_bit_identical(reference,
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.returncode == errors.EXIT_PREEMPTED, out[-3000:]
   assert 'SIGTERM: saved step' in out
   # tqdm bar: steps done of 120, elapsed<ETA, rate, and the logged postfix.
   assert re.search(r'\d+/120 \[\d+:\d+<\d+:\d+, +[\d.]+(step/s|s/step), '
@@ -144,6 +154,51 @@ def test_sigterm_saves_exits_cleanly_and_resume_is_bit_identical(reference,
       os.path.join(workdir, 'results.json'))
   train.train_and_evaluate(lib.load_config(LONG), workdir)
   _assert_same_run(workdir, reference[0])
+
+
+def test_config_check_history_and_unreadable_newest_checkpoint(
+    reference, tmp_path, caplog):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference[0], workdir)
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  steps = checkpointing.step_dirs(ckpt_dir)
+  assert steps[-1] == 120 and len(steps) >= 2
+  before = lib.files_under(workdir)
+
+  # State-changing keys: one sentence naming them, nothing on disk touched.
+  with pytest.raises(errors.WorkdirError,
+                     match=r'holds checkpoints \(step 120\) of a run with a '
+                     r'different config \(config\.model\.nbit: 8 -> 16, '
+                     r'config\.optim\.lr: 0\.05 -> 0\.1; .*--config\.train\.'
+                     r'resume='):
+    train.train_and_evaluate(lib.load_config(
+        {**LONG, 'model.nbit': 16, 'optim.lr': 0.1}), workdir)
+  assert lib.files_under(workdir) == before
+
+  # A torn newest checkpoint: inference and the resume use the one before.
+  metadata = os.path.join(ckpt_dir, '120', 'default', '_METADATA')
+  with open(metadata, 'r+b') as f:
+    f.truncate(os.path.getsize(metadata) // 2)
+  with open(metadata, 'rb') as f:
+    torn = f.read()
+  inference.restore_for_inference(workdir)
+  assert f'Skipping checkpoint step 120: {os.path.join(ckpt_dir, "120")}' in (
+      caplog.text)
+  assert os.path.exists(metadata)
+
+  # Harmless keys are allowed and recorded; the resumed run ends identical.
+  train.train_and_evaluate(lib.load_config(
+      {**LONG, 'train.keep_checkpoints': 3}), workdir)
+  _assert_same_run(workdir, reference[0])
+  with open(os.path.join(workdir, 'checkpoints_unreadable', '120', 'default',
+                         '_METADATA'), 'rb') as f:
+    assert f.read() == torn  # Moved aside, never deleted.
+  history = lib.read_jsonl(os.path.join(workdir, workdir_lib.HISTORY_FILE))
+  assert [h["step"] for h in history] == [None, 120]
+  assert history[-1]['changed'] == {'train.keep_checkpoints': [2, 3]}
+  with open(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as f:
+    assert json.load(f)['train']['keep_checkpoints'] == 3
+  assert not os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))
 
 
 def test_encode_tool_and_restore_for_inference(reference, tmp_path):
@@ -161,6 +216,14 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   assert codes['keypoints'].shape[:2] == (12, len(ds.part_names))
   np.testing.assert_array_equal(codes['labels'], ds.labels)
   np.testing.assert_array_equal(codes['index'], np.arange(12))
+  # Keep only display images of the first rows: no forward pass, no codes.
+  size = config.data.image_size
+  shown = encoding.encode_split(model, variables, ds, config.data,
+                                keep=('images',), num_images=3, max_images=7)
+  assert set(shown) == {'labels', 'index', 'images'}
+  assert shown['images'].shape == (3, size, size, 3) and len(shown['index']) == 7
+  with pytest.raises(ValueError, match=r"keep \['pixels'\]; valid"):
+    encoding.encode_split(model, variables, ds, config.data, keep=('pixels',))
 
   out = str(tmp_path / 'codes.npz')
   run = subprocess.run(
@@ -173,6 +236,13 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   saved = np.load(out)
   np.testing.assert_array_equal(saved['codes'], codes['codes'])
   assert os.path.exists(str(tmp_path / 'codes.index.npz'))
+  with open(str(tmp_path / 'codes.retrieval.json')) as f:
+    curves = json.load(f)
+  assert curves['map_at_r'] == pytest.approx(results['map_at_r'], abs=1e-6)
+  assert curves['precision_at_k']['k'] == [1, 2, 5, 10, 20]  # 24 in the database.
+  assert len(curves['pr_recall']) == 8 + 1 and curves['pr_recall'][-1] == 1.0
+  for name in ('codes.pr_curve.png', 'codes.precision_at_k.png'):
+    assert os.path.getsize(str(tmp_path / name)) > 1000
 
 
 def test_custom_loss_example_plugs_in_through_its_import_path(monkeypatch):
@@ -232,10 +302,13 @@ def test_one_step_on_a_generated_cub_folder(tmp_path):
   classes = ['001.Black_footed_Albatross', '002.Laysan_Albatross',
              '003.Sooty_Albatross']
   rows = []
-  for i in range(12):  # 4 per class: 3 train, 1 test.
+  for i in range(13):  # 4 per class: 3 train, 1 test; + 1 truncated (train).
     path = f'{classes[i % 3]}/img_{i}.jpg'
     _image(str(root / 'images' / path), i)
-    rows.append((i + 1, path, i % 3 + 1, int(i < 9)))
+    rows.append((i + 1, path, i % 3 + 1, int(i < 9 or i == 12)))
+  truncated = str(root / 'images' / rows[12][1])
+  with open(truncated, 'r+b') as f:
+    f.truncate(os.path.getsize(truncated) // 2)
   for name, lines in (
       ('images.txt', [f'{i} {p}' for i, p, _, _ in rows]),
       ('image_class_labels.txt', [f'{i} {c}' for i, _, c, _ in rows]),
@@ -243,8 +316,10 @@ def test_one_step_on_a_generated_cub_folder(tmp_path):
       ('classes.txt', [f'{k + 1} {c}' for k, c in enumerate(classes)])):
     (root / name).write_text('\n'.join(lines) + '\n')
   results = _one_step('configs/cub.py', {'data.source': 'folders',
-                                         'data.root': str(root)},
+                                         'data.root': str(root),
+                                         'data.on_corrupt': 'skip'},
                       str(tmp_path / 'run'))
+  assert results['skipped_images'] == {'train': [truncated], 'test': []}
   assert results['num_classes'] == 3 and results['num_database'] == 9
   assert results['num_queries'] == 3 and np.isfinite(results['loss'])
 

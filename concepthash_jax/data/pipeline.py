@@ -18,6 +18,8 @@ import numpy as np
 from concepthash_jax.data import transforms
 
 _PAD = -1  # 'index' (and 'label') of padding rows.
+# data.worker_type: decode in threads (PIL releases the GIL) or processes.
+WORKER_TYPES = ('thread', 'process')
 
 
 def epoch_order(num_images, *, shuffle, seed, epoch):
@@ -157,9 +159,9 @@ def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
     and 'box' float32 (B, 4) x, y, w, h in the same frame when it has boxes
     (not clipped to the crop), and 'display' when asked.
   """
-  if data_cfg.worker_type not in ('thread', 'process'):
-    raise ValueError(f"Unknown data.worker_type {data_cfg.worker_type!r}; "
-                     "valid: 'thread', 'process'")
+  if data_cfg.worker_type not in WORKER_TYPES:
+    raise ValueError(f'Unknown data.worker_type {data_cfg.worker_type!r}; '
+                     f'valid: {list(WORKER_TYPES)}')
   if batch_size <= 0:
     raise ValueError(f'batch_size must be > 0, got {batch_size}')
   order = epoch_order(len(dataset), shuffle=train, seed=seed, epoch=epoch)

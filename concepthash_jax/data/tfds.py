@@ -98,8 +98,7 @@ def _read_labels(source):
 
 def build(data_cfg, split, *, process_index=0, process_count=1):
   """Builds the TFDS split `split` of `data_cfg.tfds_name`."""
-  if split not in _SPLITS:
-    raise ValueError(f"Unknown split {split!r}; valid: 'train', 'test'")
+  core.check_split(split)
   name = data_cfg.tfds_name
   if not name:
     raise ValueError('data.source=tfds needs data.tfds_name')

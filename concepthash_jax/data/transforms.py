@@ -354,6 +354,10 @@ def test_transform(*, image_size, resize_size):
   ])
 
 
+# data.train_augment: the released recipe, the paper's, or the test transform.
+TRAIN_AUGMENTS = ('released', 'paper', 'none')
+
+
 def train_transform(augment, *, image_size, resize_size):
   """The training pipeline named by config `data.train_augment`.
 
@@ -385,4 +389,4 @@ def train_transform(augment, *, image_size, resize_size):
   if augment == 'none':
     return test_transform(image_size=image_size, resize_size=resize_size)
   raise ValueError(f'Unknown data.train_augment {augment!r}; '
-                   "valid: 'released', 'paper', 'none'")
+                   f'valid: {list(TRAIN_AUGMENTS)}')

@@ -5,9 +5,12 @@ r"""Encodes a split with a trained run and reports its mAP@R against the databas
 
 Writes OUT (codes ±1 int8, codes_cont, labels, index, concept_attn) and beside
 it OUT with suffix `.index.npz`, a searchable code index of the database
-(train split). Prints mAP@R of the split against the database beside the
-chance level of a random ranking (docs/method.md §4).
+(train split), and `.retrieval.json`, `.pr_curve.png`, `.precision_at_k.png`
+(mAP@R, P@k and the precision-recall curve over Hamming radii). Prints mAP@R
+of the split against the database beside the chance level of a random ranking
+(docs/method.md §5.2).
 """
+import json
 import os
 
 from absl import flags
@@ -15,8 +18,10 @@ import numpy as np
 
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
+from concepthash_jax import figures
 from concepthash_jax import index as index_lib
 from concepthash_jax import inference
+from concepthash_jax import report
 from concepthash_jax import sharding
 from concepthash_jax.tools import cli
 
@@ -76,12 +81,19 @@ def main(argv):
   np.savez_compressed(out, **query)
   index_path = os.path.splitext(out)[0] + '.index.npz'
   index_lib.CodeIndex(database['codes'], database['labels']).save(index_path)
-  scores = encoding.score(query, database, config.eval)
+  scores = encoding.score(query, database, config.eval, curves=True)
   score, chance = scores['map_at_r'], scores['chance_map_at_r']
+  # Retrieval curves beside the codes: OUT_STEM.retrieval.json + two plots.
+  stem = os.path.splitext(out)[0] + '.'
+  with open(stem + 'retrieval.json', 'w') as f:
+    json.dump(report.jsonable(scores), f, indent=1)
+  curve_paths = figures.plot_retrieval_curves(
+      stem, scores, f'{FLAGS.split} vs train database, {config.data.name}')
   print(f'{FLAGS.split}: {len(query["codes"])} codes of {query["codes"].shape[1]}'
         f' bits -> {out}\ndatabase index ({len(database["codes"])} codes) -> '
         f'{index_path}\nmAP@R {score:.4f} (chance {chance:.4f}, ties='
-        f'{config.eval.ties})')
+        f'{config.eval.ties})\nretrieval curves -> {stem}retrieval.json, '
+        f'{", ".join(curve_paths)}')
 
 
 def run():

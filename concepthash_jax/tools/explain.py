@@ -84,13 +84,9 @@ def _retrieval(inp: _Inputs):
   numbers['pr_precision'] = curves['pr_precision']
   numbers['pr_recall'] = curves['pr_recall']
   numbers['precision_at_k'] = curves['precision_at_k']
-  title = (f'{inp.config.data.name}, {curves["num_queries"]} queries, '
-           f'{curves["num_database"]} database')
-  figures.plot_pr_curve(inp.path('pr_curve.png'), curves['pr_precision'],
-                        curves['pr_recall'], title)
-  figures.plot_precision_at_k(inp.path('precision_at_k.png'),
-                              curves['precision_at_k']['k'],
-                              curves['precision_at_k']['precision'], title)
+  figures.plot_retrieval_curves(
+      inp.path(''), curves, f'{inp.config.data.name}, {curves["num_queries"]}'
+      f' queries, {curves["num_database"]} database')
   return {'retrieval': numbers}, [
       ('Precision-recall over Hamming radii', 'pr_curve.png'),
       ('Precision at k', 'precision_at_k.png')]

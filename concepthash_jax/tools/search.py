@@ -1,13 +1,13 @@
 r"""Searches a code index by image or by text, and shows why each result matched.
 
   # Build (and keep) an index of the run's database split, query with an image:
-  python -m concepthash_jax.tools.search --model exported/synthetic \
+  concepthash-search --model exported/synthetic \
     --db_split train --index db.index.npz --image photo.jpg --why why/
   # Reuse the index; query with text (one query per class with {class}):
-  python -m concepthash_jax.tools.search --model exported/synthetic \
+  concepthash-search --model exported/synthetic \
     --index db.index.npz --text "a photo of a {class}"
   # Every image of a split as a query: P@k beside the evaluator's.
-  python -m concepthash_jax.tools.search --model W --index db.index.npz --query_split test
+  concepthash-search --model W --index db.index.npz --query_split test
 
 --model is a training workdir or an export (tools/export.py). The database is a
 split of the run's dataset (--db_split) or a folder of images (--db_folder; an

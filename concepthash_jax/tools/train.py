@@ -16,14 +16,22 @@ followed by an optional `:arg` (the bit width, or the dataset for paper):
   paper       the paper's choices instead of the released ones; `:cub,nbit=32`
 Every key can be overridden with --config.section.key=value; unknown keys and
 invalid values stop here with the valid choices. The keys are documented in
-configs/base.py; docs/method.md §3 lists the released-vs-paper switches.
+configs/base.py; docs/method.md §4 lists the released-vs-paper switches.
 
-Writes WORKDIR/results.json (docs/method.md §5), metrics.jsonl, TensorBoard
+Writes WORKDIR/results.json (docs/method.md §6.3), metrics.jsonl, TensorBoard
 event files and checkpoints; a run resumes from its newest checkpoint. On a
 multi-host job start the same command on every host: jax.distributed is
 initialised when the environment describes a cluster (JAX_COORDINATOR_ADDRESS
 with JAX_NUM_PROCESSES and JAX_PROCESS_ID, a multi-task SLURM/Open MPI job, a
 multi-host TPU slice) or when --distributed is given.
+
+Exit status: 0 finished (results.json written); 2 a mistake to fix - an
+unknown config key or bad value, a missing or malformed file, a busy workdir or
+one whose checkpoints were trained with another config (one 'FATAL' line naming
+the key or file and the fix, no traceback); 75 preempted (SIGTERM): the current
+step was saved, rerun the same command to resume; 1 anything else (a fault,
+printed with its traceback; also absl's own flag errors such as a missing
+--workdir). README.md "Failure modes" lists each case and what to do.
 """
 import logging as py_logging
 import os
@@ -36,6 +44,7 @@ import jax
 from ml_collections import config_flags
 
 from concepthash_jax import configuration
+from concepthash_jax import errors
 from concepthash_jax import train
 from concepthash_jax.tools import cli
 
@@ -104,7 +113,8 @@ def parse_flags(argv):
     if files:
       parser = config_flags.config_flags.ConfigFileFlagParser(name='config')
       message = unknown_key_message(parser.parse(files[-1]), argv)
-    sys.exit(f'FATAL Flags parsing error: {message or e}')
+    sys.stderr.write(f'FATAL Flags parsing error: {message or e}\n')
+    sys.exit(errors.EXIT_USER_ERROR)
 
 
 def _quiet_orbax(record) -> bool:
@@ -118,7 +128,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   py_logging.getLogger('absl').addFilter(_quiet_orbax)
   # Fail on a bad config before anything slow (model download, data).
-  configuration.validate_config(FLAGS.config)
+  try:
+    configuration.validate_config(FLAGS.config)
+  except ValueError as e:  # validate_config raises only for config values.
+    _exit_user_error(e)
   train.configure_xla_flags(FLAGS.config)  # Before the first JAX computation.
   distributed = FLAGS.distributed
   if distributed is None:
@@ -135,7 +148,18 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.default_backend())
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except errors.UserError as e:
+    _exit_user_error(e)
+  if results.get('preempted'):
+    sys.exit(errors.EXIT_PREEMPTED)  # A scheduler must not read it as done.
+
+
+def _exit_user_error(error):
+  """Prints the message alone (the traceback of a user mistake is noise)."""
+  sys.stderr.write(f'FATAL: {error}\n')
+  sys.exit(errors.EXIT_USER_ERROR)
 
 
 def run():
