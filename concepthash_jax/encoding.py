@@ -12,6 +12,7 @@ import numpy as np
 
 from concepthash_jax import evaluation
 from concepthash_jax import sharding
+from concepthash_jax.data import transforms
 
 
 def encode_step(variables, images, *, model):
@@ -19,7 +20,7 @@ def encode_step(variables, images, *, model):
 
   Args:
     variables: {'params', 'batch_stats', 'centers'}.
-    images: (B,S,S,3) float32.
+    images: (B,S,S,3) uint8 pixels or normalised float32.
     model: the ConceptHash module (static).
 
   Returns:
@@ -27,6 +28,7 @@ def encode_step(variables, images, *, model):
      'codes_cont': (B,K) float32 continuous b,
      'concept_attn': (B,M,HW) float32}.
   """
+  images = transforms.to_model_input(images)
   _, aux = model.apply(variables, images, train=False)
   cont = aux['codes'].astype(jnp.float32)
   return {'codes': jnp.where(cont >= 0, 1, -1).astype(jnp.int8),

@@ -81,7 +81,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
 
   Args:
     state: the TrainState.
-    batch: {'image': (B,S,S,3) float32, 'label': (B,) int32, ...} global arrays.
+    batch: {'image': (B,S,S,3) uint8 or normalised float32, 'label': (B,) int32, ...} global arrays.
     model: the ConceptHash module (static).
     tx: optax transformation over the trainable sub-tree (static).
     loss_fn: (aux, labels, **loss_kwargs) -> (loss, metrics) (static).
@@ -92,6 +92,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
   Returns:
     (new_state, metrics) with scalar metrics (loss terms, 'loss', 'lr').
   """
+  batch = dict(batch, image=data_lib.transforms.to_model_input(batch['image']))
   # Same key for the same step whatever happened before: resume replays it.
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   trainable, frozen = optim.partition_params(state.params, trainable_mask)

@@ -53,6 +53,8 @@ CROP_SIDE = 48  # Pixels per gallery crop.
 
 def to_uint8(images):
   """Undoes the CLIP normalisation of (B, S, S, 3) model inputs for display."""
+  if images.dtype == np.uint8:  # data.batches' pixels: nothing to undo.
+    return images
   pixels = (np.asarray(images, np.float32) * np.array(transforms.CLIP_STD)
             + np.array(transforms.CLIP_MEAN))
   return np.clip(np.round(pixels * 255), 0, 255).astype(np.uint8)
