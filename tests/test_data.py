@@ -380,7 +380,8 @@ def test_tfds_data_source_reads_array_record_without_tensorflow(tmp_path):
   with pytest.raises(ModuleNotFoundError):
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   cfg = _data_cfg(source='tfds', tfds_name='concepthash_tiny_birds',
-                  tfds_data_dir=str(tmp_path), image_size=16, resize_size=18)
+                  tfds_data_dir=str(tmp_path), image_size=16, resize_size=18,
+                  cache_dir=str(tmp_path / 'cache'))
   train = data.build(cfg, 'train')  # Prepares it (array_record) on the way.
   assert len(train) == 9
   assert train.class_names == ['black_footed_albatross', 'laysan_albatross',
@@ -396,6 +397,13 @@ def test_tfds_data_source_reads_array_record_without_tensorflow(tmp_path):
                             epoch=0, drop_remainder=False))
   assert batch['image'].shape == (4, 16, 16, 3)
   np.testing.assert_array_equal(batch['label'], test.labels[:4])
+  # Keyed on the split's array_record shards, the first-stage cache gives
+  # the pixels of a direct read.
+  assert len(os.listdir(os.path.join(cfg.cache_dir))) == 1
+  cfg.cache = False
+  direct = next(data.batches(test, cfg, train=False, batch_size=4, seed=0,
+                             epoch=0, drop_remainder=False))
+  np.testing.assert_array_equal(batch['image'], direct['image'])
 
 
 def test_tfds_mock_data_caltech_birds():
