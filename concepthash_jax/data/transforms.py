@@ -358,23 +358,25 @@ _CROP_FIRST_OPS = ('Identity', 'Brightness', 'Color', 'Posterize', 'Solarize',
                    'Contrast', 'Sharpness', 'TranslateX', 'TranslateY')
 
 
-def _translated_window(pixels, translate, left, top, size):
-  """The size^2 window at (left, top) of `pixels` translated by whole pixels.
+def _window(pixels, left, top, size, flip):
+  """PIL image of the size^2 window at (left, top), zero outside the image.
 
-  Equals crop(affine(translate=...)) bit for bit: PIL's bicubic sample at an
-  integer offset is the source pixel itself (the cubic's weights are
-  0, 1, 0, 0), and outside the source it leaves the zero fill.
+  The window is of `pixels` mirrored left-right when `flip`; only the
+  window is copied and mirrored (PIL's transpose: exact).
   """
   height, width = pixels.shape[:2]
-  tx, ty = translate
-  out = np.zeros((size, size) + pixels.shape[2:], pixels.dtype)
-  # Output pixel (x, y) of the window reads source (left + x - tx, top + y - ty).
-  x0, x1 = max(0, tx - left), min(size, width + tx - left)
-  y0, y1 = max(0, ty - top), min(size, height + ty - top)
-  if x0 < x1 and y0 < y1:
-    out[y0:y1, x0:x1] = pixels[top + y0 - ty:top + y1 - ty,
-                               left + x0 - tx:left + x1 - tx]
-  return out
+  if flip:
+    left = width - left - size  # The same columns, seen unmirrored.
+  x0, x1 = max(0, left), min(width, left + size)
+  y0, y1 = max(0, top), min(height, top + size)
+  if (x0, y0, x1, y1) == (left, top, left + size, top + size):
+    window = pixels[top:top + size, left:left + size]
+  else:
+    window = np.zeros((size, size) + pixels.shape[2:], pixels.dtype)
+    if x0 < x1 and y0 < y1:
+      window[y0 - top:y1 - top, x0 - left:x1 - left] = pixels[y0:y1, x0:x1]
+  image = Image.fromarray(np.ascontiguousarray(window))
+  return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
 
 
 def flip_ta_crop(pixels, keypoints, rng, *, size, interpolation='bicubic'):
@@ -409,36 +411,33 @@ def flip_ta_crop(pixels, keypoints, rng, *, size, interpolation='bicubic'):
     image, keypoints = center_crop(image, keypoints, size=size)
     return np.asarray(image), keypoints
   if flip:
-    pixels = pixels[:, ::-1]
     keypoints = _flip_points(keypoints, width)
   _, _, left, top = _center_crop_geometry(width, height, size)
   if op in ('TranslateX', 'TranslateY'):
-    translate = _ta_translation(op, magnitude)
+    # PIL's bicubic sample at a whole-pixel offset is the source pixel
+    # itself (the cubic's weights are 0, 1, 0, 0) and the zero fill outside:
+    # the translated crop is the source window shifted back.
+    tx, ty = _ta_translation(op, magnitude)
     if keypoints is not None:
       keypoints = _affine_keypoints(
-          keypoints, _affine_matrix(width, height, translate=translate),
+          keypoints, _affine_matrix(width, height, translate=(tx, ty)),
           width, height)
-    out = _translated_window(pixels, translate, left, top, size)
+    out = np.asarray(_window(pixels, left - tx, top - ty, size, flip))
   elif op == 'Sharpness':
     # 3x3 smoothing: keep a 1-pixel border so the crop's edge pixels see
     # their true neighbours (PIL copies border pixels unfiltered).
-    window = Image.fromarray(np.ascontiguousarray(
-        pixels[top - 1:top + size + 1, left - 1:left + size + 1]))
+    window = _window(pixels, left - 1, top - 1, size + 2, flip)
     window, _ = apply_ta_op(window, None, op=op, magnitude=magnitude)
     out = np.asarray(window)[1:-1, 1:-1]
+  elif op == 'Contrast':
+    # The blend target is the whole image's mean grey, not the crop's.
+    enhancer = ImageEnhance.Contrast(Image.fromarray(pixels))
+    enhancer.image = _window(pixels, left, top, size, flip)
+    enhancer.degenerate = enhancer.degenerate.crop((0, 0, size, size))
+    out = np.asarray(enhancer.enhance(1.0 + magnitude))
   else:
-    window = Image.fromarray(np.ascontiguousarray(
-        pixels[top:top + size, left:left + size]))
-    if op == 'Contrast':
-      # The blend target is the whole image's mean grey, not the crop's.
-      enhancer = ImageEnhance.Contrast(Image.fromarray(
-          np.ascontiguousarray(pixels)))
-      enhancer.image = window
-      enhancer.degenerate = enhancer.degenerate.crop((0, 0, size, size))
-      out = np.asarray(enhancer.enhance(1.0 + magnitude))
-    else:
-      out = np.asarray(apply_ta_op(window, None, op=op,
-                                   magnitude=magnitude)[0])
+    out = np.asarray(apply_ta_op(_window(pixels, left, top, size, flip), None,
+                                 op=op, magnitude=magnitude)[0])
   if keypoints is not None:
     keypoints, _ = center_crop_points(keypoints, (width, height), size=size)
   return out, keypoints
