@@ -2,6 +2,7 @@
 
   python benchmarks/input_pipeline.py                      # 2 rounds, 2 and 1 workers
   python benchmarks/input_pipeline.py --rounds=1 --workers=2 --images=320
+  python benchmarks/input_pipeline.py --map_check     # mAP@R with / without the cache
 
 Writes `--images` CUB-sized JPEGs (500 x 375, textured, quality 90) in the official
 CUB_200_2011 layout, then times one epoch of batch 32 per row, after a warm-up epoch,
@@ -35,8 +36,11 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_cub(root, num_images, seed=0):
-  """CUB_200_2011 layout with `num_images` 500 x 375 JPEGs, all in the train split."""
+def write_cub(root, num_images, seed=0, test_every=0):
+  """CUB_200_2011 layout with `num_images` 500 x 375 JPEGs.
+
+  All are in the train split, except every `test_every`-th (when > 0).
+  """
   cub = os.path.join(root, 'CUB_200_2011')
   if os.path.exists(os.path.join(cub, 'classes.txt')):
     return cub
@@ -57,7 +61,8 @@ def write_cub(root, num_images, seed=0):
         os.path.join(cub, 'images', path), quality=90)
     lines['images.txt'].append(f'{i} {path}')
     lines['image_class_labels.txt'].append(f'{i} {label}')
-    lines['train_test_split.txt'].append(f'{i} 1')
+    is_test = test_every and i % test_every == 0
+    lines['train_test_split.txt'].append(f'{i} {0 if is_test else 1}')
   lines['classes.txt'] = [f'{c} {c:03d}.Bird_{c}' for c in range(1, 11)]
   for name, rows in lines.items():
     with open(os.path.join(cub, name), 'w') as f:
@@ -138,6 +143,49 @@ def run_ours(args):
   return dict(img_s=count / (time.perf_counter() - start), warmup_s=warmup_s)
 
 
+def map_check(args):
+  """mAP@R of one tiny training run on a generated CUB folder, cache on and off.
+
+  A 1-layer random CLIP at 32 px, released augmentation, 2 epochs; the two
+  runs differ only in data.cache, so equal mAP@R (and loss) means the cached
+  pipeline fed the same pixels.
+  """
+  sys.path.insert(0, _REPO)
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import train  # pylint: disable=g-import-not-at-top
+
+  root = os.path.join(args.data, 'map_check')
+  write_cub(root, 80, seed=1, test_every=4)
+  tiny = ['model.clip=random', 'model.random_clip.image_size=32',
+          'model.random_clip.patch_size=8', 'model.random_clip.vision_width=32',
+          'model.random_clip.vision_layers=1', 'model.random_clip.vision_heads=2',
+          'model.random_clip.vision_mlp=64', 'model.random_clip.projection_dim=16',
+          'model.random_clip.text_width=16', 'model.random_clip.text_layers=1',
+          'model.random_clip.text_heads=2', 'model.random_clip.text_mlp=32',
+          'model.random_clip.vocab_size=300', 'model.adapter_dim=8',
+          'model.generator_heads=2', 'model.nbit=8', 'data.source=folders',
+          f'data.root={root}', 'data.image_size=32', 'data.resize_size=36',
+          'data.batch_size=8', 'data.eval_batch_size=20', 'optim.epochs=2',
+          'optim.warmup_epochs=1', 'optim.lr=0.05', 'eval.every_epochs=2']
+  results = {}
+  for cache in (True, False):
+    argv = ['prog', f'--config={os.path.join(_REPO, "configs", "cub.py")}'] + [
+        f'--config.{kv}' for kv in tiny + [f'data.cache={cache}',
+                                           f'data.cache_dir={root}/cache']]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', None, '', flag_values=fv,
+                                    lock_config=True, sys_argv=argv)
+    fv(argv)
+    out = train.train_and_evaluate(
+        fv.config, os.path.join(root, f'run_cache_{cache}'))
+    results[cache] = out
+    print(f'data.cache={cache}: mAP@R {out["map_at_r"]!r}, final loss '
+          f'{out["loss"]!r}', flush=True)
+  same = results[True]['map_at_r'] == results[False]['map_at_r']
+  print(f'same mAP@R with and without the cache: {same}')
+
+
 def load():
   """1-minute load average."""
   return os.getloadavg()[0]
@@ -181,6 +229,9 @@ def main():
   parser.add_argument('--data', default='', help='folder for the JPEGs '
                       '(default: a temporary folder)')
   parser.add_argument('--torch_python', default='/work/venv-torch/bin/python')
+  parser.add_argument('--map_check', action='store_true',
+                      help='instead: mAP@R of a tiny CUB-folder training run '
+                      'with and without the cache')
   # Child-process options.
   parser.add_argument('--child', default='')
   parser.add_argument('--transform', default='train')
@@ -195,6 +246,9 @@ def main():
     return
 
   args.data = args.data or tempfile.mkdtemp(prefix='input_pipeline_')
+  if args.map_check:
+    map_check(args)
+    return
   write_cub(args.data, args.images)
   model, simd = cpu()
   print(f'{args.images} JPEGs 500x375 in {args.data}; batch {args.batch}; '
