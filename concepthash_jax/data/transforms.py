@@ -230,13 +230,19 @@ def _affine_matrix(width, height, *, translate=(0, 0), shear=(0.0, 0.0),
 
 
 def affine(image, keypoints, *, translate=(0, 0), shear=(0.0, 0.0),
-           center=None, interpolation='nearest'):
-  """torchvision F.affine (no rotation/scale) with zero fill."""
+           center=None, interpolation='nearest', extent=None):
+  """torchvision F.affine (no rotation/scale) with zero fill.
+
+  `extent` (W', H') computes only the output's top-left W' x H' pixels (the
+  same values there: PIL maps each output pixel from its own coordinates);
+  keypoints are those of the full output.
+  """
   width, height = image.size
   matrix = _affine_matrix(width, height, translate=translate, shear=shear,
                           center=center)
-  image = image.transform((width, height), Image.Transform.AFFINE, matrix,
-                          _resample(interpolation), fillcolor=(0, 0, 0))
+  image = image.transform(extent or (width, height), Image.Transform.AFFINE,
+                          matrix, _resample(interpolation),
+                          fillcolor=(0, 0, 0))
   return image, _affine_keypoints(keypoints, matrix, width, height)
 
 
@@ -297,18 +303,24 @@ def _ta_translation(op, magnitude):
   return (int(magnitude), 0) if op == 'TranslateX' else (0, int(magnitude))
 
 
-def apply_ta_op(image, keypoints, *, op, magnitude, interpolation='bicubic'):
-  """Applies one TrivialAugmentWide op at `magnitude` (torchvision `_apply_op`)."""
+def apply_ta_op(image, keypoints, *, op, magnitude, interpolation='bicubic',
+                extent=None):
+  """Applies one TrivialAugmentWide op at `magnitude` (torchvision `_apply_op`).
+
+  `extent`: for the shears, compute only the top-left W' x H' (`affine`).
+  """
   if op == 'Identity':
     return image, keypoints
   if op == 'ShearX':
     # Shear about the top-left corner, as torchvision does for these ops.
     return affine(image, keypoints, shear=(math.degrees(math.atan(magnitude)),
                                            0.0),
-                  center=(0.0, 0.0), interpolation=interpolation)
+                  center=(0.0, 0.0), interpolation=interpolation,
+                  extent=extent)
   if op == 'ShearY':
     return affine(image, keypoints, shear=(0.0, math.degrees(
-        math.atan(magnitude))), center=(0.0, 0.0), interpolation=interpolation)
+        math.atan(magnitude))), center=(0.0, 0.0), interpolation=interpolation,
+                  extent=extent)
   if op in ('TranslateX', 'TranslateY'):
     return affine(image, keypoints, translate=_ta_translation(op, magnitude),
                   interpolation=interpolation)
@@ -385,8 +397,8 @@ def flip_ta_crop(pixels, keypoints, rng, *, size, interpolation='bicubic'):
   The released train ops after Resize, drawing the same random numbers as
   those three ops of `train_transform('released', ...)` and returning the
   same pixels and keypoints bit for bit, but cheaper: ops that commute with
-  the crop (`_CROP_FIRST_OPS`) run on the crop only, and whole-pixel
-  translations are a shifted copy.
+  the crop (`_CROP_FIRST_OPS`) run on the crop only, whole-pixel
+  translations are a shifted copy, and shears stop at the crop's far corner.
 
   Args:
     pixels: uint8 (H, W, 3), the resized image.
@@ -401,10 +413,21 @@ def flip_ta_crop(pixels, keypoints, rng, *, size, interpolation='bicubic'):
   height, width = pixels.shape[:2]
   flip = rng.random() < 0.5  # random_horizontal_flip's draw.
   op, magnitude = draw_ta_op(rng)
+  _, _, left, top = _center_crop_geometry(width, height, size)
   if op not in _CROP_FIRST_OPS or min(width, height) < size + 2:
     image, keypoints = Image.fromarray(pixels), keypoints
     if flip:
       image, keypoints = horizontal_flip(image, keypoints)
+    if op in ('ShearX', 'ShearY') and min(width, height) >= size:
+      # Only the pixels up to the crop's far corner are ever read.
+      image, keypoints = apply_ta_op(
+          image, keypoints, op=op, magnitude=magnitude,
+          interpolation=interpolation, extent=(left + size, top + size))
+      image = image.crop((left, top, left + size, top + size))
+      if keypoints is not None:
+        keypoints, _ = center_crop_points(keypoints, (width, height),
+                                          size=size)
+      return np.asarray(image), keypoints
     image, keypoints = apply_ta_op(image, keypoints, op=op,
                                    magnitude=magnitude,
                                    interpolation=interpolation)
@@ -412,7 +435,6 @@ def flip_ta_crop(pixels, keypoints, rng, *, size, interpolation='bicubic'):
     return np.asarray(image), keypoints
   if flip:
     keypoints = _flip_points(keypoints, width)
-  _, _, left, top = _center_crop_geometry(width, height, size)
   if op in ('TranslateX', 'TranslateY'):
     # PIL's bicubic sample at a whole-pixel offset is the source pixel
     # itself (the cubic's weights are 0, 1, 0, 0) and the zero fill outside:
