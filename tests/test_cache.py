@@ -94,9 +94,12 @@ def test_cached_batches_equal_todays_bit_for_bit(tmp_path, train):
     _assert_same(fast, _epoch(ds, plain, train, epoch))
     assert fast[0]['image'].dtype == np.uint8
     assert {'keypoints', 'box'} <= set(fast[0])
-  # Threads read the same cache.
+  # Thread and process workers read the same cache.
   cfg.num_workers = 2
   _assert_same(fast, _epoch(ds, cfg, train, 1))
+  if train:
+    cfg.worker_type = 'process'
+    _assert_same(fast, _epoch(ds, cfg, train, 1))
   # Normalised on the device, the batch is today's float32 transform.
   transform = pipeline.make_transform(cfg, train=train)
   normalise = jax.jit(transforms.to_model_input)
