@@ -1,4 +1,4 @@
-"""mAP@R evaluator speed and peak memory: ours vs the official algorithm in numpy.
+r"""mAP@R evaluator speed and peak memory: ours vs the official algorithm in numpy.
 
   python benchmarks/evaluator.py               # CUB + NABirds, 16/32/64 bits
   python benchmarks/evaluator.py --sizes=cub --bits=64 --repeats=3

@@ -119,7 +119,7 @@ def run_ours(args):
   """One row of ours: img/s of the epoch after a warm-up epoch."""
   sys.path.insert(0, _REPO)
   from concepthash_jax import data  # pylint: disable=g-import-not-at-top
-  from configs import base  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.configs import base  # pylint: disable=g-import-not-at-top
 
   cfg = base.get_config().data
   cfg.update(dict(source='folders', name='cub', root=args.data,
@@ -170,7 +170,8 @@ def map_check(args):
           'optim.warmup_epochs=1', 'optim.lr=0.05', 'eval.every_epochs=2']
   results = {}
   for cache in (True, False):
-    argv = ['prog', f'--config={os.path.join(_REPO, "configs", "cub.py")}'] + [
+    argv = ['prog', '--config=' + os.path.join(_REPO, 'concepthash_jax',
+                                              'configs', 'cub.py')] + [
         f'--config.{kv}' for kv in tiny + [f'data.cache={cache}',
                                            f'data.cache_dir={root}/cache']]
     fv = flags.FlagValues()

@@ -6,7 +6,7 @@
 Each setting runs in its own process (so peak RSS is that setting's alone) and
 uses the real path: configs/cub.py with random B/32 weights
 (model.clip='random'), train.create_train_state and train.jit_train_step for
-training, train.encode_step for the eval forward. Prints a markdown table.
+training, encoding.jitted_encode_step for the eval forward. Prints a markdown table.
 """
 import json
 import os
@@ -41,8 +41,8 @@ def run_one(dtype: str) -> dict:
   """Measures one setting in this process."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from configs import cub  # pylint: disable=g-import-not-at-top
-  from concepthash_jax import encoding, optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import configuration, encoding, models, optim, sharding, train  # pylint: disable=g-import-not-at-top
   from concepthash_jax.interop import hf  # pylint: disable=g-import-not-at-top
 
   config = cub.get_config()
@@ -59,7 +59,7 @@ def run_one(dtype: str) -> dict:
   rng = np.random.default_rng(0)
   text = rng.normal(size=(FLAGS.num_classes,
                           clip_config.text_config.hidden_size)).astype('f4')
-  model = train.build_model(config, clip_config, FLAGS.num_classes)
+  model = models.build_model(config.model, clip_config, FLAGS.num_classes)
   mesh = sharding.create_mesh()
   steps_per_epoch = 5994 // FLAGS.batch
   tx = optim.make_optimizer(config.optim, steps_per_epoch)
@@ -68,8 +68,8 @@ def run_one(dtype: str) -> dict:
       config, model, tx, clip_params, text, mesh)
   state = init_fn()
   del clip_params
-  step_fn = train.jit_train_step(config, model, tx, mask, schedule, shardings,
-                                 mesh)
+  step_fn = train.jit_train_step(configuration.make_loss_fn(config.loss),
+                                 model, tx, mask, schedule, shardings, mesh)
   size = config.data.image_size
   batch = sharding.global_batch({
       'image': rng.normal(size=(FLAGS.batch, size, size, 3)).astype('f4'),

@@ -14,16 +14,31 @@ Resume order (first that exists wins), as `restore_or_initialize` implements:
   3. config.train.init: params and model state of another run's checkpoint,
      with a fresh step, optimizer state and rng (fine-tune from it);
   4. scratch: `init_fn()` (pretrained CLIP + freshly initialised new parts).
+
+A checkpoint that cannot be read (a torn or damaged file in its step
+directory) is skipped with a warning naming its step and path, and the newest
+readable one is used instead; it is never deleted. Before this run writes its
+own checkpoints it moves such a step aside to `checkpoints_unreadable/` (the
+same step number would otherwise collide with the one it saves next).
+
+`WorkdirLock` keeps a second run off a workdir that a live run is using.
 """
+import datetime
 import functools
+import json
 import os
+import shutil
 import signal
+import socket
 import threading
 from typing import Any, Callable, Optional
 
+from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from concepthash_jax import errors
 
 METRIC = 'map_at_r'
 _pp = ocp.checkpoint_managers.preservation_policy
@@ -72,10 +87,10 @@ class PreemptionFlag:
       synced = bool(ocp.multihost.reached_preemption(step))
     except Exception:  # pylint: disable=broad-except
       synced = False  # No preemption service (single process).
-    return _any_process(local) or synced
+    return any_process(local) or synced
 
 
-def _any_process(flag: bool) -> bool:
+def any_process(flag: bool) -> bool:
   """Logical OR of a host-local bool over all processes."""
   # One scalar per local device, reduced over every device of the job;
   # identical code on one process (it reduces over its own devices only).
@@ -95,36 +110,126 @@ def _flag_reducer():
   return mesh, jax.jit(lambda x: x.max(), out_shardings=out)
 
 
+def step_dirs(directory: str) -> list:
+  """Steps with a finished checkpoint directory under `directory`, ascending.
+
+  Orbax writes into '<step>.orbax-checkpoint-tmp-*' and renames it to '<step>'
+  when complete, so only all-digit names count.
+  """
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory)
+                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def _metrics_path(directory: str, step: int) -> str:
+  return os.path.join(directory, str(step), 'metrics', 'metrics')
+
+
+def _read_metrics(directory: str, step: int):
+  """The metrics saved with `step` (None without any); raises when unparsable."""
+  path = _metrics_path(directory, step)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 class Checkpointer:
-  """Thin wrapper over ocp.CheckpointManager with our retention rules."""
+  """Thin wrapper over ocp.CheckpointManager with our retention rules.
+
+  Reading (steps, best, restore) looks at the directory itself, so an
+  unreadable step is skipped instead of failing the whole directory; the
+  orbax manager (which parses every step's metrics when it opens) is created
+  only for the first write.
+  """
 
   def __init__(self, directory: str, *, keep: int = 2):
-    """Opens (creating) `directory`; keeps the latest `keep` and the best."""
-    policy = _pp.AnyPreservationPolicy([
-        _pp.LatestN(n=max(1, keep)),
-        _pp.BestN(get_metric_fn=lambda m: m[METRIC], n=1,
-                  keep_checkpoints_without_metrics=False),
-    ])
+    """Opens `directory` (created at the first save); keeps the latest `keep` and the best."""
     self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            preservation_policy=policy, best_fn=lambda m: m[METRIC],
-            best_mode='max', create=True,
-            # Synchronous: a SIGTERM exit must not race a background write.
-            enable_async_checkpointing=False))
+    self._keep = keep
+    self._manager = None
+    self.unreadable = {}  # step -> why it cannot be read.
+    for step in step_dirs(self.directory):
+      try:
+        _read_metrics(self.directory, step)
+      except (OSError, ValueError) as e:
+        self._mark_unreadable(step, e)
+
+  def _mark_unreadable(self, step: int, error: Exception):
+    """Records `step` as unreadable and says so (once per step)."""
+    if step in self.unreadable:
+      return
+    self.unreadable[step] = f'{type(error).__name__}: {error}'
+    logging.warning(
+        'Skipping checkpoint step %d: %s cannot be read (%s); using the newest '
+        'readable checkpoint instead. The unreadable one is left on disk.',
+        step, os.path.join(self.directory, str(step)),
+        str(self.unreadable[step])[:300])
+
+  @property
+  def manager(self) -> ocp.CheckpointManager:
+    """The orbax manager, opened on first use (after moving unreadable steps aside)."""
+    if self._manager is None:
+      self._set_aside_unreadable()
+      policy = _pp.AnyPreservationPolicy([
+          _pp.LatestN(n=max(1, self._keep)),
+          _pp.BestN(get_metric_fn=lambda m: m[METRIC], n=1,
+                    keep_checkpoints_without_metrics=False),
+      ])
+      self._manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              preservation_policy=policy, best_fn=lambda m: m[METRIC],
+              best_mode='max', create=True,
+              # Synchronous: a SIGTERM exit must not race a background write.
+              enable_async_checkpointing=False))
+    return self._manager
+
+  def _set_aside_unreadable(self):
+    """Moves unreadable steps to a sibling folder before this run writes.
+
+    Kept, not deleted: it may be inspected or repaired. In place, the step
+    number would clash with the step this run saves next, and orbax's
+    manager fails to open over a step whose metrics do not parse.
+    """
+    if jax.process_index() != 0:
+      return
+    aside = self.directory.rstrip(os.sep) + '_unreadable'
+    for step in sorted(self.unreadable):
+      source = os.path.join(self.directory, str(step))
+      if not os.path.isdir(source):
+        continue
+      target, n = os.path.join(aside, str(step)), 1
+      while os.path.exists(target):
+        target, n = os.path.join(aside, f'{step}-{n}'), n + 1
+      os.makedirs(aside, exist_ok=True)
+      shutil.move(source, target)
+      logging.warning('Moved unreadable checkpoint step %d from %s to %s '
+                      '(kept; this run saves new checkpoints in its place).',
+                      step, source, target)
 
   def latest_step(self) -> Optional[int]:
-    """Newest saved step, or None."""
-    return self.manager.latest_step()
+    """Newest saved step that is not known to be unreadable, or None."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def best_step(self) -> Optional[int]:
-    """Step with the highest saved mAP@R, or None."""
-    return self.manager.best_step()
+    """Step with the highest saved mAP@R (the later one on a tie), or None."""
+    scores = {}
+    for step in self.all_steps():
+      try:
+        metrics = _read_metrics(self.directory, step)
+      except (OSError, ValueError) as e:
+        self._mark_unreadable(step, e)
+        continue
+      if metrics and METRIC in metrics:
+        scores[step] = float(metrics[METRIC])
+    return max(scores, key=lambda s: (scores[s], s)) if scores else None
 
   def all_steps(self):
-    """All retained steps, ascending."""
-    return sorted(self.manager.all_steps())
+    """All retained readable steps, ascending."""
+    return [s for s in step_dirs(self.directory) if s not in self.unreadable]
 
   def save(self, step: int, state, *, map_at_r: Optional[float] = None):
     """Saves `state` at `step` (metrics mark it as a best candidate).
@@ -134,35 +239,74 @@ class Checkpointer:
     replacing it.
     """
     step = int(step)
-    if step in self.manager.all_steps():
+    manager = self.manager
+    if step in manager.all_steps():
       if map_at_r is None:
         return
-      self.manager.delete(step)
+      manager.delete(step)
     metrics = None if map_at_r is None else {METRIC: float(map_at_r)}
-    self.manager.save(step, args=ocp.args.StandardSave(state),
-                      metrics=metrics, force=True)
-    self.manager.wait_until_finished()
+    manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
+                 force=True)
+    manager.wait_until_finished()
 
-  def restore(self, abstract_state, step: Optional[int] = None):
-    """Restores `step` (default: latest) into the structure/shardings given.
+  def restore(self, abstract_state, step: Optional[int] = None, *,
+              fallback: bool = False):
+    """Restores a step into the structure/shardings given.
 
     Args:
       abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding`.
-      step: which step; None = latest.
+      step: which step; None = the newest one that can be read (unreadable
+        newer ones are skipped with a warning naming them).
+      fallback: when `step` cannot be read, warn and use the newest readable
+        step instead of failing (for a step picked as latest/best, not one
+        the user asked for).
 
     Returns:
       The restored state (jax.Arrays placed per the shardings).
+
+    Raises:
+      CheckpointError: naming the directory (and each step's problem) when
+        no checkpoint (or the requested `step`) can be read.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint in {self.directory}')
-    return self.manager.restore(
-        step, args=ocp.args.StandardRestore(abstract_state))
+    if step is not None and not fallback:
+      try:
+        return self._restore_step(abstract_state, step)
+      except Exception as e:  # pylint: disable=broad-except
+        raise errors.CheckpointError(
+            f'Checkpoint step {step} at {self._step_path(step)} cannot be '
+            f'read ({type(e).__name__}: {str(e)[:300]}); pick another step '
+            f'of {self.all_steps()}') from e
+    candidates = [] if step is None else [step]
+    candidates += [s for s in reversed(self.all_steps()) if s != step]
+    for candidate in candidates:
+      try:
+        return self._restore_step(abstract_state, candidate)
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax reports damage as JSON, tensorstore, OS or value errors.
+        self._mark_unreadable(candidate, e)
+    if not self.unreadable:
+      raise errors.CheckpointError(f'No checkpoint in {self.directory}')
+    problems = '; '.join(f'step {s}: {why[:200]}'
+                         for s, why in sorted(self.unreadable.items()))
+    raise errors.CheckpointError(
+        f'No readable checkpoint in {self.directory} ({problems})')
+
+  def _step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _restore_step(self, abstract_state, step: int):
+    """Reads one step's state with a plain orbax checkpointer (no manager)."""
+    if step not in step_dirs(self.directory):
+      raise FileNotFoundError(f'no directory {self._step_path(step)}')
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as reader:
+      return reader.restore(os.path.join(self._step_path(step), 'default'),
+                            args=ocp.args.StandardRestore(abstract_state))
 
   def close(self):
     """Waits for pending writes and releases the manager."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+      self._manager.close()
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -192,7 +336,9 @@ def restore_or_initialize(checkpointer: Checkpointer, abstract_state, *,
     return checkpointer.restore(abstract_state), 'workdir'
   for name, path in (('train.resume', resume), ('train.init', init)):
     if path and not os.path.isdir(checkpoint_dir(path)):
-      raise FileNotFoundError(f'{name}={path!r}: no {checkpoint_dir(path)}')
+      raise errors.MissingFileError(
+          f'config.{name}={path!r} is not a run directory: no '
+          f'{checkpoint_dir(path)}')
   if resume:
     other = Checkpointer(checkpoint_dir(resume))
     try:
@@ -207,3 +353,109 @@ def restore_or_initialize(checkpointer: Checkpointer, abstract_state, *,
       other.close()
     return reset_fn(init_fn(), restored), 'init'
   return init_fn(), 'scratch'
+
+
+# ------------------------------------------------------------ workdir lock
+
+LOCK_FILE = 'run.lock'
+
+
+def _process_start(pid: int) -> Optional[str]:
+  """Start time of `pid` in clock ticks since boot (Linux), to tell reused pids apart."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      fields = f.read().rsplit(')', 1)[1].split()
+  except (OSError, IndexError):
+    return None
+  # fields[0] is the state (field 3 of stat); 'Z' = exited, not yet reaped.
+  return None if fields[0] == 'Z' else fields[19]
+
+
+def _alive(pid: int, start: Optional[str]) -> bool:
+  """Whether process `pid` (started at `start`, if known) still runs on this host."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Another user's process.
+  now = _process_start(pid)
+  if os.path.isdir('/proc') and now is None:
+    return False  # Zombie, or gone since os.kill.
+  return start is None or now is None or now == start
+
+
+class WorkdirLock:
+  """One run per workdir: `workdir/run.lock` names the process that holds it.
+
+  Taken with O_EXCL, so two runs starting together cannot both win. A lock
+  whose process is gone (same host, pid not running or reused) is stale: a
+  SIGKILLed run must not block its own resume, so it is replaced with a
+  warning. A lock from another host cannot be checked and is refused; the
+  message says how to clear it. On a multi-host job only process 0 takes it
+  (one job = one lock).
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self.held = False
+
+  def _holder(self) -> dict:
+    """The lock file's record ({} when it cannot be parsed)."""
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return {}
+
+  def acquire(self) -> 'WorkdirLock':
+    """Takes the lock or raises WorkdirError naming the process that holds it."""
+    me = {'pid': os.getpid(), 'host': socket.gethostname(),
+          'start': _process_start(os.getpid()),
+          'since': datetime.datetime.now().isoformat(timespec='seconds')}
+    for _ in range(3):  # Retry after removing a stale lock (racing runs).
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._holder()
+        if not self._is_stale(holder, me['host']):
+          raise errors.WorkdirError(self._busy_message(holder)) from None
+        logging.warning('Removing the stale lock %s of pid %s on %s (that '
+                        'process is no longer running).', self.path,
+                        holder.get('pid'), holder.get('host'))
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass  # Another starting run removed it first.
+        continue
+      with os.fdopen(fd, 'w') as f:
+        json.dump(me, f)
+      self.held = True
+      return self
+    raise errors.WorkdirError(self._busy_message(self._holder()))
+
+  @staticmethod
+  def _is_stale(holder: dict, host: str) -> bool:
+    """A same-host lock whose process is gone."""
+    if not holder or holder.get('host') != host:
+      return False
+    return not _alive(int(holder['pid']), holder.get('start'))
+
+  def _busy_message(self, holder: dict) -> str:
+    workdir = os.path.dirname(self.path)
+    if not holder:
+      return (f'{self.path} exists but cannot be read; if no run is using '
+              f'{workdir}, delete that file and start again')
+    return (f"{workdir} is in use by pid {holder.get('pid')} on host "
+            f"{holder.get('host')} (since {holder.get('since')}); wait for "
+            'that run to finish or use another --workdir (if that process is '
+            f'gone, delete {self.path})')
+
+  def release(self):
+    """Removes the lock file (if this object took it)."""
+    if self.held:
+      self.held = False
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass

@@ -4,33 +4,43 @@
 of `train.train_and_evaluate`, so a bad value fails before anything slow, with
 the key and the valid choices in the message. Configs stay plain data.
 """
+import functools
 import importlib
+import inspect
 from typing import Callable
 
 import ml_collections
 
+from concepthash_jax import data
+from concepthash_jax import evaluation
 from concepthash_jax import losses
+from concepthash_jax import models
 from concepthash_jax import optim
+from concepthash_jax.data import core as data_core
+from concepthash_jax.data import pipeline
+from concepthash_jax.data import transforms
 from concepthash_jax.models import clip
+from concepthash_jax.models import concepthash
 
-# Valid values of every choice key; `validate_config` names them in its errors.
+# Valid values of every choice key, owned by the module that reads the key;
+# `validate_config` names them in its errors.
 CHOICES = {
-    'model.concept_tokens': ('generated', 'learned'),
-    'model.code_norm': ('batchnorm', 'none'),
-    'model.center_type': ('language', 'random_orthogonal', 'learnable'),
-    'model.center_input': ('sign', 'raw'),
-    'model.center_projection': ('mlp', 'linear'),
-    'model.concept_embedding': ('separate', 'shared'),
-    'model.dtype': ('float32', 'bfloat16'),
+    'model.concept_tokens': concepthash.CONCEPT_TOKENS,
+    'model.code_norm': concepthash.CODE_NORMS,
+    'model.center_type': concepthash.CENTER_TYPES,
+    'model.center_input': concepthash.CENTER_INPUTS,
+    'model.center_projection': concepthash.CENTER_PROJECTIONS,
+    'model.concept_embedding': concepthash.CONCEPT_EMBEDDINGS,
+    'model.dtype': tuple(models.DTYPES),
     'model.remat': tuple(clip.REMAT_POLICIES),
-    'loss.concept_margin': ('first', 'all'),
-    'data.name': ('synthetic', 'cub', 'cars', 'aircraft', 'nabirds'),
-    'data.source': ('tfds', 'folders', 'synthetic'),
-    'data.train_augment': ('released', 'paper', 'none'),
-    'data.on_corrupt': ('raise', 'skip'),
-    'data.worker_type': ('thread', 'process'),
-    'optim.schedule': ('epoch', 'step'),
-    'eval.ties': ('index', 'average'),
+    'loss.concept_margin': losses.CONCEPT_MARGINS,
+    'data.name': data.DATASETS,
+    'data.source': tuple(data.SOURCES),
+    'data.train_augment': transforms.TRAIN_AUGMENTS,
+    'data.on_corrupt': data_core.ON_CORRUPT,
+    'data.worker_type': pipeline.WORKER_TYPES,
+    'optim.schedule': tuple(optim.SCHEDULES),
+    'eval.ties': evaluation.TIES,
 }
 
 
@@ -70,8 +80,7 @@ def validate_config(config: ml_collections.ConfigDict):
       raise ValueError(f'Invalid config.{key}={config[section][name]!r}; '
                        f'must be {rule}')
   optim.parse_lr_multipliers(optim_cfg.get('lr_multipliers', ''))
-  if config.loss.fn:
-    resolve_loss_fn(config.loss.fn)  # Fails now, not after the data loads.
+  make_loss_fn(config.loss)  # Fails now, not after the data loads.
 
 
 def resolve_loss_fn(name: str) -> Callable:
@@ -91,6 +100,32 @@ def resolve_loss_fn(name: str) -> Callable:
   return fn
 
 
-def loss_kwargs(loss_cfg) -> dict:
-  """Keyword arguments of the loss function: config.loss without 'fn'."""
-  return {k: v for k, v in loss_cfg.to_dict().items() if k != 'fn'}
+def loss_keywords(fn: Callable, loss_cfg) -> dict:
+  """The config.loss values that `fn` takes, by the keyword names it declares.
+
+  A loss declares what it needs: a `loss.*` key it does not name is not
+  passed, so adding a key to the config does not break custom losses. A
+  function with **kwargs gets every key (except 'fn').
+
+  Raises:
+    ValueError: `fn` requires a keyword that config.loss does not have.
+  """
+  values = {k: v for k, v in loss_cfg.to_dict().items() if k != 'fn'}
+  params = list(inspect.signature(fn).parameters.values())[2:]  # aux, labels
+  if any(p.kind == p.VAR_KEYWORD for p in params):
+    return values
+  named = [p for p in params if p.kind in (p.KEYWORD_ONLY,
+                                           p.POSITIONAL_OR_KEYWORD)]
+  missing = [p.name for p in named
+             if p.name not in values and p.default is p.empty]
+  if missing:
+    raise ValueError(f'config.loss.fn={loss_cfg.fn!r} ({fn.__name__}) needs '
+                     f'keyword(s) {missing} that config.loss does not have; '
+                     'add them to config.loss or give them defaults')
+  return {p.name: values[p.name] for p in named if p.name in values}
+
+
+def make_loss_fn(loss_cfg) -> Callable:
+  """(aux, labels) -> (loss, metrics): config.loss.fn with its keywords bound."""
+  fn = resolve_loss_fn(loss_cfg.fn)
+  return functools.partial(fn, **loss_keywords(fn, loss_cfg))

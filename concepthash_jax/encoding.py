@@ -1,15 +1,20 @@
 """Encoding splits into codes and scoring them: eval-mode forward, mAP@R, chance.
 
-Used by the training loop's evaluation, tools/encode.py and tools/explain.py.
-No file I/O: arrays in, numpy dicts out (every process gets every row).
+`encode_split` is the one pass over a dataset with a trained model (the
+training loop's evaluation, tools/encode.py, tools/explain.py); `encode_step`
+is its array-level core. No file I/O: numpy dicts out (every process gets
+every row).
 """
 import functools
-from typing import Iterable
+import itertools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
+from concepthash_jax import data as data_lib
 from concepthash_jax import evaluation
 from concepthash_jax import sharding
 from concepthash_jax.data import transforms
@@ -42,41 +47,146 @@ def jitted_encode_step(model):
   return jax.jit(functools.partial(encode_step, model=model))
 
 
-def encode_dataset(model, variables, batches: Iterable[dict], *,
-                   mesh=None) -> dict:
-  """Encodes every batch of a (test-transform) iterator.
+# What `encode_split` can keep besides 'labels' and 'index' (always kept):
+#   codes      'codes' (N, K) int8 ±1 and 'codes_cont' (N, K) float32
+#   attention  'concept_attn' (N, M, HW) float32
+#   images     'images' uint8 (n, S, S, 3): the first `num_images` rows as the
+#              model saw them, before normalisation (figures)
+#   boxes      'box' (N, 4) x, y, w, h, when the dataset has boxes
+#   keypoints  'keypoints' (N, P, 3), when the dataset has parts
+KEEP = ('codes', 'attention', 'images', 'boxes', 'keypoints')
+_OUTPUTS = {'codes': ('codes', 'codes_cont'), 'attention': ('concept_attn',)}
+# Host-local batch entries gathered like the codes (batch key: result key).
+_EXTRAS = {'label': 'labels', 'index': 'index', 'box': 'box',
+           'keypoints': 'keypoints', 'display': 'images'}
+
+
+def encode_split(model, variables, ds, data_cfg, *, keep=('codes',),
+                 batch_size: Optional[int] = None, max_images: int = 0,
+                 num_images: int = 0, mesh=None,
+                 desc: Optional[str] = None) -> dict:
+  """Encodes a split with the test transform: the one pass over a dataset.
 
   Args:
     model: ConceptHash module.
     variables: {'params', 'batch_stats', 'centers'} (replicated or sharded).
-    batches: iterator of host-local numpy dicts from `data.batches(...,
-      train=False)`; padding rows (mask False) are dropped.
+    ds: a `data.build` split (its process_index / process_count say which
+      rows this process reads).
+    data_cfg: config `data` (transforms, workers).
+    keep: names from `KEEP`.
+    batch_size: per-process batch size (default data.eval_batch_size split
+      over the processes).
+    max_images: encode only the first rows (0 = all).
+    num_images: display images kept with 'images'.
     mesh: device mesh; default all devices.
+    desc: progress bar label (default 'encode <split>').
 
   Returns:
-    Dict of numpy arrays over the whole split (every process gets all rows):
-    'codes' (N,K) int8 ±1, 'codes_cont' (N,K), 'labels' (N,) or (N,C),
-    'index' (N,), 'concept_attn' (N,M,HW), and 'keypoints' when the batches
-    carry them.
+    Dict of numpy arrays over the split in index order (every process gets
+    every row): 'labels' (N,) or (N, C), 'index' (N,), and what `keep` asks.
   """
+  unknown = set(keep) - set(KEEP)
+  if unknown:
+    raise ValueError(f'Unknown encode_split keep {sorted(unknown)}; valid: '
+                     f'{list(KEEP)}')
   mesh = sharding.create_mesh() if mesh is None else mesh
+  pc = jax.process_count()
+  batch_size = batch_size or data_cfg.eval_batch_size // pc
+  total = len(ds) if not max_images else min(len(ds), max_images)
+  num_batches = -(-total // (batch_size * pc))
+  images_wanted = num_images if 'images' in keep else 0
+  batches = data_lib.batches(ds, data_cfg, train=False, batch_size=batch_size,
+                             seed=0, epoch=0, drop_remainder=False,
+                             display=images_wanted > 0)
+  outputs = [k for name in keep for k in _OUTPUTS.get(name, ())]
+  extras = ['label', 'index'] + [k for k, name in (
+      ('box', 'boxes'), ('keypoints', 'keypoints')) if name in keep]
   encode = jitted_encode_step(model)
-  parts = []
-  for batch in batches:
+  parts, num_display = [], 0
+  bar = tqdm.tqdm(itertools.islice(batches, num_batches), total=num_batches,
+                  desc=desc or f'encode {ds.split}', unit='batch', leave=False,
+                  disable=jax.process_index() != 0)
+  for batch in bar:
     inputs = sharding.global_batch(
         {'image': batch['image'], 'mask': batch['mask']}, mesh)
-    out = encode(variables, inputs['image'])
-    host = sharding.to_host(dict(out, mask=inputs['mask']), mesh)
-    # Labels and extras are host-local; gather them the same way.
-    extra = {k: batch[k] for k in ('label', 'index', 'keypoints') if k in batch}
-    host.update(sharding.to_host(sharding.global_batch(extra, mesh), mesh))
-    keep = host.pop('mask').astype(bool)
-    parts.append({k: v[keep] for k, v in host.items()})
+    host = {'mask': inputs['mask']}
+    if outputs:
+      out = encode(variables, inputs['image'])
+      host.update({k: out[k] for k in outputs})
+    # Labels and extras are host-local: gather them the same way.
+    wanted = extras + (['display'] if num_display < images_wanted else [])
+    host.update(sharding.global_batch(
+        {k: batch[k] for k in wanted if k in batch}, mesh))
+    host = sharding.to_host(host, mesh)
+    keep_rows = host.pop('mask').astype(bool)
+    part = {_EXTRAS.get(k, k): v[keep_rows] for k, v in host.items()}
+    if 'images' in part:
+      part['images'] = part['images'][:images_wanted - num_display]
+      num_display += len(part['images'])
+    parts.append(part)
   if not parts:
-    raise ValueError('encode_dataset got no batches (empty split?)')
-  result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  result['labels'] = result.pop('label')
+    raise ValueError(f'encode_split got no batches: the {ds.split} split is '
+                     'empty')
+  result = {k: np.concatenate([p[k] for p in parts if k in p])
+            for k in parts[0]}
+  result = {k: v[:total] for k, v in result.items()}
+  if 'images' in keep and 'images' not in result:
+    size = data_cfg.image_size
+    result['images'] = np.zeros((0, size, size, 3), np.uint8)
   return result
+
+
+def retrieval_cutoff(eval_cfg) -> Optional[int]:
+  """config eval.R as `evaluation.map_at_r`'s R (None = whole database)."""
+  return None if eval_cfg.R is None or eval_cfg.R < 0 else int(eval_cfg.R)
+
+
+def precision_ks(num_database: int) -> tuple:
+  """k = 1, 2, 5, 10, 20, 50, ... up to the database size (P@k-vs-k plots)."""
+  ks, decade = [], 1
+  while decade <= num_database:
+    ks += [k for k in (decade, 2 * decade, 5 * decade) if k <= num_database]
+    decade *= 10
+  return tuple(ks)
+
+
+def score(query: dict, database: dict, eval_cfg, *,
+          curves: bool = False) -> dict:
+  """mAP@R of encoded queries against an encoded database, beside chance.
+
+  Args:
+    query, database: `encode_split` results with 'codes' and 'labels'.
+    eval_cfg: config `eval` (R, ties).
+    curves: also the precision-recall curve over Hamming radii and P@k.
+
+  Returns:
+    {'map_at_r', 'chance_map_at_r', 'num_queries', 'num_database'}; with
+    `curves`, 'pr_precision', 'pr_recall' ((K + 1,) for radii 0..K) and
+    'precision_at_k' {'k': [...], 'precision': [...]}.
+  """
+  ks = precision_ks(len(database['labels'])) if curves else ()
+  metrics = evaluation.retrieval_metrics(
+      query['codes'], query['labels'], database['codes'], database['labels'],
+      R=retrieval_cutoff(eval_cfg), ties=eval_cfg.ties, topk=ks, radius=0)
+  out = {'map_at_r': float(metrics['map_at_r']),
+         'chance_map_at_r': chance_map_at_r(query['labels'],
+                                            database['labels']),
+         'num_queries': len(query['labels']),
+         'num_database': len(database['labels'])}
+  if curves:
+    out['pr_precision'] = metrics['pr_precision']
+    out['pr_recall'] = metrics['pr_recall']
+    out['precision_at_k'] = {
+        'k': list(ks), 'precision': [metrics[f'precision_at_{k}'] for k in ks]}
+  return out
+
+
+def class_centers(model, variables, image_size) -> np.ndarray:
+  """o_c (C, K) float64 of a trained model (read from one forward; independent of it)."""
+  pixels = np.zeros((1, *image_size, 3), np.float32)
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[1])
+  return np.asarray(jax.device_get(forward(variables, pixels)['class_centers']),
+                    np.float64)
 
 
 def chance_map_at_r(query_labels, db_labels) -> float:
@@ -110,14 +220,12 @@ def chance_map_at_r(query_labels, db_labels) -> float:
   return float(np.mean(np.where(n > 0, expected, 0.0)))
 
 
-def evaluate(model, variables, query_batches, db_batches, *, eval_cfg, mesh):
+def evaluate(model, variables, query_ds, db_ds, data_cfg, *, eval_cfg,
+             mesh=None, batch_size: Optional[int] = None) -> dict:
   """mAP@R of the query split against the database split, and its chance level."""
-  query = encode_dataset(model, variables, query_batches, mesh=mesh)
-  db = encode_dataset(model, variables, db_batches, mesh=mesh)
-  r = None if eval_cfg.R is None or eval_cfg.R < 0 else int(eval_cfg.R)
-  score = evaluation.map_at_r(query['codes'], query['labels'], db['codes'],
-                              db['labels'], R=r, ties=eval_cfg.ties)
-  return {'map_at_r': float(score),
-          'chance_map_at_r': chance_map_at_r(query['labels'], db['labels']),
-          'num_queries': len(query['labels']),
-          'num_database': len(db['labels'])}
+  query = encode_split(model, variables, query_ds, data_cfg,
+                       batch_size=batch_size, mesh=mesh, desc='eval queries')
+  database = encode_split(model, variables, db_ds, data_cfg,
+                          batch_size=batch_size, mesh=mesh,
+                          desc='eval database')
+  return score(query, database, eval_cfg)

@@ -1,4 +1,4 @@
-"""Hamming-ranking metrics: mAP@R (SPEC §4, §6.1), P@k, radius precision, PR curve.
+"""Hamming-ranking metrics: mAP@R (docs/method.md §5, §6.1), P@k, radius precision, PR curve.
 
 Pure metric math, arrays in: nothing here imports a model or a data module.
 Codes are real arrays (a value > 0 is bit 1) or `PackedCodes`; labels are int
@@ -574,7 +574,7 @@ def map_at_r(query_codes, query_labels, db_codes, db_labels, *,
              R: Optional[int] = None, ties: str = 'index',
              chunk_size: Optional[int] = None,
              progress: Optional[bool] = None) -> float:
-  """Mean average precision over the top R of a Hamming ranking (SPEC §4, §6.1).
+  """Mean average precision over the top R of a Hamming ranking (docs/method.md §5, §6.1).
 
   AP = sum_k P(k) rel(k) / (relevant in top R); a query with no relevant item
   in the top R scores 0; the mean runs over all queries.
@@ -592,7 +592,31 @@ def map_at_r(query_codes, query_labels, db_codes, db_labels, *,
 
   Returns:
     mAP@R as a python float.
+
+  Raises:
+    ValueError: NaN or inf in real-valued codes (their sign, the bit, is
+      meaningless), naming how many query and database rows hold them.
   """
+  _check_finite_codes(query_codes, db_codes)
   return retrieval_metrics(query_codes, query_labels, db_codes, db_labels, R=R,
                            ties=ties, topk=(), radius=0, chunk_size=chunk_size,
                            progress=progress)['map_at_r']
+
+
+def _check_finite_codes(query_codes, db_codes):
+  """Raises ValueError counting the rows of real codes with NaN/inf."""
+  bad = {}
+  for name, codes in (('query', query_codes), ('database', db_codes)):
+    if isinstance(codes, PackedCodes):
+      continue  # Bits: always finite.
+    codes = np.asarray(codes)
+    if np.issubdtype(codes.dtype, np.floating):
+      rows = ~np.isfinite(codes).reshape(len(codes), -1).all(axis=1)
+      if rows.any():
+        bad[name] = (int(rows.sum()), len(codes))
+  if bad:
+    counts = ' and '.join(f'{n} of {total} {name} rows'
+                          for name, (n, total) in bad.items())
+    raise ValueError(f'map_at_r: non-finite (NaN/inf) codes in {counts}; '
+                     'a code bit is its sign, undefined for NaN: check the '
+                     'model output (a diverged run?) before ranking')

@@ -1,7 +1,7 @@
 """Analysis of ConceptHash codes and concept attention (§4.2-4.3, App. B).
 
-Pure functions: arrays in, arrays or dicts out, no file I/O; `tools/explain.py`
-draws the figures and writes the report. Names: M -> `num_concepts`, K ->
+Pure functions: arrays in, arrays or dicts out, no file I/O; `figures.py`
+draws them, `report.py` writes the report, `tools/explain.py` runs the steps. Names: M -> `num_concepts`, K ->
 `nbit`, HW -> the patch grid (h x w), S -> side of the model input in pixels.
 Points are (x, y) pixel coordinates of the model input (after the test
 transform); keypoints are (x, y, visible).
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from concepthash_jax import encoding
 from concepthash_jax import evaluation
 
 
@@ -149,6 +150,26 @@ def concept_correlation(concept_attn, *, method: str = 'cosine'):
     raise ValueError(f"Unknown method {method!r}; valid: ['cosine', 'pearson']")
   unit = attn / np.maximum(np.linalg.norm(attn, axis=-1, keepdims=True), 1e-12)
   return np.einsum('nmk,nlk->ml', unit, unit) / attn.shape[0]
+
+
+def correlation_summary(concept_attn) -> dict:
+  """Fig. 7: cosine (what L_csd penalises) and Pearson concept correlations.
+
+  On near-uniform maps (a random backbone) the cosine is close to 1 however
+  the peaks differ, so Pearson (maps centred first) is given beside it.
+
+  Returns:
+    {'matrix': (M, M) cosine, 'mean_off_diagonal', 'pearson': (M, M),
+    'pearson_mean_off_diagonal'} (off-diagonal means NaN for M = 1).
+  """
+  cosine = concept_correlation(concept_attn)
+  pearson = concept_correlation(concept_attn, method='pearson')
+  off_diag = ~np.eye(len(cosine), dtype=bool)
+
+  def off_mean(matrix):
+    return float(matrix[off_diag].mean()) if off_diag.any() else float('nan')
+  return {'matrix': cosine, 'mean_off_diagonal': off_mean(cosine),
+          'pearson': pearson, 'pearson_mean_off_diagonal': off_mean(pearson)}
 
 
 def crop_box(heatmap, *, threshold: float = 0.5, min_size: int = 8):
@@ -339,6 +360,72 @@ def part_localisation(fit_locations, fit_keypoints, eval_locations,
   return result
 
 
+def localisation(train_enc, test_enc, *, image_size, method, classes=(),
+                 prefix='class'):
+  """Table 3: every protocol and location method, pooled and per class.
+
+  Per-class subsets are named like the paper's CUB-001 (1-based class id).
+  Coordinates are normalised by the object boxes when both splits have them.
+
+  Args:
+    train_enc, test_enc: `encoding.encode_split` results with 'concept_attn',
+      'keypoints', 'labels' and optionally 'box' (fit and eval splits).
+    image_size: (H, W) of the model input.
+    method: 'peak' | 'centroid' for the headline entry.
+    classes: class ids also scored on their own.
+    prefix: subset name prefix (the dataset, upper case).
+
+  Returns:
+    {'all' | '<prefix>-<id>': {'<protocol>/<method>': `part_localisation`
+    result, 'headline': key, 'normalised_by': 'object box' | 'image'}}.
+  """
+  use_boxes = 'box' in train_enc and 'box' in test_enc
+
+  def fit_boxes(rows):
+    return train_enc['box'][rows] if use_boxes else None
+
+  def eval_boxes(rows):
+    return test_enc['box'][rows] if use_boxes else None
+
+  def run(fit_rows, eval_rows):
+    out = {}
+    for loc_method in ('peak', 'centroid'):
+      fit_loc = attention_locations(
+          train_enc['concept_attn'][fit_rows], image_size, method=loc_method)
+      eval_loc = attention_locations(
+          test_enc['concept_attn'][eval_rows], image_size, method=loc_method)
+      for protocol in ('regression', 'best_concept'):
+        out[f'{protocol}/{loc_method}'] = part_localisation(
+            fit_loc, train_enc['keypoints'][fit_rows], eval_loc,
+            test_enc['keypoints'][eval_rows], image_size=image_size,
+            fit_boxes=fit_boxes(fit_rows), eval_boxes=eval_boxes(eval_rows),
+            protocol=protocol)
+    out['headline'] = f'regression/{method}'
+    out['normalised_by'] = 'object box' if use_boxes else 'image'
+    return out
+  results = {'all': run(slice(None), slice(None))}
+  for c in classes:
+    fit_rows = train_enc['labels'] == c
+    eval_rows = test_enc['labels'] == c
+    if fit_rows.sum() >= 3 and eval_rows.sum():
+      results[f'{prefix}-{c + 1:03d}'] = run(fit_rows, eval_rows)
+  return results
+
+
+def localisation_bars(loc: dict) -> dict:
+  """Table 3's pooled rows for a bar chart: {row name: per-part errors + mean}."""
+  all_parts = loc['all']
+  head = all_parts[all_parts['headline']]
+  best = all_parts['best_concept/peak']
+  return {
+      f'ours ({all_parts["headline"]})': list(head['per_part']) + [head['mean']],
+      'best concept/peak': list(best['per_part']) + [best['mean']],
+      'image centre': list(head['centre_baseline_per_part'])
+                      + [head['centre_baseline']],
+      'mean location': list(head['mean_baseline_per_part'])
+                       + [head['mean_baseline']]}
+
+
 BACKGROUND = -1  # `concept_part_hits` target: outside the object box.
 NO_PART = -2  # ... no visible part in the image: not scored.
 
@@ -419,6 +506,23 @@ def part_hit_summary(hits, labels, num_parts: int) -> dict:
           'count': int(n)}
 
 
+def part_hits(concept_attn, keypoints, labels, *, image_size, part_names,
+              boxes=None) -> dict:
+  """Which part each concept looks at over a split, with the target names.
+
+  The peak locates a concept here: a centroid of a background map lands
+  mid-image, i.e. on the object.
+
+  Returns:
+    `part_hit_summary` plus 'targets' (part names, then 'background').
+  """
+  hits = concept_part_hits(attention_locations(concept_attn, image_size),
+                           keypoints, image_size=image_size, boxes=boxes)
+  summary = part_hit_summary(hits, labels, len(part_names))
+  summary['targets'] = list(part_names) + ['background']
+  return summary
+
+
 # ------------------------------------------------------------- families
 
 
@@ -458,6 +562,37 @@ def family_map_at_r(query_codes, query_labels, db_codes, db_labels, family_of,
   return float(evaluation.map_at_r(
       query_codes, to_family_labels(query_labels, family_of), db_codes,
       to_family_labels(db_labels, family_of), R=R, ties=ties))
+
+
+def retrieval_by_level(query, database, family_of, *, R: Optional[int] = None,
+                       ties: str = 'index') -> dict:
+  """Table 5: class-level and family-level mAP@R, each beside its chance level.
+
+  Args:
+    query, database: `encoding.encode_split` results ('codes', 'labels').
+    family_of: (C,) family of each class.
+    R, ties: as `evaluation.map_at_r`.
+
+  Returns:
+    {'class_map_at_r', 'class_chance'} and, when families group classes,
+    'num_families', 'family_map_at_r', 'family_chance'.
+  """
+  out = {'class_map_at_r': float(evaluation.map_at_r(
+      query['codes'], query['labels'], database['codes'], database['labels'],
+      R=R, ties=ties)),
+         'class_chance': encoding.chance_map_at_r(query['labels'],
+                                                  database['labels'])}
+  family_of = np.asarray(family_of, np.int64)
+  num_families = len(np.unique(family_of))
+  if num_families < len(family_of):
+    out['num_families'] = num_families
+    out['family_map_at_r'] = family_map_at_r(
+        query['codes'], query['labels'], database['codes'],
+        database['labels'], family_of, R=R, ties=ties)
+    out['family_chance'] = encoding.chance_map_at_r(
+        to_family_labels(query['labels'], family_of),
+        to_family_labels(database['labels'], family_of))
+  return out
 
 
 def top_families(family_of, k: int = 10):
@@ -613,3 +748,14 @@ def gallery_groups(values, scores=None, *, per_group: int = 4,
     order = np.argsort(-scores[idx], kind='stable')
     groups[int(value)] = idx[order][:per_group]
   return groups
+
+
+# -------------------------------------------------------------- display
+
+
+def pick_display(labels, n):
+  """Up to n test rows, one per class first, so the panel shows variety."""
+  labels = np.asarray(labels)
+  _, first = np.unique(labels, return_index=True)
+  rest = np.setdiff1d(np.arange(len(labels)), first)
+  return np.concatenate([np.sort(first), rest])[:n]

@@ -1,4 +1,4 @@
-"""ConceptHash losses (paper §3.3, SPEC §2): pure functions of model outputs.
+"""ConceptHash losses (paper §3.3, docs/method.md §3): pure functions of model outputs.
 
 Notation: B batch, C classes, K code bits, M concepts, HW patch tokens.
 Every cosine loss is a softmax cross-entropy on margin-shifted, scaled cosines
@@ -156,7 +156,7 @@ def quantization_gap(*, codes):
 
 def total_loss(aux, labels, *, scale, margin, concept_margin, weight_cont, weight_bin,
                weight_concept, weight_csd):
-  """Weighted sum of the ConceptHash losses (paper Eq. 12; released weights by default).
+  """Weighted sum of the ConceptHash losses (paper Eq. 5; released weights by default).
 
   Args:
     aux: model outputs with 'logits_cont' (B, C), 'logits_bin' (B, C),

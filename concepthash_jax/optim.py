@@ -1,6 +1,6 @@
 """SGD with PyTorch semantics, the learning-rate schedules and the trainable split.
 
-The released recipe (SPEC §3) trains with `torch.optim.SGD(momentum=0.9,
+The released recipe (docs/method.md §4) trains with `torch.optim.SGD(momentum=0.9,
 weight_decay=5e-4)` and a warm-up + cosine factor stepped once per epoch. We
 reproduce both exactly so that a run here follows the same trajectory:
 

@@ -3,8 +3,8 @@
 `train_and_evaluate(config, workdir)` is the only place that does I/O: it
 builds data, model and state, runs the jitted `train_step`, logs
 (metrics.jsonl, TensorBoard, tqdm), evaluates mAP@R (queries = test split,
-database = train split with test transforms, SPEC §5), checkpoints and writes
-results.json (SPEC §6.3). The steps are module-level pure functions whose
+database = train split with test transforms, docs/method.md §5.1), checkpoints and writes
+results.json (docs/method.md §6.3). The steps are module-level pure functions whose
 static pieces (model, optimizer, loss) are bound with functools.partial.
 
 Reproducibility: data order and augmentation depend on (seed, epoch), dropout
@@ -16,43 +16,27 @@ import itertools
 import json
 import math
 import os
-import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from concepthash_jax import checkpointing
 from concepthash_jax import configuration
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
+from concepthash_jax import metrics_log
 from concepthash_jax import models
 from concepthash_jax import optim
+from concepthash_jax import run_files
 from concepthash_jax import sharding
+from concepthash_jax import workdir as workdir_lib
 from concepthash_jax.interop import hf
 from concepthash_jax.models import concepthash
-
-# Re-exported: the public entry points of training live in this module.
-validate_config = configuration.validate_config
-resolve_loss_fn = configuration.resolve_loss_fn
-loss_kwargs = configuration.loss_kwargs
-encode_step = encoding.encode_step
-encode_dataset = encoding.encode_dataset
-chance_map_at_r = encoding.chance_map_at_r
-evaluate = encoding.evaluate
-
-# Files a run keeps beside its checkpoints so that it can be restored for
-# inference without the dataset or the network.
-CONFIG_FILE = 'config.json'
-CLIP_CONFIG_FILE = 'clip_config.json'
-CLASS_NAMES_FILE = 'class_names.json'
-RESULTS_FILE = 'results.json'
-METRICS_FILE = 'metrics.jsonl'
 
 
 @flax.struct.dataclass
@@ -75,8 +59,33 @@ def _to_float32(tree):
       if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+def objective(trainable, frozen, model_state, images, labels, dropout_rng, *,
+              model, loss_fn):
+  """The training loss as a function of the trainable params (what is differentiated).
+
+  Args:
+    trainable, frozen: the two parts of the params (`optim.partition_params`).
+    model_state: {'batch_stats', 'centers'}.
+    images: (B,S,S,3) float32.
+    labels: (B,) int32 or (B,C) multi-hot.
+    dropout_rng: key of this step's dropout.
+    model: the ConceptHash module (static).
+    loss_fn: (aux, labels) -> (loss, metrics), keywords bound (static).
+
+  Returns:
+    (loss, (metrics, batch-stat updates, aux)): the `has_aux` form of
+    jax.value_and_grad; aux is the model's (uncast) output dict.
+  """
+  params = optim.merge_params(trainable, frozen)
+  (_, aux), updates = model.apply(
+      {'params': params, **model_state}, images, train=True,
+      rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+  loss, metrics = loss_fn(_to_float32(aux), labels)
+  return loss, (metrics, updates, aux)
+
+
 def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
-               loss_kwargs: dict, trainable_mask, schedule):
+               trainable_mask, schedule):
   """One SGD step on a global batch; pure and jittable.
 
   Args:
@@ -84,8 +93,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
     batch: {'image': (B,S,S,3) uint8 or normalised float32, 'label': (B,) int32, ...} global arrays.
     model: the ConceptHash module (static).
     tx: optax transformation over the trainable sub-tree (static).
-    loss_fn: (aux, labels, **loss_kwargs) -> (loss, metrics) (static).
-    loss_kwargs: static keyword arguments of `loss_fn`.
+    loss_fn: (aux, labels) -> (loss, metrics), keywords bound (static; see
+      `configuration.make_loss_fn`).
     trainable_mask: bool tree like params; True = trained.
     schedule: step -> lr, only for logging.
 
@@ -96,17 +105,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
   # Same key for the same step whatever happened before: resume replays it.
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   trainable, frozen = optim.partition_params(state.params, trainable_mask)
-
-  def objective(trainable):
-    params = optim.merge_params(trainable, frozen)
-    (_, aux), updates = model.apply(
-        {'params': params, **state.model_state}, batch['image'], train=True,
-        rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
-    loss, metrics = loss_fn(_to_float32(aux), batch['label'], **loss_kwargs)
-    return loss, (metrics, updates)
-
-  (loss, (metrics, updates)), grads = jax.value_and_grad(
-      objective, has_aux=True)(trainable)
+  (loss, (metrics, updates, _)), grads = jax.value_and_grad(
+      objective, has_aux=True)(trainable, frozen, state.model_state,
+                               batch['image'], batch['label'], dropout_rng,
+                               model=model, loss_fn=loss_fn)
   param_updates, opt_state = tx.update(grads, state.opt_state, trainable)
   trainable = optax.apply_updates(trainable, param_updates)
   metrics = dict(metrics, loss=loss, lr=schedule(state.step))
@@ -116,12 +118,13 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
   return new_state, metrics
 
 
-def jit_train_step(config, model, tx, trainable_mask, schedule, shardings,
-                   mesh):
+def jit_train_step(loss_fn: Callable, model, tx, trainable_mask, schedule,
+                   shardings, mesh):
   """`train_step` with its static pieces bound, jitted and donating the state.
 
   Args:
-    config: the run config (loss section).
+    loss_fn: (aux, labels) -> (loss, metrics), from
+      `configuration.make_loss_fn(config.loss)`.
     model, tx, trainable_mask, schedule: as `train_step`.
     shardings: TrainState of NamedShardings (from `create_train_state`).
     mesh: the device mesh.
@@ -130,9 +133,7 @@ def jit_train_step(config, model, tx, trainable_mask, schedule, shardings,
     (state, global batch) -> (state, metrics), metrics replicated.
   """
   return jax.jit(
-      functools.partial(train_step, model=model, tx=tx,
-                        loss_fn=resolve_loss_fn(config.loss.fn),
-                        loss_kwargs=loss_kwargs(config.loss),
+      functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn,
                         trainable_mask=trainable_mask, schedule=schedule),
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)),
@@ -161,8 +162,8 @@ def configure_xla_flags(config) -> str:
 # ------------------------------------------------------------ state
 
 
-def load_clip(model_cfg, seed: int):
-  """(CLIPConfig, params) from the hub, a local dir, or 'random' (seeded)."""
+def load_backbone(model_cfg, seed: int):
+  """(CLIPConfig, params) of config model.clip: hub name, local dir or 'random' (seeded)."""
   if model_cfg.clip == 'random':
     clip_config = hf.random_clip_config(model_cfg.random_clip)
     return clip_config, hf.init_clip_params(clip_config,
@@ -249,118 +250,7 @@ def _reset_to_init(fresh: TrainState, restored: TrainState) -> TrainState:
                        model_state=restored.model_state)
 
 
-# -------------------------------------------------------- inference
-
-
-def build_model(config, clip_config, num_classes):
-  """ConceptHash from the config (model-core's factory)."""
-  return models.build_model(config.model, clip_config, num_classes)
-
-
-def restore_for_inference(workdir: str, *, step: Optional[int] = None,
-                          which: str = 'latest'):
-  """Loads a trained run for encoding/explaining; needs no dataset or network.
-
-  Args:
-    workdir: a run directory written by `train_and_evaluate`.
-    step: explicit checkpoint step; overrides `which`.
-    which: 'latest' (the final model, as in results.json) or 'best'.
-
-  Returns:
-    (config, model, variables, class_names): variables =
-    {'params', 'batch_stats', 'centers'} ready for `model.apply(...,
-    train=False)` on the default device(s).
-  """
-  config = read_run_config(workdir)
-  clip_config = _read_clip_config(workdir)
-  with open(os.path.join(workdir, CLASS_NAMES_FILE)) as f:
-    class_names = json.load(f)
-  model = build_model(config, clip_config, len(class_names))
-  mesh = sharding.create_mesh()
-  tx = optim.make_optimizer(config.optim, 1)  # Structure only.
-  abstract_clip = abstract_vision_params(clip_config)
-  abstract_text = None
-  if config.model.center_type == 'language':
-    abstract_text = jax.ShapeDtypeStruct(
-        (len(class_names), clip_config.text_config.hidden_size), jnp.float32)
-  _, abstract, _, _ = create_train_state(config, model, tx, abstract_clip,
-                                         abstract_text, mesh)
-  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
-  try:
-    if step is None:
-      if which not in ('latest', 'best'):
-        raise ValueError(f"which={which!r}; valid: ['latest', 'best']")
-      step = ckpt.best_step() if which == 'best' else ckpt.latest_step()
-      step = ckpt.latest_step() if step is None else step
-    state = ckpt.restore(abstract, step)
-  finally:
-    ckpt.close()
-  return config, model, {'params': state.params, **state.model_state}, \
-      class_names
-
-
-def abstract_vision_params(clip_config):
-  """{'vision_model': ShapeDtypeStructs} of a CLIP config (no text tower traced)."""
-  vision_config = clip_config.vision_config
-  pixels = jax.ShapeDtypeStruct(
-      (1, vision_config.image_size, vision_config.image_size, 3), jnp.float32)
-  module = hf.vision_module_from_config(vision_config)
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), pixels)
-  return {'vision_model': shapes['params']}
-
-
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (workdir/config.json)."""
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def _read_clip_config(workdir: str):
-  """The CLIPConfig a run was built with (saved so inference is offline)."""
-  import transformers  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, CLIP_CONFIG_FILE)) as f:
-    return transformers.CLIPConfig.from_dict(json.load(f))
-
-
 # -------------------------------------------------------------- loop
-
-
-class _Writer:
-  """metrics.jsonl + TensorBoard on process 0; silent elsewhere."""
-
-  def __init__(self, workdir: str, start_step: int):
-    self.active = jax.process_index() == 0
-    if not self.active:
-      return
-    path = os.path.join(workdir, METRICS_FILE)
-    # A resumed run replays the steps after its checkpoint: drop their lines.
-    kept = []
-    if os.path.exists(path):
-      with open(path) as f:
-        kept = [l for l in f if l.strip() and json.loads(l)['step'] <= start_step]
-    with open(path, 'w') as f:
-      f.writelines(kept)
-    self.history = [json.loads(l) for l in kept]
-    self.jsonl = open(path, 'a')
-    import tensorboardX  # pylint: disable=g-import-not-at-top
-    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
-
-  def write(self, step: int, scalars: dict):
-    """Writes scalars named 'train/...' / 'eval/...' at `step`."""
-    if not self.active:
-      return
-    self.jsonl.write(json.dumps({'step': int(step), **{
-        k: float(v) for k, v in scalars.items()}}) + '\n')
-    self.jsonl.flush()
-    for k, v in scalars.items():
-      self.tb.add_scalar(k, float(v), int(step))
-    self.tb.flush()
-
-  def close(self):
-    """Closes the files."""
-    if self.active:
-      self.jsonl.close()
-      self.tb.close()
 
 
 def _write_json(path: str, obj):
@@ -382,8 +272,170 @@ def _check_finite(step: int, logged: dict, ckpt):
         'Lower config.optim.lr or check the data.')
 
 
+def _train_batches(train_ds, config, mesh, *, start_step: int,
+                   stop_step: int, steps_per_epoch: int):
+  """Global train batches for steps start_step + 1 .. stop_step.
+
+  Order depends on (seed, epoch) only; resuming mid-epoch skips the steps
+  already done, so the run sees exactly the same batches.
+  """
+  local_bs = config.data.batch_size // jax.process_count()
+  step = start_step
+  while step < stop_step:
+    epoch = step // steps_per_epoch
+    epoch_batches = itertools.islice(
+        data_lib.batches(train_ds, config.data, train=True,
+                         batch_size=local_bs, seed=config.seed, epoch=epoch,
+                         drop_remainder=True),
+        step - epoch * steps_per_epoch, steps_per_epoch)
+    for batch in epoch_batches:
+      yield sharding.global_batch(
+          {'image': batch['image'], 'label': batch['label']}, mesh)
+      step += 1
+      if step == stop_step:
+        return
+
+
+def build_results(config, *, step: int, steps_per_epoch: int,
+                  eval_result: dict, best: float, loss: float,
+                  num_classes: int) -> dict:
+  """The results.json dict (SPEC §6.3) of a finished run."""
+  return {
+      'map_at_r': eval_result['map_at_r'],
+      'nbit': int(config.model.nbit),
+      'dataset': config.data.name,
+      'step': int(step),
+      'loss': float(loss),
+      'best_map_at_r': float(best),
+      'chance_map_at_r': eval_result['chance_map_at_r'],
+      'epochs': step / steps_per_epoch,
+      'steps_per_epoch': steps_per_epoch,
+      'num_concepts': int(config.model.num_concepts),
+      'num_classes': num_classes,
+      'num_queries': eval_result['num_queries'],
+      'num_database': eval_result['num_database'],
+      'ties': config.eval.ties,
+  }
+
+
+class _Run:
+  """One run's pieces (data, model, jitted step, checkpoints, log) and state.
+
+  Built by `train_and_evaluate`, which drives the loop; the methods are the
+  loop's recurring actions.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    """Builds data, model and state (restored per the resume order)."""
+    self.config = config
+    self.mesh = mesh = sharding.create_mesh()
+    sharding.check_batch_size(config.data.batch_size, mesh)
+    sharding.check_batch_size(config.data.eval_batch_size, mesh,
+                              'data.eval_batch_size')
+    pc, pi = jax.process_count(), jax.process_index()
+    self.train_ds = data_lib.build(config.data, 'train', process_index=pi,
+                                   process_count=pc)
+    self.test_ds = data_lib.build(config.data, 'test', process_index=pi,
+                                  process_count=pc)
+    self.class_names = list(self.train_ds.class_names)
+    for message in data_lib.core.data_warnings(self.train_ds, self.test_ds):
+      logging.warning(message)
+    self.steps_per_epoch = data_lib.num_batches(
+        len(self.train_ds), batch_size=config.data.batch_size // pc,
+        process_count=pc, drop_remainder=True)
+    if self.steps_per_epoch == 0:
+      raise ValueError(f'The train split ({len(self.train_ds)} images) is '
+                       'smaller than one batch (data.batch_size='
+                       f'{config.data.batch_size})')
+    total_steps = config.optim.epochs * self.steps_per_epoch
+    self.stop_step = (min(total_steps, config.train.max_steps)
+                      if config.train.max_steps > 0 else total_steps)
+
+    clip_config, clip_params = load_backbone(config.model, config.seed)
+    text_embeds = center_embeddings(config.model, clip_config, clip_params,
+                                    self.class_names)
+    # The text tower is needed only for the centers: keep it out of the state.
+    clip_params = {'vision_model': clip_params['vision_model']}
+    self.model = models.build_model(config.model, clip_config,
+                                    len(self.class_names))
+    tx = optim.make_optimizer(config.optim, self.steps_per_epoch)
+    schedule = optim.make_schedule(config.optim, self.steps_per_epoch)
+    init_fn, abstract, shardings, mask = create_train_state(
+        config, self.model, tx, clip_params, text_embeds, mesh)
+    self.ckpt = checkpointing.Checkpointer(
+        checkpointing.checkpoint_dir(workdir),
+        keep=config.train.keep_checkpoints)
+    self.state, source = checkpointing.restore_or_initialize(
+        self.ckpt, abstract, init_fn=init_fn, resume=config.train.resume,
+        init=config.train.init, reset_fn=_reset_to_init)
+    del clip_params
+    self.start_step = int(jax.device_get(self.state.step))
+    logging.info('Starting from %s at step %d of %d (%d per epoch).', source,
+                 self.start_step, total_steps, self.steps_per_epoch)
+    for name, obj in ((run_files.CONFIG_FILE, json.loads(config.to_json())),
+                      (run_files.CLIP_CONFIG_FILE, clip_config.to_dict()),
+                      (run_files.CLASS_NAMES_FILE, self.class_names)):
+      _write_json(os.path.join(workdir, name), obj)
+    self.train_step = jit_train_step(
+        configuration.make_loss_fn(config.loss), self.model, tx, mask,
+        schedule, shardings, mesh)
+    self.log = metrics_log.MetricsLogger(
+        workdir, start_step=self.start_step, total_steps=self.stop_step,
+        batch_size=config.data.batch_size)
+    self.best = self.log.best_logged('eval/map_at_r')
+    self.last_eval, self.eval_result = None, None
+    self.preempt = checkpointing.PreemptionFlag().install()
+
+  def flush(self, step: int):
+    """Fetches the pending step metrics, checks them, logs their mean."""
+    means = self.log.take_means()
+    if means is not None:
+      _check_finite(step, {k: v for k, v in means.items() if 'loss' in k},
+                    self.ckpt)
+      self.log.write(step, means)
+
+  def save(self, step: int, map_at_r: Optional[float] = None):
+    """Checkpoints the state (never one whose loss went non-finite)."""
+    self.flush(step)
+    self.ckpt.save(step, self.state, map_at_r=map_at_r)
+
+  def evaluate_and_save(self, step: int):
+    """Evaluates mAP@R, updates the best, reports it, checkpoints with it."""
+    self.flush(step)
+    variables = {'params': self.state.params, **self.state.model_state}
+    result = encoding.evaluate(
+        self.model, variables, self.test_ds, self.train_ds, self.config.data,
+        eval_cfg=self.config.eval, mesh=self.mesh)
+    self.eval_result, self.last_eval = result, step
+    self.best = max(self.best or 0.0, result['map_at_r'])
+    self.log.write(step, {'eval/map_at_r': result['map_at_r'],
+                          'eval/chance_map_at_r': result['chance_map_at_r'],
+                          'eval/best_map_at_r': self.best})
+    self.log.message(
+        f'step {step} (epoch {step / self.steps_per_epoch:.2f}): mAP@R '
+        f'{result["map_at_r"]:.4f} (best {self.best:.4f}, chance '
+        f'{result["chance_map_at_r"]:.4f})')
+    self.save(step, result['map_at_r'])
+
+  def stop_requested(self, step: int) -> bool:
+    """Saves and says True when SIGTERM asked to stop (same steps on all hosts)."""
+    if not self.preempt.requested(step):
+      return False
+    self.save(step)
+    logging.warning('SIGTERM: saved step %d to %s; exiting.', step,
+                    self.ckpt.directory)
+    return True
+
+  def close(self):
+    """Releases the signal handler, the log and the checkpointer."""
+    self.preempt.uninstall()
+    self.log.close()
+    self.ckpt.close()
+
+
+@workdir_lib.guarded  # One run per workdir; config must match its checkpoints.
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Trains, evaluates and writes workdir/results.json (SPEC §6.3).
+  """Trains, evaluates and writes workdir/results.json (docs/method.md §6.3).
 
   Args:
     config: a config from configs/*.py (validated here again).
@@ -393,202 +445,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     The results dict (also in results.json), or {'preempted': True, 'step':
     s} when a SIGTERM stopped the run after saving step s.
   """
-  validate_config(config)
+  configuration.validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.create_mesh()
-  sharding.check_batch_size(config.data.batch_size, mesh)
-  sharding.check_batch_size(config.data.eval_batch_size, mesh,
-                            'data.eval_batch_size')
-  pc, pi = jax.process_count(), jax.process_index()
-  local_bs = config.data.batch_size // pc
-  local_eval_bs = config.data.eval_batch_size // pc
-
-  train_ds = data_lib.build(config.data, 'train', process_index=pi,
-                            process_count=pc)
-  test_ds = data_lib.build(config.data, 'test', process_index=pi,
-                           process_count=pc)
-  class_names = list(train_ds.class_names)
-  for ds in (train_ds, test_ds):
-    if getattr(ds, 'num_skipped', 0):
-      logging.warning('%s split: skipped %d corrupt images (data.on_corrupt='
-                      "'skip')", ds.split, ds.num_skipped)
-  steps_per_epoch = data_lib.num_batches(
-      len(train_ds), batch_size=local_bs, process_count=pc,
-      drop_remainder=True)
-  if steps_per_epoch == 0:
-    raise ValueError(f'The train split ({len(train_ds)} images) is smaller '
-                     f'than one batch (data.batch_size='
-                     f'{config.data.batch_size})')
-  total_steps = config.optim.epochs * steps_per_epoch
-  stop_step = (min(total_steps, config.train.max_steps)
-               if config.train.max_steps > 0 else total_steps)
-
-  clip_config, clip_params = load_clip(config.model, config.seed)
-  text_embeds = center_embeddings(config.model, clip_config, clip_params,
-                                  class_names)
-  # The text tower is needed only for the centers: keep it out of the state.
-  clip_params = {'vision_model': clip_params['vision_model']}
-  model = build_model(config, clip_config, len(class_names))
-  tx = optim.make_optimizer(config.optim, steps_per_epoch)
-  schedule = optim.make_schedule(config.optim, steps_per_epoch)
-  init_fn, abstract, shardings, mask = create_train_state(
-      config, model, tx, clip_params, text_embeds, mesh)
-
-  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
-                                    keep=config.train.keep_checkpoints)
-  state, source = checkpointing.restore_or_initialize(
-      ckpt, abstract, init_fn=init_fn, resume=config.train.resume,
-      init=config.train.init, reset_fn=_reset_to_init)
-  del clip_params
-  step = int(jax.device_get(state.step))
-  logging.info('Starting from %s at step %d of %d (%d per epoch).', source,
-               step, total_steps, steps_per_epoch)
-  _write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()))
-  _write_json(os.path.join(workdir, CLIP_CONFIG_FILE), clip_config.to_dict())
-  _write_json(os.path.join(workdir, CLASS_NAMES_FILE), class_names)
-
-  p_train_step = jit_train_step(config, model, tx, mask, schedule, shardings,
-                                mesh)
-
-  def eval_batches(ds):
-    return data_lib.batches(ds, config.data, train=False,
-                            batch_size=local_eval_bs, seed=config.seed,
-                            epoch=0, drop_remainder=False)
-
-  def run_eval(state):
-    variables = {'params': state.params, **state.model_state}
-    result = evaluate(model, variables, eval_batches(test_ds),
-                      eval_batches(train_ds), eval_cfg=config.eval, mesh=mesh)
-    return result
-
-  writer = _Writer(workdir, step)
-  evals = [h for h in getattr(writer, 'history', []) if 'eval/map_at_r' in h]
-  best = max((h['eval/map_at_r'] for h in evals), default=None)
-  preempt = checkpointing.PreemptionFlag().install()
-  pending, last_loss, last_eval, eval_result = [], None, None, None
-  t_log, n_log = time.perf_counter(), 0
-  bar = _progress_bar(total=stop_step, initial=step)
-
-  def flush_metrics(step):
-    """Fetches the pending step metrics, checks them, logs their mean."""
-    nonlocal pending, t_log, n_log, last_loss
-    if not pending:
-      return
-    fetched = jax.device_get(pending)
-    means = {f'train/{k}': float(np.mean([m[k] for m in fetched]))
-             for k in fetched[0] if k != 'total'}  # 'total' == 'loss'.
-    means['train/lr'] = float(fetched[-1]['lr'])
-    last_loss = float(fetched[-1]['loss'])
-    _check_finite(step, {k: means[k] for k in means if 'loss' in k}, ckpt)
-    dt = time.perf_counter() - t_log
-    means['train/img_per_sec'] = n_log * config.data.batch_size / max(dt, 1e-9)
-    writer.write(step, means)
-    bar.set_postfix(loss=f'{means["train/loss"]:.4f}',
-                    img_s=f'{means["train/img_per_sec"]:.1f}')
-    pending, t_log, n_log = [], time.perf_counter(), 0
-
-  def save(step, map_at_r=None):
-    flush_metrics(step)  # Never checkpoint a state whose loss went non-finite.
-    ckpt.save(step, state, map_at_r=map_at_r)
-
-  def report_eval(step, result, best):
-    """Logs an eval result beside its chance level."""
-    writer.write(step, {'eval/map_at_r': result['map_at_r'],
-                        'eval/chance_map_at_r': result['chance_map_at_r'],
-                        'eval/best_map_at_r': best})
-    message = (f'step {step} (epoch {step / steps_per_epoch:.2f}): mAP@R '
-               f'{result["map_at_r"]:.4f} (best {best:.4f}, chance '
-               f'{result["chance_map_at_r"]:.4f})')
-    if jax.process_index() == 0:
-      bar.write(message)
-    logging.info(message)
-
-  def maybe_stop(step):
-    """Saves and reports True when SIGTERM asked to stop (same steps on all hosts)."""
-    if not preempt.requested(step):
-      return False
-    save(step)
-    logging.warning('SIGTERM: saved step %d to %s; exiting.', step,
-                    ckpt.directory)
-    return True
-
+  run = _Run(config, workdir)
+  step, per_epoch = run.start_step, run.steps_per_epoch
   try:
-    batches, batches_epoch = None, None
-    while step < stop_step:
-      epoch = step // steps_per_epoch
-      if batches_epoch != epoch:
-        # Order depends on (seed, epoch) only; resuming mid-epoch skips the
-        # steps already done, so the run sees exactly the same batches.
-        batches = itertools.islice(
-            data_lib.batches(train_ds, config.data, train=True,
-                             batch_size=local_bs, seed=config.seed,
-                             epoch=epoch, drop_remainder=True),
-            step - epoch * steps_per_epoch, steps_per_epoch)
-        batches_epoch = epoch
-      batch = next(batches)
-      inputs = sharding.global_batch(
-          {'image': batch['image'], 'label': batch['label']}, mesh)
-      state, metrics = p_train_step(state, inputs)
-      pending.append(metrics)
+    for batch in _train_batches(run.train_ds, config, run.mesh,
+                                start_step=step, stop_step=run.stop_step,
+                                steps_per_epoch=per_epoch):
+      run.state, metrics = run.train_step(run.state, batch)
       step += 1
-      n_log += 1
-      bar.update(1)
+      run.log.add_step(metrics)
       log_now = step % config.train.log_every_steps == 0
-      if log_now or step == stop_step:
-        flush_metrics(step)
-      epoch_end = step % steps_per_epoch == 0
-      if (epoch_end and (step // steps_per_epoch) % config.eval.every_epochs
-          == 0) or step == stop_step:
-        flush_metrics(step)
-        eval_result = run_eval(state)
-        last_eval, best = step, max(best or 0.0, eval_result['map_at_r'])
-        report_eval(step, eval_result, best)
-        save(step, eval_result['map_at_r'])
+      if log_now or step == run.stop_step:
+        run.flush(step)
+      epoch_end = step % per_epoch == 0
+      if step == run.stop_step or (
+          epoch_end and (step // per_epoch) % config.eval.every_epochs == 0):
+        run.evaluate_and_save(step)
       elif step % config.train.checkpoint_every_steps == 0:
-        save(step)
-      if (log_now or epoch_end) and step < stop_step and maybe_stop(step):
+        run.save(step)
+      if (log_now or epoch_end) and step < run.stop_step and (
+          run.stop_requested(step)):
         return {'preempted': True, 'step': step}
-    if last_eval != step:  # Resumed at the very end: evaluate what is there.
-      eval_result = run_eval(state)
-      best = max(best or 0.0, eval_result['map_at_r'])
-      report_eval(step, eval_result, best)
-      save(step, eval_result['map_at_r'])
-    flush_metrics(step)
+    if run.last_eval != step:  # Resumed at the very end: evaluate what is there.
+      run.evaluate_and_save(step)
+    run.flush(step)
   finally:
-    bar.close()
-    preempt.uninstall()
-    writer.close()
-    ckpt.close()
+    run.close()
 
-  if last_loss is None:  # Nothing trained in this process: read the log.
-    losses_logged = [h['train/loss'] for h in getattr(writer, 'history', [])
-                     if 'train/loss' in h]
-    last_loss = losses_logged[-1] if losses_logged else float('nan')
-  results = {
-      'map_at_r': eval_result['map_at_r'],
-      'nbit': int(config.model.nbit),
-      'dataset': config.data.name,
-      'step': int(step),
-      'loss': float(last_loss),
-      'best_map_at_r': float(best),
-      'chance_map_at_r': eval_result['chance_map_at_r'],
-      'epochs': step / steps_per_epoch,
-      'steps_per_epoch': steps_per_epoch,
-      'num_concepts': int(config.model.num_concepts),
-      'num_classes': len(class_names),
-      'num_queries': eval_result['num_queries'],
-      'num_database': eval_result['num_database'],
-      'ties': config.eval.ties,
-  }
-  _write_json(os.path.join(workdir, RESULTS_FILE), results)
+  results = build_results(
+      config, step=step, steps_per_epoch=per_epoch,
+      eval_result=run.eval_result, best=run.best, loss=run.log.final_loss(),
+      num_classes=len(run.class_names))
+  results['skipped_images'] = {ds.split: list(ds.skipped)
+                               for ds in (run.train_ds, run.test_ds)}
+  _write_json(os.path.join(workdir, run_files.RESULTS_FILE), results)
   logging.info('Final mAP@R %.4f (best %.4f, chance %.4f) at step %d.',
                results['map_at_r'], results['best_map_at_r'],
                results['chance_map_at_r'], step)
   return results
-
-
-def _progress_bar(total: int, initial: int):
-  """tqdm bar (steps/s, ETA) on process 0; a silent stand-in elsewhere."""
-  import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm.tqdm(total=total, initial=initial, unit='step',
-                   dynamic_ncols=True, disable=jax.process_index() != 0)

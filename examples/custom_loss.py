@@ -2,10 +2,10 @@
 
   python examples/custom_loss.py [--epochs=10] [--workdir=runs/custom_loss]
 
-Any function with the signature of `concepthash_jax.losses.total_loss`,
-`(aux, labels, *, scale, margin, concept_margin, weight_cont, weight_bin,
-weight_concept, weight_csd) -> (loss, metrics)`, can replace it through its
-import path: `--config.loss.fn=my_package.my_module.my_loss`. Here the paper's
+A loss is any function `(aux, labels, *, <keywords>) -> (loss, metrics)`
+named by its import path: `--config.loss.fn=my_package.my_module.my_loss`. It
+receives the `config.loss` values of the keywords it declares, and only those
+(a new `loss.*` key is not forced on it). Here the paper's
 L_csd (mean cosine between the M concept attention maps, Eq. 8) becomes a
 per-image hinge that only penalises pairs more similar than `HINGE`, so that
 concepts may overlap a little. The script trains the synthetic default twice,
@@ -60,9 +60,13 @@ def hinge_csd_loss(*, concept_attn, hinge=HINGE):
           pairs).mean()
 
 
-def hinge_csd_total_loss(aux, labels, *, weight_csd, **kwargs):
+def hinge_csd_total_loss(aux, labels, *, scale, margin, concept_margin,
+                         weight_cont, weight_bin, weight_concept, weight_csd):
   """losses.total_loss with L_csd replaced by `hinge_csd_loss`."""
-  _, metrics = losses.total_loss(aux, labels, weight_csd=0.0, **kwargs)
+  _, metrics = losses.total_loss(
+      aux, labels, scale=scale, margin=margin, concept_margin=concept_margin,
+      weight_cont=weight_cont, weight_bin=weight_bin,
+      weight_concept=weight_concept, weight_csd=0.0)
   csd = hinge_csd_loss(concept_attn=aux['concept_attn'])
   total = metrics['total'] + weight_csd * csd
   return total, dict(metrics, loss_csd=csd, total=total)
@@ -80,8 +84,8 @@ def mean_concept_similarity(concept_attn):
 def run(name, loss_fn):
   """Trains the synthetic default with weight_csd=1 and `loss_fn`."""
   sys.path.insert(0, ROOT)
-  from configs import synthetic  # pylint: disable=g-import-not-at-top
-  from concepthash_jax import data, train  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.configs import synthetic  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import data, encoding, inference, train  # pylint: disable=g-import-not-at-top
   config = synthetic.get_config()
   config.loss.fn = loss_fn
   config.loss.weight_csd = 1.0
@@ -89,11 +93,10 @@ def run(name, loss_fn):
   config.eval.every_epochs = FLAGS.epochs
   workdir = os.path.join(FLAGS.workdir, name)
   results = train.train_and_evaluate(config, workdir)
-  _, model, variables, _ = train.restore_for_inference(workdir)
+  _, model, variables, _ = inference.restore_for_inference(workdir)
   test = data.build(config.data, 'test')
-  encoded = train.encode_dataset(model, variables, data.batches(
-      test, config.data, train=False, batch_size=config.data.eval_batch_size,
-      seed=config.seed, epoch=0, drop_remainder=False))
+  encoded = encoding.encode_split(model, variables, test, config.data,
+                                  keep=('attention',))
   return results, mean_concept_similarity(encoded['concept_attn'])
 
 

@@ -11,7 +11,7 @@ from concepthash_jax import data
 from concepthash_jax.data import cache
 from concepthash_jax.data import pipeline
 from concepthash_jax.data import transforms
-from configs import base
+from concepthash_jax.configs import base
 
 _SIZES = ((50, 38), (38, 50), (44, 44), (61, 40))  # (W, H), CUB-like aspects.
 

@@ -1,6 +1,10 @@
 """checkpointing.py: retention, restore into shardings, SIGTERM flag, resume order."""
+import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 
 import flax
 import jax
@@ -108,3 +112,120 @@ def test_resume_order_workdir_then_resume_then_init_then_scratch(tmp_path):
   assert restore(new, resume=str(other_run)) == (3.0, 3, 'workdir')
   with pytest.raises(FileNotFoundError, match='train.resume'):
     restore(str(tmp_path / 'x'), resume=str(tmp_path / 'missing'))
+
+
+def _damage(path, how):
+  """Truncates a file to half ('truncate') or overwrites it ('garbage')."""
+  if how == 'truncate':
+    with open(path, 'r+b') as f:
+      f.truncate(os.path.getsize(path) // 2)
+  else:
+    with open(path, 'wb') as f:
+      f.write(b'\x00garbage{')
+
+
+def _tree_files(root):
+  """{relative path: bytes} of every file under `root`."""
+  out = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      with open(os.path.join(folder, name), 'rb') as f:
+        out[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+  return out
+
+
+@pytest.mark.parametrize('damaged,how', [
+    ('default/_METADATA', 'truncate'),  # The JSONDecodeError of issue 18.
+    ('metrics/metrics', 'garbage'),  # Orbax's manager fails to open on it.
+    ('default/d', 'truncate'),  # Array bytes.
+])
+def test_unreadable_newest_checkpoint_falls_back_and_is_kept(tmp_path, caplog,
+                                                             damaged, how):
+  directory = str(tmp_path / 'checkpoints')
+  ckpt = checkpointing.Checkpointer(directory, keep=3)
+  ckpt.save(1, make_state(1.0, 1), map_at_r=0.2)
+  ckpt.save(2, make_state(2.0, 2), map_at_r=0.5)
+  ckpt.close()
+  target = os.path.join(directory, '2', damaged)
+  for path in ([os.path.join(target, f) for f in os.listdir(target)]
+               if os.path.isdir(target) else [target]):
+    _damage(path, how)
+  before = _tree_files(os.path.join(directory, '2'))
+
+  ckpt = checkpointing.Checkpointer(directory, keep=3)
+  restored = ckpt.restore(abstract_of(make_state(0.0)))
+  assert float(restored.params['head']['kernel'][0, 0]) == 1.0
+  assert ckpt.latest_step() == 1 and ckpt.best_step() == 1
+  assert f'Skipping checkpoint step 2: {os.path.join(directory, "2")}' in (
+      caplog.text)
+  # A reader (encode, explain) leaves it where it is.
+  assert _tree_files(os.path.join(directory, '2')) == before
+  # A run that trains on moves it aside, byte for byte, before saving step 2.
+  ckpt.save(2, make_state(20.0, 2))
+  ckpt.close()
+  aside = os.path.join(str(tmp_path), 'checkpoints_unreadable', '2')
+  assert _tree_files(aside) == before
+  assert 'Moved unreadable checkpoint step 2' in caplog.text
+  reopened = checkpointing.Checkpointer(directory)
+  assert reopened.all_steps() == [1, 2]
+  restored = reopened.restore(abstract_of(make_state(0.0)))
+  assert float(restored.params['head']['kernel'][0, 0]) == 20.0
+
+
+def test_no_readable_checkpoint_names_the_directory_and_each_step(tmp_path):
+  directory = str(tmp_path / 'checkpoints')
+  ckpt = checkpointing.Checkpointer(directory)
+  ckpt.save(4, make_state(1.0, 4))
+  ckpt.close()
+  _damage(os.path.join(directory, '4', 'default', '_METADATA'), 'garbage')
+  ckpt = checkpointing.Checkpointer(directory)
+  with pytest.raises(checkpointing.errors.CheckpointError,
+                     match=f'No readable checkpoint in {directory} '
+                     r'\(step 4: JSONDecodeError'):
+    ckpt.restore(abstract_of(make_state(0.0)))
+  with pytest.raises(checkpointing.errors.CheckpointError,
+                     match=r'Checkpoint step 4 at .*/4 cannot be read'):
+    ckpt.restore(abstract_of(make_state(0.0)), step=4)
+
+
+_HOLD_LOCK = '''
+import sys, time
+from concepthash_jax import checkpointing
+checkpointing.WorkdirLock(sys.argv[1]).acquire()
+print('locked', flush=True)
+time.sleep(120)
+'''
+
+
+def test_workdir_lock_refuses_a_live_holder_and_replaces_a_killed_one(
+    tmp_path, caplog):
+  workdir = str(tmp_path)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+       os.environ.get('PYTHONPATH', '')]), JAX_PLATFORMS='cpu')
+  holder = subprocess.Popen([sys.executable, '-c', _HOLD_LOCK, workdir],
+                            stdout=subprocess.PIPE, env=env, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(checkpointing.errors.WorkdirError,
+                       match=f'{workdir} is in use by pid {holder.pid} on '
+                       f'host {socket.gethostname()}'):
+      checkpointing.WorkdirLock(workdir).acquire()
+  finally:
+    holder.kill()  # SIGKILL: the lock file stays behind.
+    holder.wait()
+  assert os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))
+  lock = checkpointing.WorkdirLock(workdir).acquire()
+  assert f'stale lock {os.path.join(workdir, "run.lock")} of pid ' \
+         f'{holder.pid}' in caplog.text
+  with pytest.raises(checkpointing.errors.WorkdirError,
+                     match=f'in use by pid {os.getpid()}'):
+    checkpointing.WorkdirLock(workdir).acquire()
+  lock.release()
+  assert not os.path.exists(lock.path)
+  # Another host's lock cannot be checked: refused, with how to clear it.
+  with open(lock.path, 'w') as f:
+    json.dump({'pid': 1, 'host': 'other-host', 'since': 'then'}, f)
+  with pytest.raises(checkpointing.errors.WorkdirError,
+                     match=r'pid 1 on host other-host .*delete .*run\.lock'):
+    checkpointing.WorkdirLock(workdir).acquire()

@@ -13,7 +13,7 @@ from concepthash_jax import models
 from concepthash_jax import optim
 from concepthash_jax.interop import hf
 from concepthash_jax.models import concepthash
-from configs import base
+from concepthash_jax.configs import base
 
 NUM_CLASSES = 5
 TINY_CLIP = hf.random_clip_config(ml_collections.ConfigDict(dict(

@@ -1,5 +1,4 @@
 """Config files: all load, validate, build a model shape; bad input fails clearly."""
-import glob
 import os
 import subprocess
 import sys
@@ -10,25 +9,28 @@ import pytest
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # `configs` is a directory of data, not installed.
+sys.path.insert(0, ROOT)  # The checkout's package when it is not installed.
 
+from concepthash_jax import configuration  # pylint: disable=g-import-not-at-top
+from concepthash_jax import models  # pylint: disable=g-import-not-at-top
 from concepthash_jax import optim  # pylint: disable=g-import-not-at-top
+from concepthash_jax import run_files  # pylint: disable=g-import-not-at-top
 from concepthash_jax import sharding  # pylint: disable=g-import-not-at-top
 from concepthash_jax import train  # pylint: disable=g-import-not-at-top
+from concepthash_jax import workdir  # pylint: disable=g-import-not-at-top
 from concepthash_jax.interop import hf  # pylint: disable=g-import-not-at-top
 
+from concepthash_jax.tools import cli  # pylint: disable=g-import-not-at-top
+
 DATASETS = ('cub', 'cars', 'aircraft', 'nabirds')
-CONFIG_NAMES = sorted(
-    os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 'configs',
-                                                            '*.py'))
-    if not p.endswith('common.py'))
-SPECS = ([f'configs/{n}.py' for n in CONFIG_NAMES if n != 'paper'] +
+CONFIG_NAMES = cli.config_names()
+CONFIG_ARGS = ([f'configs/{n}.py' for n in CONFIG_NAMES if n != 'paper'] +
          [f'configs/paper.py:{d}' for d in DATASETS])
 
 
 def load(spec, *overrides):
   """Parses `--config=spec --config.x=y ...` exactly as launch.py does."""
-  argv = ['prog', f'--config={os.path.join(ROOT, spec)}', *overrides]
+  argv = cli.resolve_config_args(['prog', f'--config={spec}', *overrides])
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'cfg', flag_values=fv,
                                   lock_config=True, sys_argv=argv)
@@ -37,13 +39,35 @@ def load(spec, *overrides):
 
 
 def test_every_config_file_is_covered():
-  assert set(CONFIG_NAMES) >= {'base', 'synthetic', 'paper', *DATASETS}
+  assert set(CONFIG_NAMES) == {'base', 'synthetic', 'paper', *DATASETS}
+  # The checkout's configs/ is the installed folder, not a copy.
+  assert os.path.samefile(os.path.join(ROOT, 'configs'), cli.CONFIG_DIR)
 
 
-@pytest.mark.parametrize('spec', SPECS)
+def test_config_names_resolve_to_the_installed_files(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # Outside the checkout: no configs/ here.
+  cub = os.path.join(cli.CONFIG_DIR, 'cub.py')
+  assert cli.resolve_config('cub') == cub
+  assert cli.resolve_config('cub:nbit=32') == cub + ':nbit=32'
+  assert cli.resolve_config('configs/paper.py:cars,16') == (
+      os.path.join(cli.CONFIG_DIR, 'paper.py') + ':cars,16')
+  mine = tmp_path / 'cub.py'  # A file of the user's wins over the name.
+  mine.write_text('def get_config():\n  return None\n')
+  assert cli.resolve_config('cub.py:nbit=16') == 'cub.py:nbit=16'
+  assert cli.resolve_config_args(['p', '--config', 'synthetic', '--config.seed=1']) == [
+      'p', '--config', os.path.join(cli.CONFIG_DIR, 'synthetic.py'), '--config.seed=1']
+  with pytest.raises(SystemExit) as err:
+    cli.resolve_config('cubb:nbit=32')
+  message = str(err.value)
+  assert message.startswith('--config=cubb:nbit=32: cubb is neither a config file')
+  assert 'cub, nabirds, paper, synthetic' in message and '\n' not in message
+  assert load('synthetic:nbit=32').model.nbit == 32
+
+
+@pytest.mark.parametrize('spec', CONFIG_ARGS)
 def test_config_loads_and_validates(spec):
   config = load(spec)
-  train.validate_config(config)
+  configuration.validate_config(config)
   assert config.model.nbit % config.model.num_concepts == 0
 
 
@@ -65,8 +89,8 @@ def test_config_builds_the_train_state_shape(spec):
   config = load(spec)
   clip_config = hf.random_clip_config(config.model.random_clip)
   num_classes = 7
-  model = train.build_model(config, clip_config, num_classes)
-  abstract_clip = train.abstract_vision_params(clip_config)
+  model = models.build_model(config.model, clip_config, num_classes)
+  abstract_clip = run_files.abstract_vision_params(clip_config)
   text = None
   if config.model.center_type == 'language':
     text = jax.ShapeDtypeStruct(
@@ -107,7 +131,7 @@ def test_launch_names_the_valid_keys_of_an_unknown_one():
        '--config=' + os.path.join(ROOT, 'configs/synthetic.py'),
        '--config.optim.lr=0.1', '--config.model.nbitt=3'],
       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
-  assert run.returncode == 1
+  assert run.returncode == 2
   last = run.stderr.strip().splitlines()[-1]
   assert last.startswith('FATAL Flags parsing error: unknown key '
                          'config.model.nbitt (from --config.model.nbitt=3); '
@@ -124,26 +148,26 @@ def test_launch_names_the_valid_keys_of_an_unknown_one():
 def test_bad_choice_names_the_valid_ones(key, value):
   config = load('configs/synthetic.py', f'--config.{key}={value}')
   with pytest.raises(ValueError, match=f'config.{key}=.*valid: \\['):
-    train.validate_config(config)
+    configuration.validate_config(config)
 
 
 def test_bad_lr_multipliers_fail_at_validation():
   config = load('configs/synthetic.py',
                 '--config.optim.lr_multipliers=concept_generator=fast')
   with pytest.raises(ValueError, match='optim.lr_multipliers entry'):
-    train.validate_config(config)
+    configuration.validate_config(config)
 
 
 def test_nbit_not_divisible_by_concepts_is_an_error():
   config = load('configs/synthetic.py', '--config.model.nbit=18')
   with pytest.raises(ValueError, match='divisible by config.model.num_concepts'):
-    train.validate_config(config)
+    configuration.validate_config(config)
 
 
 def test_unimportable_loss_fn_is_an_error():
   config = load('configs/synthetic.py', '--config.loss.fn=nowhere.loss')
   with pytest.raises(ValueError, match='cannot be imported'):
-    train.validate_config(config)
+    configuration.validate_config(config)
 
 
 def test_configure_xla_flags_adds_the_scheduler_flag_once_and_user_flags_win(
@@ -162,3 +186,24 @@ def test_configure_xla_flags_adds_the_scheduler_flag_once_and_user_flags_win(
   config.train.cpu_concurrency_scheduler = True
   assert train.configure_xla_flags(config) == ''
   assert 'XLA_FLAGS' not in os.environ
+
+
+def test_workdir_config_check_classifies_every_key():
+  config = load('configs/synthetic.py').to_dict()
+  keys = workdir.flatten(config)
+  assert set(workdir.HARMLESS) <= set(keys)  # The table names real keys.
+  changed = {**config, 'seed': 1,
+             'model': {**config['model'], 'nbit': 32, 'remat': 'none'},
+             'optim': {**config['optim'], 'lr': 0.5},
+             'eval': {**config['eval'], 'every_epochs': 3},
+             'train': {**config['train'], 'max_steps': 7}}
+  breaking, harmless = workdir.config_changes(config, changed)
+  assert breaking == {'model.nbit': (config['model']['nbit'], 32),
+                      'optim.lr': (config['optim']['lr'], 0.5),
+                      'seed': (0, 1)}
+  assert set(harmless) == {'model.remat', 'eval.every_epochs',
+                           'train.max_steps'}
+  # A key one side lacks (another code version) is not compared.
+  older = {**config, 'model': {k: v for k, v in config['model'].items()
+                               if k != 'remat'}}
+  assert workdir.config_changes(older, config) == ({}, {})

@@ -4,14 +4,17 @@ import os
 
 import numpy as np
 import pytest
+import scipy.io
 import tensorflow_datasets as tfds
 from PIL import Image
 
 import data_testlib
 from concepthash_jax import data
+from concepthash_jax import errors
+from concepthash_jax.data import core
 from concepthash_jax.data import pipeline
 from concepthash_jax.data import synthetic
-from configs import base
+from concepthash_jax.configs import base
 
 
 _SYNTHETIC_KEYS = ('num_classes', 'num_families', 'train_per_class',
@@ -255,6 +258,57 @@ def test_corrupt_images_raise_or_are_skipped(tmp_path):
   assert train[2]['keypoints'][0, 0] == 6.0  # Image 5 kept its keypoints.
 
 
+def test_truncated_jpeg_is_caught_by_the_up_front_scan(tmp_path):
+  # Image.verify() passes a JPEG cut in half; the scan decodes it in full.
+  cub = _make_cub(str(tmp_path))
+  bad = os.path.join(cub, 'images', '002.Laysan_Albatross', 'L_0002.jpg')
+  pixels = np.random.default_rng(0).integers(0, 255, (64, 80, 3), np.uint8)
+  Image.fromarray(pixels).save(bad, format='JPEG')
+  with open(bad, 'rb') as f:
+    content = f.read()
+  with open(bad, 'wb') as f:
+    f.write(content[:len(content) // 2])
+  with Image.open(bad) as image:
+    image.verify()  # The old check: no error.
+  cfg = _data_cfg(source='folders', name='cub', root=str(tmp_path))
+  with pytest.raises(data.CorruptImageError,
+                     match=r'L_0002\.jpg.*truncated.*on_corrupt=skip'):
+    data.build(cfg, 'train')
+  cfg.on_corrupt = 'skip'
+  train = data.build(cfg, 'train')
+  assert train.skipped == (bad,) and len(train) == 3
+  # It was Laysan's only training image: that class is now empty too.
+  assert core.data_warnings(train, data.build(cfg, 'test')) == [
+      f"train split: skipped 1 corrupt image(s) (data.on_corrupt='skip'): "
+      f'{bad}',
+      '1 of 3 classes have no training image, so the model never sees them '
+      'and their queries find no relevant database item: Laysan_Albatross']
+
+
+@pytest.mark.parametrize('file,lines,message', [
+    ('images.txt', ['1 001.Black_footed_Albatross/B_0046.jpg', '2'],
+     r'images\.txt, line 2: expected "<image_id> <image_name>" \(2 fields\), '
+     r"got '2'"),
+    ('images.txt', [], r'images\.txt is empty; expected lines '
+     r'"<image_id> <image_name>"'),
+    ('train_test_split.txt', ['1 1', '2 yes'],
+     r"train_test_split\.txt: <is_training_image> must be 1 or 0, got 'yes'"),
+    ('train_test_split.txt', ['1 1', '99 1'],
+     r"1 image id\(s\) listed in .*train_test_split\.txt are not in "
+     r".*images\.txt \(first: '99'\)"),
+    ('bounding_boxes.txt', ['1 1.0 2.0 x 4.0'],
+     r'bounding_boxes\.txt, line 1: expected "<image_id> <x> <y> <width> '
+     r'<height>" with numbers'),
+])
+def test_malformed_cub_metadata_names_file_line_and_expected(tmp_path, file,
+                                                             lines, message):
+  cub = _make_cub(str(tmp_path))
+  _write_lines(os.path.join(cub, file), lines)
+  cfg = _data_cfg(source='folders', name='cub', root=str(tmp_path))
+  with pytest.raises(errors.DataError, match=message):
+    data.build(cfg, 'train')
+
+
 def test_missing_files_name_the_path_and_layout(tmp_path):
   cub = _make_cub(str(tmp_path))
   os.remove(os.path.join(cub, 'classes.txt'))
@@ -346,6 +400,53 @@ def test_cars_from_mat_files(tmp_path):
   assert train.family_names == ['AM', 'Acura'] and train.family_of == [0, 1, 1]
   assert train[0]['image'].shape == (7, 9, 3)  # Converted to RGB.
   np.testing.assert_array_equal(data.build(cfg, 'test').labels, [1])
+
+
+def test_malformed_cars_aircraft_nabirds_files_name_the_file(tmp_path):
+  cars = str(tmp_path / 'stanford_cars')
+  data_testlib.write_cars_mats(cars, ['A 1', 'B 2'], [('1.jpg', 3)],
+                               [('1.jpg', 1)])
+  cfg = _data_cfg(source='folders', name='cars', root=cars)
+  with pytest.raises(errors.DataError, match=r'cars_train_annos\.mat: class 3 '
+                     r'is outside 1\.\.2, the classes of .*cars_meta\.mat'):
+    data.build(cfg, 'train')
+  meta = os.path.join(cars, 'devkit', 'cars_meta.mat')
+  with open(meta, 'r+b') as f:
+    f.truncate(100)
+  with pytest.raises(errors.DataError,
+                     match=r'cars_meta\.mat is not a readable \.mat file'):
+    data.build(cfg, 'train')
+  scipy.io.savemat(meta, {'names': np.array(['A 1'], dtype=object)})
+  with pytest.raises(errors.DataError,
+                     match=r"cars_meta\.mat has no variable 'class_names'"):
+    data.build(cfg, 'train')
+
+  aircraft = str(tmp_path / 'fgvc-aircraft-2013b' / 'data')
+  _write_lines(os.path.join(aircraft, 'variants.txt'), ['707-320'])
+  _write_lines(os.path.join(aircraft, 'images_variant_trainval.txt'),
+               ['0001 707-320', '0002'])
+  cfg = _data_cfg(source='folders', name='aircraft', root=aircraft)
+  with pytest.raises(errors.DataError, match=r'images_variant_trainval\.txt, '
+                     r"line 2: expected \"<image_id> <name> \.\.\.\" \(2 "
+                     r"fields\), got '0002'"):
+    data.build(cfg, 'train')
+  _write_lines(os.path.join(aircraft, 'images_variant_trainval.txt'),
+               ['0001 A300B4'])
+  with pytest.raises(errors.DataError, match=r"1 variant\(s\) listed in "
+                     r".*images_variant_trainval\.txt are not in "
+                     r".*variants\.txt \(first: 'A300B4'\)"):
+    data.build(cfg, 'train')
+
+  nabirds = str(tmp_path / 'nabirds')
+  _write_lines(os.path.join(nabirds, 'hierarchy.txt'), ['295 22', '22'])
+  cfg = _data_cfg(source='folders', name='nabirds', root=nabirds)
+  for name in ('images.txt', 'image_class_labels.txt', 'classes.txt',
+               'train_test_split.txt'):
+    _write_lines(os.path.join(nabirds, name), ['aa 1'])
+  with pytest.raises(errors.DataError,
+                     match=r'hierarchy\.txt, line 2: expected "<image_id> '
+                     r'<parent_id>" \(2 fields\), got \'22\''):
+    data.build(cfg, 'train')
 
 
 # ----------------------------------------------------------------------- tfds

@@ -222,3 +222,19 @@ def test_invalid_arguments_raise():
   with pytest.raises(ValueError, match='bits'):
     evaluation.map_at_r(qc[:, :4], ql, dc, dl)
   assert evaluation.map_at_r(qc, ql, dc, dl, R=-1) == result
+
+
+def test_map_at_r_rejects_non_finite_codes_counting_the_rows():
+  rng = np.random.default_rng(0)
+  query, db = rng.normal(size=(5, 16)), rng.normal(size=(9, 16))
+  labels_q, labels_db = np.arange(5) % 3, np.arange(9) % 3
+  query[[1, 3], 2] = np.nan
+  db[4] = np.inf
+  with pytest.raises(ValueError, match=r'non-finite \(NaN/inf\) codes in 2 of '
+                     r'5 query rows and 1 of 9 database rows'):
+    evaluation.map_at_r(query, labels_q, db, labels_db)
+  query[[1, 3], 2] = 0.5
+  with pytest.raises(ValueError, match=r'codes in 1 of 9 database rows;'):
+    evaluation.map_at_r(query, labels_q, db, labels_db)
+  db[4] = 1.0
+  assert 0.0 <= evaluation.map_at_r(query, labels_q, db, labels_db) <= 1.0

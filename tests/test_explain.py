@@ -9,12 +9,15 @@ from PIL import Image
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # `configs` is a directory of data, not installed.
+sys.path.insert(0, ROOT)  # The checkout's package when it is not installed.
 
+from concepthash_jax import configuration  # pylint: disable=g-import-not-at-top
+from concepthash_jax import report  # pylint: disable=g-import-not-at-top
+from concepthash_jax import run_files  # pylint: disable=g-import-not-at-top
 from concepthash_jax import train  # pylint: disable=g-import-not-at-top
 from concepthash_jax.tools import ablate  # pylint: disable=g-import-not-at-top
 from concepthash_jax.tools import explain  # pylint: disable=g-import-not-at-top
-from configs import synthetic  # pylint: disable=g-import-not-at-top
+from concepthash_jax.configs import synthetic  # pylint: disable=g-import-not-at-top
 
 NBIT, M = 8, 2
 
@@ -71,7 +74,8 @@ def _png_is_a_picture(path):
 def test_explain_writes_every_figure_and_the_report(explained):
   summary, out = explained
   names = (['attention_maps.png', 'correlation.png', 'localisation.png',
-            'part_hits.png', 'tsne_centers.png']
+            'part_hits.png', 'tsne_centers.png', 'pr_curve.png',
+            'precision_at_k.png']
            + [f'gallery_concept{m}.png' for m in range(M)])
   for name in names:
     _png_is_a_picture(os.path.join(out, name))
@@ -97,7 +101,7 @@ def test_explain_writes_every_figure_and_the_report(explained):
 def test_explain_class_map_matches_the_training_evaluation(run, explained):
   _, workdir = run
   summary, _ = explained
-  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, run_files.RESULTS_FILE)) as f:
     results = json.load(f)
   # Same checkpoint, data and metric: the encode path must agree exactly.
   assert summary['retrieval']['class_map_at_r'] == pytest.approx(
@@ -128,7 +132,7 @@ def test_explain_numbers_are_well_formed(explained):
   assert set(summary['subcode_counts']) == set(range(M))
   for counts in summary['subcode_counts'].values():
     assert all(len(bits) == NBIT // M for bits in counts)
-  assert 'localisation' in explain.headline(summary)
+  assert 'localisation' in report.headline(summary)
 
 
 def test_ablate_trains_missing_cells_only_and_writes_tables(run, tmp_path):
@@ -142,18 +146,18 @@ def test_ablate_trains_missing_cells_only_and_writes_tables(run, tmp_path):
   def record(cfg, cell_dir):
     # Training itself is the fixture's (real) run; this checks what the grid
     # asks for and writes what train_and_evaluate would.
-    train.validate_config(cfg)
+    configuration.validate_config(cfg)
     calls.append(cfg.model.num_concepts)
     os.makedirs(cell_dir)
     result = {'map_at_r': 0.1 * cfg.model.num_concepts, 'step': 1}
-    with open(os.path.join(cell_dir, train.RESULTS_FILE), 'w') as f:
+    with open(os.path.join(cell_dir, run_files.RESULTS_FILE), 'w') as f:
       json.dump(result, f)
     return result
   table = ablate.ablate(config, root, ['concepts'], nbits=[NBIT],
                         concepts=[1, 2, 3], seeds=[config.seed],
                         train_fn=record)
   assert calls == [1]  # M=3 does not divide 8 bits; M=2 was done.
-  with open(os.path.join(workdir, train.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, run_files.RESULTS_FILE)) as f:
     trained = json.load(f)['map_at_r']
   assert table == {'concepts': {1: {NBIT: [0.1]}, 2: {NBIT: [trained]}}}
   with open(os.path.join(root, 'ablation.md')) as f:
@@ -178,7 +182,7 @@ def test_ablation_plan_and_tables():
   assert [(l.weight_bin, l.weight_csd, l.weight_concept) for l in losses] == [
       (0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 0, 1), (1, 1, 1)]
   for cell in cells:
-    train.validate_config(cell['config'])
+    configuration.validate_config(cell['config'])
   # Table 2's language row trains the config's own loss terms, so it is the
   # Table 4 row with the same terms (full with L_csd on, as the synthetic
   # default; full minus csd for the released recipe): one run serves both.

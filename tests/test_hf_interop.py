@@ -9,6 +9,7 @@ import ml_collections
 import pytest
 from safetensors import numpy as safetensors_numpy
 
+from concepthash_jax import errors
 from concepthash_jax.interop import hf
 from concepthash_jax.models import clip
 
@@ -190,3 +191,28 @@ def test_hf_tokenizer_from_directory_pads_to_max_positions(tmp_path):
   # CLIP pads with EOS; both pooling rules find the first EOS.
   np.testing.assert_array_equal(clip.eos_positions(ids, 2), [7, 3])
   np.testing.assert_array_equal(clip.eos_positions(ids, eos), [7, 3])
+
+
+def test_torn_or_mismatched_clip_files_name_the_file(tmp_path):
+  directory = _write_checkpoint(tmp_path / 'clip', _state_dict())
+  weights = os.path.join(directory, hf.WEIGHTS_FILE)
+  with open(weights, 'r+b') as f:
+    f.truncate(os.path.getsize(weights) // 2)
+  with pytest.raises(errors.DataError,
+                     match=f'{weights} is not a complete safetensors file'):
+    hf.load_clip(directory)
+  with open(weights, 'wb') as f:
+    f.write(b'\x05')  # Shorter than the 8-byte header length.
+  with pytest.raises(errors.DataError, match='not a complete safetensors'):
+    hf.load_clip(directory)
+  sd = _state_dict()
+  sd.pop('vision_model.post_layernorm.bias')
+  _write_checkpoint(tmp_path / 'clip', sd)
+  with pytest.raises(errors.DataError, match=f'{weights} does not fit .*'
+                     'config.json: CLIP checkpoint does not match'):
+    hf.load_clip(directory)
+  with open(os.path.join(directory, hf.CONFIG_FILE), 'w') as f:
+    f.write('{"vision_config": ')
+  with pytest.raises(errors.DataError, match='config.json is not a readable '
+                     'CLIP config.json'):
+    hf.load_clip(directory)

@@ -67,3 +67,49 @@ def test_evaluate_matches_map_at_r():
         evaluation.map_at_r(qc, ql, dc, dl, ties=ties, R=50), abs=1e-12)
   with pytest.raises(ValueError, match='without labels'):
     index_lib.CodeIndex(dc).evaluate(qc, ql)
+
+
+def test_concept_distances_sum_to_hamming_and_codes_unpack():
+  qc, _, dc, _ = _case(4, nbit=12)
+  sub = index_lib.concept_distances(qc, dc, 4)
+  assert sub.shape == (len(qc), len(dc), 4)
+  hamming = ((qc > 0)[:, None, :] != (dc > 0)[None, :, :]).sum(-1)
+  np.testing.assert_array_equal(sub.sum(-1), hamming)
+  index = index_lib.CodeIndex(dc)
+  np.testing.assert_array_equal(index.codes([3, 0]), np.where(dc[[3, 0]] > 0, 1, -1))
+  with pytest.raises(ValueError, match='sub-codes'):
+    index_lib.concept_distances(qc, dc, 5)
+
+
+@pytest.mark.parametrize('nbit', [16, 70])
+def test_faiss_flat_distances_equal_ours_hnsw_searches(nbit):
+  # faiss-cpu is in the test extra, so this always runs. Exact FAISS returns
+  # the same distances; among equal distances its order may differ from ours
+  # (ties by database position), so ids are compared as sets where untied.
+  qc, _, dc, _ = _case(5, num_q=50, num_db=4000, nbit=nbit)
+  index = index_lib.CodeIndex(dc)
+  ids, dist = index.search(qc, 10)
+  f_ids, f_dist = index_lib.faiss_search(index.to_faiss('flat'), qc, 10)
+  np.testing.assert_array_equal(f_dist, dist)
+  full = index_lib.concept_distances(qc, dc, 1)[..., 0]
+  np.testing.assert_array_equal(np.take_along_axis(full, f_ids, 1), f_dist)
+  h_ids, h_dist = index_lib.faiss_search(index.to_faiss('hnsw'), qc, 10)
+  assert h_ids.shape == (50, 10) and (np.diff(h_dist, axis=1) >= 0).all()
+  np.testing.assert_array_equal(np.take_along_axis(full, h_ids, 1), h_dist)
+  with pytest.raises(ValueError, match="Unknown FAISS"):
+    index.to_faiss('ivf')
+
+
+def test_save_load_keeps_paths_and_info_and_names_a_corrupt_file(tmp_path):
+  _, _, dc, dl = _case(6, nbit=8)
+  paths = [f'img_{i}.png' for i in range(len(dc))]
+  path = str(tmp_path / 'db.npz')
+  index_lib.CodeIndex(dc, dl, paths=paths, info={'split': 'train'}).save(path)
+  loaded = index_lib.CodeIndex.load(path)
+  assert list(loaded.paths) == paths and loaded.info == {'split': 'train'}
+  with open(path, 'wb') as f:
+    f.write(b'not an npz')
+  with pytest.raises(ValueError, match='db.npz is not a readable code index'):
+    index_lib.CodeIndex.load(path)
+  with pytest.raises(ValueError, match='another model'):
+    loaded.search(np.ones((1, 16)), 1)

@@ -16,7 +16,13 @@ from PIL import Image
 
 import data_testlib
 import train_testlib as lib
+from concepthash_jax import checkpointing
+from concepthash_jax import configuration
+from concepthash_jax import encoding
+from concepthash_jax import errors
+from concepthash_jax import inference
 from concepthash_jax import train
+from concepthash_jax import workdir as workdir_lib
 
 # Long enough (120 steps) for a SIGTERM to land mid-run; evals at epochs 20, 40.
 LONG = {'optim.epochs': 40, 'eval.every_epochs': 20,
@@ -99,8 +105,15 @@ def test_max_steps_then_resume_is_bit_identical(reference, tmp_path):
   _assert_same_run(workdir, reference[0])
 
   # The copy diverges (NaN loss) after step 50: clear error, step 50 kept.
+  # (loss.fn is stored as if the run had used it from the start: a changed
+  # loss on a workdir with checkpoints is refused.)
   nan_dir = str(tmp_path / 'diverging')
   config = lib.load_config({**LONG, 'loss.fn': 'train_testlib.nan_loss'})
+  with open(os.path.join(nan_dir, 'config.json')) as f:
+    stored = json.load(f)
+  stored['loss']['fn'] = config.loss.fn
+  with open(os.path.join(nan_dir, 'config.json'), 'w') as f:
+    json.dump(stored, f)
   with pytest.raises(FloatingPointError,
                      match=r'Non-finite.*step 51.*checkpoint \(step 50\) is kept'):
     train.train_and_evaluate(config, nan_dir)
@@ -130,7 +143,7 @@ def test_sigterm_saves_exits_cleanly_and_resume_is_bit_identical(reference,
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.returncode == errors.EXIT_PREEMPTED, out[-3000:]
   assert 'SIGTERM: saved step' in out
   # tqdm bar: steps done of 120, elapsed<ETA, rate, and the logged postfix.
   assert re.search(r'\d+/120 \[\d+:\d+<\d+:\d+, +[\d.]+(step/s|s/step), '
@@ -143,15 +156,72 @@ def test_sigterm_saves_exits_cleanly_and_resume_is_bit_identical(reference,
   _assert_same_run(workdir, reference[0])
 
 
+def _snapshot(workdir):
+  """{path: bytes} of every file in the workdir (tensorboard aside)."""
+  out = {}
+  for folder, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(folder, name)
+      if 'tensorboard' not in path:
+        with open(path, 'rb') as f:
+          out[path] = f.read()
+  return out
+
+
+def test_config_check_history_and_unreadable_newest_checkpoint(
+    reference, tmp_path, caplog):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference[0], workdir)
+  ckpt_dir = checkpointing.checkpoint_dir(workdir)
+  steps = checkpointing.step_dirs(ckpt_dir)
+  assert steps[-1] == 120 and len(steps) >= 2
+  before = _snapshot(workdir)
+
+  # State-changing keys: one sentence naming them, nothing on disk touched.
+  with pytest.raises(errors.WorkdirError,
+                     match=r'holds checkpoints \(step 120\) of a run with a '
+                     r'different config \(config\.model\.nbit: 8 -> 16, '
+                     r'config\.optim\.lr: 0\.05 -> 0\.1; .*--config\.train\.'
+                     r'resume='):
+    train.train_and_evaluate(lib.load_config(
+        {**LONG, 'model.nbit': 16, 'optim.lr': 0.1}), workdir)
+  assert _snapshot(workdir) == before
+
+  # A torn newest checkpoint: inference and the resume use the one before.
+  metadata = os.path.join(ckpt_dir, '120', 'default', '_METADATA')
+  with open(metadata, 'r+b') as f:
+    f.truncate(os.path.getsize(metadata) // 2)
+  with open(metadata, 'rb') as f:
+    torn = f.read()
+  inference.restore_for_inference(workdir)
+  assert f'Skipping checkpoint step 120: {os.path.join(ckpt_dir, "120")}' in (
+      caplog.text)
+  assert os.path.exists(metadata)
+
+  # Harmless keys are allowed and recorded; the resumed run ends identical.
+  train.train_and_evaluate(lib.load_config(
+      {**LONG, 'train.keep_checkpoints': 3}), workdir)
+  _assert_same_run(workdir, reference[0])
+  with open(os.path.join(workdir, 'checkpoints_unreadable', '120', 'default',
+                         '_METADATA'), 'rb') as f:
+    assert f.read() == torn  # Moved aside, never deleted.
+  history = lib.read_jsonl(os.path.join(workdir, workdir_lib.HISTORY_FILE))
+  assert [h["step"] for h in history] == [None, 120]
+  assert history[-1]['changed'] == {'train.keep_checkpoints': [2, 3]}
+  with open(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as f:
+    assert json.load(f)['train']['keep_checkpoints'] == 3
+  assert not os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))
+
+
 def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   workdir, results = reference
-  config, model, variables, class_names = train.restore_for_inference(workdir)
+  config, model, variables, class_names = inference.restore_for_inference(workdir)
   assert len(class_names) == 4 and config.model.nbit == 8
   from concepthash_jax import data  # pylint: disable=g-import-not-at-top
   ds = data.build(config.data, 'test')
-  codes = train.encode_dataset(model, variables, data.batches(
-      ds, config.data, train=False, batch_size=5, seed=0, epoch=0,
-      drop_remainder=False))  # 12 images in batches of 5: padding dropped.
+  codes = encoding.encode_split(
+      model, variables, ds, config.data, batch_size=5,
+      keep=('codes', 'attention', 'keypoints'))  # 12 in 5s: padding dropped.
   assert codes['codes'].shape == (12, 8) and codes['codes'].dtype == np.int8
   assert set(np.unique(codes['codes'])) <= {-1, 1}
   assert codes['concept_attn'].shape == (12, 4, 16)
@@ -170,11 +240,18 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   saved = np.load(out)
   np.testing.assert_array_equal(saved['codes'], codes['codes'])
   assert os.path.exists(str(tmp_path / 'codes.index.npz'))
+  with open(str(tmp_path / 'codes.retrieval.json')) as f:
+    curves = json.load(f)
+  assert curves['map_at_r'] == pytest.approx(results['map_at_r'], abs=1e-6)
+  assert curves['precision_at_k']['k'] == [1, 2, 5, 10, 20]  # 24 in the database.
+  assert len(curves['pr_recall']) == 8 + 1 and curves['pr_recall'][-1] == 1.0
+  for name in ('codes.pr_curve.png', 'codes.precision_at_k.png'):
+    assert os.path.getsize(str(tmp_path / name)) > 1000
 
 
 def test_custom_loss_example_plugs_in_through_its_import_path(monkeypatch):
   monkeypatch.syspath_prepend(os.path.join(lib.ROOT, 'examples'))
-  fn = train.resolve_loss_fn('custom_loss.hinge_csd_total_loss')
+  fn = configuration.resolve_loss_fn('custom_loss.hinge_csd_total_loss')
   # The script runs as __main__ and the trainer imports it again by path:
   # an import must define no flags, or the second one clashes.
   assert 'epochs' not in flags.FLAGS
@@ -184,7 +261,7 @@ def test_custom_loss_example_plugs_in_through_its_import_path(monkeypatch):
          'logits_bin': rng.uniform(-1, 1, (2, 3)),
          'logits_concept': rng.uniform(-1, 1, (4, 2, 3)),
          'codes': rng.normal(size=(2, 8))}
-  kwargs = train.loss_kwargs(lib.load_config().loss)
+  kwargs = configuration.loss_keywords(fn, lib.load_config().loss)
   # Four concepts on disjoint patches: no pair is similar, the hinge is 0.
   apart = dict(aux, concept_attn=np.tile(np.eye(4)[None], (2, 1, 1)))
   # All four on the same patch: every pair has cosine 1 -> 1 - HINGE each.
@@ -229,10 +306,13 @@ def test_one_step_on_a_generated_cub_folder(tmp_path):
   classes = ['001.Black_footed_Albatross', '002.Laysan_Albatross',
              '003.Sooty_Albatross']
   rows = []
-  for i in range(12):  # 4 per class: 3 train, 1 test.
+  for i in range(13):  # 4 per class: 3 train, 1 test; + 1 truncated (train).
     path = f'{classes[i % 3]}/img_{i}.jpg'
     _image(str(root / 'images' / path), i)
-    rows.append((i + 1, path, i % 3 + 1, int(i < 9)))
+    rows.append((i + 1, path, i % 3 + 1, int(i < 9 or i == 12)))
+  truncated = str(root / 'images' / rows[12][1])
+  with open(truncated, 'r+b') as f:
+    f.truncate(os.path.getsize(truncated) // 2)
   for name, lines in (
       ('images.txt', [f'{i} {p}' for i, p, _, _ in rows]),
       ('image_class_labels.txt', [f'{i} {c}' for i, _, c, _ in rows]),
@@ -240,8 +320,10 @@ def test_one_step_on_a_generated_cub_folder(tmp_path):
       ('classes.txt', [f'{k + 1} {c}' for k, c in enumerate(classes)])):
     (root / name).write_text('\n'.join(lines) + '\n')
   results = _one_step('configs/cub.py', {'data.source': 'folders',
-                                         'data.root': str(root)},
+                                         'data.root': str(root),
+                                         'data.on_corrupt': 'skip'},
                       str(tmp_path / 'run'))
+  assert results['skipped_images'] == {'train': [truncated], 'test': []}
   assert results['num_classes'] == 3 and results['num_database'] == 9
   assert results['num_queries'] == 3 and np.isfinite(results['loss'])
 

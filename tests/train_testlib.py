@@ -11,7 +11,7 @@ from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)  # `configs` is a directory of data, not installed.
+  sys.path.insert(0, ROOT)  # The checkout's package when it is not installed.
 
 # 4 classes x 6 train / 3 test images of 32 px; a 1-layer, 32-wide CLIP.
 # Batch 8 -> 3 steps per epoch, 2 epochs; eval every epoch.
@@ -70,7 +70,18 @@ def final_params(workdir):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from concepthash_jax import train  # pylint: disable=g-import-not-at-top
-  _, _, variables, _ = train.restore_for_inference(workdir)
+  from concepthash_jax import inference  # pylint: disable=g-import-not-at-top
+  _, _, variables, _ = inference.restore_for_inference(workdir)
   return {'/'.join(k): np.asarray(v) for k, v in
           traverse_util.flatten_dict(jax.device_get(variables)).items()}
+
+
+def trained_tiny_run(tmp_path_factory):
+  """Workdir of one TINY run trained once per pytest session (shared by modules)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.getbasetemp() / 'tiny_run'
+  if not (workdir / 'results.json').exists():
+    train.train_and_evaluate(load_config(), str(workdir))
+  with open(workdir / 'results.json') as f:
+    return str(workdir), json.load(f)

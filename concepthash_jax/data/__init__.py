@@ -5,12 +5,15 @@
   for batch in data.batches(train, config.data, train=True, batch_size=32,
                             seed=0, epoch=0, drop_remainder=True): ...
 
-Sources (config `data.source`): 'synthetic' (built in, offline), 'tfds'
-(`data.tfds_name` through tfds.data_source) and 'folders' (`data.name`'s
-official layout under `data.root`). Every source returns the record and
-attributes described in `core.Dataset`.
+Sources (config `data.source`, the `SOURCES` registry): 'synthetic' (built
+in, offline), 'tfds' (`data.tfds_name` through tfds.data_source) and 'folders'
+(`data.name`'s official layout under `data.root`, `folders.LOADERS`). Every
+source returns the record and attributes described in `core.Dataset`.
 """
+import importlib
+
 from concepthash_jax.data import core
+from concepthash_jax.data import folders
 from concepthash_jax.data import pipeline
 from concepthash_jax.data import transforms
 from concepthash_jax.data.core import CorruptImageError
@@ -18,7 +21,12 @@ from concepthash_jax.data.core import Dataset
 from concepthash_jax.data.pipeline import batches
 from concepthash_jax.data.pipeline import num_batches
 
-SPLITS = ('train', 'test')
+SPLITS = core.SPLITS
+# data.source -> the module whose `build(data_cfg, split, *, process_index,
+# process_count)` reads it; imported on first use (tfds is slow to import).
+SOURCES = {'synthetic': 'synthetic', 'tfds': 'tfds', 'folders': 'folders'}
+# data.name values: the built-in synthetic set and every official layout.
+DATASETS = ('synthetic',) + tuple(folders.LOADERS)
 
 
 def build(data_cfg, split, *, process_index=0, process_count=1):
@@ -39,15 +47,10 @@ def build(data_cfg, split, *, process_index=0, process_count=1):
   """
   if split not in SPLITS:
     raise ValueError(f'Unknown split {split!r}; valid: {SPLITS}')
-  process = dict(process_index=process_index, process_count=process_count)
-  if data_cfg.source == 'synthetic':
-    from concepthash_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    return synthetic.SyntheticDataset(data_cfg.synthetic, split, **process)
-  if data_cfg.source == 'tfds':
-    from concepthash_jax.data import tfds  # pylint: disable=g-import-not-at-top
-    return tfds.build(data_cfg, split, **process)
-  if data_cfg.source == 'folders':
-    from concepthash_jax.data import folders  # pylint: disable=g-import-not-at-top
-    return folders.build(data_cfg, split, **process)
-  raise ValueError(f"Unknown data.source {data_cfg.source!r}; valid: "
-                   "'synthetic', 'tfds', 'folders'")
+  if data_cfg.source not in SOURCES:
+    raise ValueError(f'Unknown data.source {data_cfg.source!r}; valid: '
+                     f'{list(SOURCES)}')
+  source = importlib.import_module(
+      f'concepthash_jax.data.{SOURCES[data_cfg.source]}')
+  return source.build(data_cfg, split, process_index=process_index,
+                      process_count=process_count)

@@ -11,8 +11,10 @@ this process reads.
 """
 import numpy as np
 
+from concepthash_jax import errors
 
-class CorruptImageError(ValueError):
+
+class CorruptImageError(errors.DataError):
   """An image file that is missing, unreadable or not an image."""
 
 
@@ -89,6 +91,16 @@ class Dataset:
             f'skipped={self.num_skipped})')
 
 
+SPLITS = ('train', 'test')  # The database/training split and the queries.
+ON_CORRUPT = ('raise', 'skip')  # data.on_corrupt: fail naming the file, or leave it out.
+
+
+def check_split(split: str):
+  """Raises ValueError for a split name outside SPLITS."""
+  if split not in SPLITS:
+    raise ValueError(f'Unknown split {split!r}; valid: {list(SPLITS)}')
+
+
 def family_by_word(class_names, word):
   """Groups classes by one word of their name ('first' or 'last').
 
@@ -107,3 +119,53 @@ def family_by_word(class_names, word):
       family_names.append(key)
     family_of.append(family_names.index(key))
   return family_of, family_names
+
+
+def data_warnings(train, test):
+  """Readable warnings about a dataset's train/test splits (empty when all is well).
+
+  Args:
+    train: the train split (training set and retrieval database).
+    test: the test split (queries).
+
+  Returns:
+    list of str: corrupt images left out (how many, which), and classes with
+    no training image (their queries can never find a relevant item).
+  """
+  messages = []
+  for ds in (train, test):
+    if ds.num_skipped:
+      shown = ', '.join(ds.skipped[:10])
+      more = f' and {ds.num_skipped - 10} more' if ds.num_skipped > 10 else ''
+      messages.append(f"{ds.split} split: skipped {ds.num_skipped} corrupt "
+                      f"image(s) (data.on_corrupt='skip'): {shown}{more}")
+  counts = np.bincount(train.labels, minlength=train.num_classes)
+  empty = [train.class_names[c] for c in np.flatnonzero(counts == 0)]
+  if empty:
+    messages.append(
+        f'{len(empty)} of {train.num_classes} classes have no training image, '
+        'so the model never sees them and their queries find no relevant '
+        f'database item: {", ".join(empty)}')
+  return messages
+
+
+# Which word of a class name is its family, by dataset ('cars': the make,
+# 'AM General Hummer SUV 2000'); any other dataset: the last word, as CUB's
+# 'Laysan Albatross' -> 'Albatross'.
+_FAMILY_WORD = {'cars': 'first'}
+
+
+def families_by_name(dataset_name: str, class_names):
+  """The family-name rule: (family_of, family_names) from the class names.
+
+  For datasets that ship no family list (CUB, Cars, tfds copies), and for
+  tools reading a dataset that did not give one.
+  """
+  return family_by_word(class_names, _FAMILY_WORD.get(dataset_name, 'last'))
+
+
+def families(ds):
+  """(family_of, family_names) of a built split: its own, else by name."""
+  if ds.family_of is not None:
+    return ds.family_of, ds.family_names
+  return families_by_name(ds.name, ds.class_names)

@@ -19,6 +19,8 @@ from concepthash_jax.data import cache as cache_lib
 from concepthash_jax.data import transforms
 
 _PAD = -1  # 'index' (and 'label') of padding rows.
+# data.worker_type: decode in threads (PIL releases the GIL) or processes.
+WORKER_TYPES = ('thread', 'process')
 
 
 def epoch_order(num_images, *, shuffle, seed, epoch):
@@ -74,7 +76,8 @@ class _Example:
   """
 
   def __init__(self, dataset, transform, *, seed, epoch, train, image_size,
-               cache=None):
+               cache=None, display=False):
+    self.display = display  # Also emit the uint8 image under 'display'.
     self.dataset = dataset
     self.transform = transform
     self.cache = cache
@@ -97,6 +100,9 @@ class _Example:
         example['keypoints'] = np.zeros((self.num_parts, 3), np.float32)
       if self.has_boxes:
         example['box'] = np.zeros(4, np.float32)
+      if self.display:
+        example['display'] = np.zeros((self.image_size, self.image_size, 3),
+                                      np.uint8)
       return example
     record = (self._annotations(index) if self.cache is not None
               else self.dataset[index])
@@ -120,6 +126,8 @@ class _Example:
       image, points = self.transform.pixels(record['image'], points, rng)
     example = {'image': image, 'label': np.int32(record['label']),
                'index': np.int32(index), 'mask': np.bool_(True)}
+    if self.display:
+      example['display'] = image
     if self.num_parts:
       example['keypoints'] = points[:self.num_parts]
     if self.has_boxes:
@@ -150,7 +158,7 @@ def make_transform(data_cfg, *, train):
 
 
 def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
-            drop_remainder):
+            drop_remainder, display=False):
   """Iterates over this process's batches of one epoch.
 
   Args:
@@ -164,6 +172,8 @@ def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
     seed: run seed; with `epoch` it fixes order and augmentation.
     epoch: 0-based epoch.
     drop_remainder: drop the last incomplete global batch, else pad it.
+    display: also yield 'display', the same images as uint8 (B, S, S, 3)
+      before normalisation (for figures).
 
   The deterministic first stage of the transform is read from a cache
   (data/cache.py; built on first use) when `data.cache` is on and the
@@ -176,11 +186,11 @@ def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
     (False and label = index = -1 on padding rows), 'keypoints' float32
     (B, P, 3) in the transformed image's pixels when the dataset has parts,
     and 'box' float32 (B, 4) x, y, w, h in the same frame when it has boxes
-    (not clipped to the crop).
+    (not clipped to the crop), and 'display' when asked.
   """
-  if data_cfg.worker_type not in ('thread', 'process'):
-    raise ValueError(f"Unknown data.worker_type {data_cfg.worker_type!r}; "
-                     "valid: 'thread', 'process'")
+  if data_cfg.worker_type not in WORKER_TYPES:
+    raise ValueError(f'Unknown data.worker_type {data_cfg.worker_type!r}; '
+                     f'valid: {list(WORKER_TYPES)}')
   if batch_size <= 0:
     raise ValueError(f'batch_size must be > 0, got {batch_size}')
   order = epoch_order(len(dataset), shuffle=train, seed=seed, epoch=epoch)
@@ -194,7 +204,8 @@ def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
         dataset, transform.split()[0], cache_dir=data_cfg.cache_dir,
         num_workers=data_cfg.num_workers)
   load = _Example(dataset, transform, seed=seed, epoch=epoch, train=train,
-                  image_size=data_cfg.image_size, cache=first_stage)
+                  image_size=data_cfg.image_size, cache=first_stage,
+                  display=display)
   ds = grain.MapDataset.source(positions).map(load)
   num_workers = data_cfg.num_workers
   if num_workers <= 0:  # In-process, no threads: the cheapest for tiny images.

@@ -319,8 +319,7 @@ class SyntheticDataset(core.Dataset):
       process_index: this process's index.
       process_count: number of processes.
     """
-    if split not in _SPLIT_CODE:
-      raise ValueError(f"Unknown split {split!r}; valid: 'train', 'test'")
+    core.check_split(split)
     cfg = synthetic_cfg
     family_of, perms = class_structure(cfg.num_classes, cfg.num_families)
     per_class = cfg.train_per_class if split == 'train' else cfg.test_per_class
@@ -354,3 +353,10 @@ class SyntheticDataset(core.Dataset):
   def _load(self, index):
     return {'image': self.images[index], 'label': int(self.labels[index]),
             'keypoints': self.keypoints[index], 'box': self.boxes[index]}
+
+
+def build(data_cfg, split, *, process_index=0, process_count=1):
+  """The synthetic split of config `data` (its `synthetic` section)."""
+  return SyntheticDataset(data_cfg.synthetic, split,
+                          process_index=process_index,
+                          process_count=process_count)

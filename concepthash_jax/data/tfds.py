@@ -32,7 +32,6 @@ _GONE_UPSTREAM = {
                 'data.source=folders data.root=<that folder> data.name=cars.'),
 }
 # Family = one word of the class name, per dataset.
-_FAMILY_WORD = {'caltech_birds2011': 'last', 'cars196': 'first'}
 _NAME = {'caltech_birds2011': 'cub', 'cars196': 'cars'}
 
 
@@ -111,8 +110,7 @@ def _split_files(builder, split):
 
 def build(data_cfg, split, *, process_index=0, process_count=1):
   """Builds the TFDS split `split` of `data_cfg.tfds_name`."""
-  if split not in _SPLITS:
-    raise ValueError(f"Unknown split {split!r}; valid: 'train', 'test'")
+  core.check_split(split)
   name = data_cfg.tfds_name
   if not name:
     raise ValueError('data.source=tfds needs data.tfds_name')
@@ -132,8 +130,8 @@ def build(data_cfg, split, *, process_index=0, process_count=1):
     if split != 'train':
       _, label_names = _labels_and_names(builder, _SPLITS['train'], features)
     class_names = [label_names.get(i, str(i)) for i in range(len(class_names))]
-  family_of, family_names = core.family_by_word(
-      class_names, _FAMILY_WORD.get(name, 'last'))
+  family_of, family_names = core.families_by_name(_NAME.get(name, name),
+                                                  class_names)
   return TfdsDataset(
       builder.as_data_source(split=_SPLITS[split]),
       source_files=_split_files(builder, _SPLITS[split]),

@@ -8,7 +8,7 @@ image is marked invisible (its coordinates are still mapped). Random ops also
 take a `numpy.random.Generator`; given the same generator state they draw the
 same augmentation, which is what makes the input pipeline deterministic.
 
-Pipelines (config `data.train_augment`, SPEC §3):
+Pipelines (config `data.train_augment`, docs/method.md §4):
   'released': Resize(resize_size) -> RandomHorizontalFlip -> TrivialAugmentWide
               (bicubic) -> CenterCrop(image_size)       [official trivialaugment.yaml]
   'paper':    RandomResizedCrop(image_size, bicubic) -> RandomHorizontalFlip
@@ -521,8 +521,18 @@ class Compose:
     """The op names in application order."""
     return tuple(name for name, _, _ in self.ops)
 
+  def __call__(self, image, keypoints=None, rng=None):
+    """Applies the ops; returns (float32 (S, S, 3) normalised, keypoints)."""
+    image, keypoints = self.apply(image, keypoints, rng)
+    return normalize(image), keypoints
+
   def pixels(self, image, keypoints=None, rng=None):
     """Applies the ops; returns (uint8 (S, S, 3) array, keypoints)."""
+    image, keypoints = self.apply(image, keypoints, rng)
+    return np.asarray(image), keypoints
+
+  def apply(self, image, keypoints=None, rng=None):
+    """Applies the ops; returns (RGB PIL image (S, S), keypoints), unnormalised."""
     if isinstance(image, np.ndarray):
       image = Image.fromarray(image)
     image = image.convert('RGB')
@@ -537,12 +547,7 @@ class Compose:
         image, keypoints = fn(image, keypoints)
     if keypoints is not None:
       keypoints = keypoints.astype(np.float32)
-    return np.asarray(image), keypoints
-
-  def __call__(self, image, keypoints=None, rng=None):
-    """Applies the ops; returns (float32 (S, S, 3) normalised, keypoints)."""
-    image, keypoints = self.pixels(image, keypoints, rng)
-    return normalize(image), keypoints
+    return image, keypoints
 
   @property
   def num_deterministic(self):
@@ -601,6 +606,10 @@ def test_transform(*, image_size, resize_size):
   ])
 
 
+# data.train_augment: the released recipe, the paper's, or the test transform.
+TRAIN_AUGMENTS = ('released', 'paper', 'none')
+
+
 def train_transform(augment, *, image_size, resize_size):
   """The training pipeline named by config `data.train_augment`.
 
@@ -633,4 +642,4 @@ def train_transform(augment, *, image_size, resize_size):
   if augment == 'none':
     return test_transform(image_size=image_size, resize_size=resize_size)
   raise ValueError(f'Unknown data.train_augment {augment!r}; '
-                   "valid: 'released', 'paper', 'none'")
+                   f'valid: {list(TRAIN_AUGMENTS)}')

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 import transformers
 
+from concepthash_jax import errors
 from concepthash_jax.models import clip as clip_lib
 
 CONFIG_FILE = 'config.json'
@@ -203,7 +204,7 @@ def resolve_clip_files(name_or_path: str) -> tuple:
     files = [os.path.join(directory, f) for f in (CONFIG_FILE, WEIGHTS_FILE)]
     absent = [f for f in files if not os.path.isfile(f)]
     if absent:
-      raise FileNotFoundError(f'CLIP {name_or_path!r}: tried local directory {directory!r}, '
+      raise errors.MissingFileError(f'CLIP {name_or_path!r}: tried local directory {directory!r}, '
                               f'missing {absent}. {how_to}')
     return tuple(files)
   import huggingface_hub  # pylint: disable=g-import-not-at-top
@@ -212,7 +213,7 @@ def resolve_clip_files(name_or_path: str) -> tuple:
                                                  local_files_only=_hub_offline())
                  for f in (CONFIG_FILE, WEIGHTS_FILE))
   except Exception as e:  # pylint: disable=broad-except
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f'CLIP {name_or_path!r}: no local directory of that name, and downloading '
         f'{CONFIG_FILE} + {WEIGHTS_FILE} from the Hugging Face hub failed '
         f'(offline={_hub_offline()}): {type(e).__name__}: {e}. {how_to}') from e
@@ -234,9 +235,26 @@ def load_clip(name_or_path: str) -> tuple:
   """
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   config_path, weights_path = resolve_clip_files(name_or_path)
-  clip_config = transformers.CLIPConfig.from_json_file(config_path)
-  return clip_config, params_from_state_dict(clip_config,
-                                             safetensors_numpy.load_file(weights_path))
+  try:
+    clip_config = transformers.CLIPConfig.from_json_file(config_path)
+  except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError.
+    raise errors.DataError(f'{config_path} is not a readable CLIP config.json '
+                           f'({type(e).__name__}: {e}); {_REFETCH}') from e
+  try:
+    state_dict = safetensors_numpy.load_file(weights_path)
+  except Exception as e:  # pylint: disable=broad-except
+    # safetensors raises its own SafetensorError (or OSError) on a torn file.
+    raise errors.DataError(
+        f'{weights_path} is not a complete safetensors file ({type(e).__name__}: '
+        f'{e}; size {os.path.getsize(weights_path)} bytes); {_REFETCH}') from e
+  try:
+    return clip_config, params_from_state_dict(clip_config, state_dict)
+  except ValueError as e:
+    raise errors.DataError(f'{weights_path} does not fit {config_path}: {e}') from e
+
+
+_REFETCH = ('copy or download it again (a hub download: delete it from the '
+            'Hugging Face cache, ~/.cache/huggingface/hub, and rerun)')
 
 
 # ------------------------------------------------------------------------------ tokenizer

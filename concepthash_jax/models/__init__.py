@@ -43,7 +43,7 @@ def build_model(model_cfg, clip_config, num_classes: int) -> ConceptHash:
       num_concepts=model_cfg.num_concepts,
       nbit=model_cfg.nbit,
       concept_tokens=model_cfg.concept_tokens,
-      # The vision sub-config's own projection_dim, not CLIPConfig.projection_dim (SPEC §1).
+      # The vision sub-config's own projection_dim, not CLIPConfig.projection_dim (docs/method.md §2.2).
       generator_width=vision.projection_dim,
       generator_heads=model_cfg.generator_heads,
       dropout=model_cfg.dropout,

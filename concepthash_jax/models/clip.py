@@ -295,7 +295,7 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 def eos_positions(input_ids, eos_token_id: int):
-  """Index of the pooled (EOS) token per row (SPEC §1).
+  """Index of the pooled (EOS) token per row (docs/method.md §2.5).
 
   Legacy CLIP configs (eos_token_id == 2, e.g. OpenAI's) pool at the highest token id;
   otherwise at the first occurrence of eos_token_id.

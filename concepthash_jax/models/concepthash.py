@@ -403,7 +403,7 @@ def init_variables(model: ConceptHash, clip_params, rng, class_text_embeds, samp
 
 
 def class_texts(class_names, prompt: str = 'a photo of a {}'):
-  """Prompts for the language centers; underscores become spaces (SPEC §1)."""
+  """Prompts for the language centers; underscores become spaces (docs/method.md §2.5)."""
   return [prompt.format(name.replace('_', ' ')) for name in class_names]
 
 

@@ -1,20 +1,23 @@
-"""Trains the paper's ablation grids and writes paper-style tables and a plot.
+r"""Trains the paper's ablation grids and writes paper-style tables and a plot.
 
-  python -m concepthash_jax.tools.ablate --config=configs/synthetic.py \
-    --workdir=runs/ablate --grid=centers,losses,concepts
-  # Quicker: fewer epochs for every cell; the same command works for CUB:
-  python -m concepthash_jax.tools.ablate --config=configs/cub.py \
-    --workdir=runs/ablate_cub --grid=centers --nbits=16,32,64
+  concepthash-ablate --config=synthetic --workdir=runs/ablate \
+    --grid=centers,losses,concepts
+  # Quicker: 5 epochs for every cell (and fewer grids / bit widths):
+  concepthash-ablate --config=synthetic --workdir=runs/ablate_quick \
+    --grid=centers --nbits=16 --config.optim.epochs=5
+  # The same on CUB (the released recipe's 100 epochs per cell):
+  concepthash-ablate --config=cub --workdir=runs/ablate_cub \
+    --grid=centers --nbits=16,32,64
 
 Grids (each cell is one `train.train_and_evaluate` run in its own sub-workdir):
   centers   Table 2: hash centers random orthogonal | learnable | language.
   losses    Table 4: L_clf, then + L_quan, + L_csd, + L_cd (weights 0 or on).
   concepts  Fig. 9: number of concepts M at a fixed code length.
-Every other setting comes from --config (and --config.a.b=v overrides, e.g.
---config.optim.epochs=5). A cell whose results.json exists is skipped, a
-half-trained cell resumes from its checkpoint, and cells that the grids share
-(same settings) are trained once. Writes WORKDIR/ablation.md, ablation.json
-and fig9_num_concepts.png.
+Every other setting comes from --config (a built-in name or a file path, as in
+concepthash-train) and its --config.a.b=v overrides. A cell whose results.json
+exists is skipped, a half-trained cell resumes from its checkpoint, and cells
+that the grids share (same settings) are trained once. Writes
+WORKDIR/ablation.md, ablation.json and fig9_num_concepts.png.
 """
 import copy
 import json
@@ -30,7 +33,9 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 import numpy as np
 
+from concepthash_jax import run_files
 from concepthash_jax import train
+from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
 
@@ -140,7 +145,7 @@ def plan(config, grids: Sequence[str], *, nbits=None, concepts=(1, 2, 4, 8, 16),
 
 def read_result(workdir: str, name: str):
   """A cell's results.json, or None while it is not done."""
-  path = os.path.join(workdir, name, train.RESULTS_FILE)
+  path = os.path.join(workdir, name, run_files.RESULTS_FILE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
@@ -318,7 +323,8 @@ def ablate(config, workdir: str, grids: Sequence[str], *, nbits=None,
 def define_flags():
   """Command-line flags, defined only when run as a program."""
   config_flags.DEFINE_config_file('config', None,
-                                  'Base config file, path[:arg].',
+                                  'Base config: a built-in name or a file '
+                                  'path, with an optional :arg (cub:nbit=32).',
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Root folder: one sub-folder per cell.')
   flags.DEFINE_list('grid', ['centers', 'losses', 'concepts'],
@@ -349,6 +355,10 @@ def main(argv):
     print(f.read())
 
 
+def run():
+  """Console script `concepthash-ablate`."""
+  cli.run(main, __doc__, define_flags)
+
+
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  run()

@@ -1,24 +1,29 @@
-"""Encodes a split with a trained run and reports its mAP@R against the database.
+r"""Encodes a split with a trained run and reports its mAP@R against the database.
 
-  python -m concepthash_jax.tools.encode --workdir runs/synthetic --split test \
-    --out runs/synthetic/codes_test.npz
+  concepthash-encode --workdir=runs/synthetic --split=test \
+    --out=runs/synthetic/codes_test.npz
 
 Writes OUT (codes ±1 int8, codes_cont, labels, index, concept_attn) and beside
 it OUT with suffix `.index.npz`, a searchable code index of the database
-(train split). Prints mAP@R of the split against the database beside the
-chance level of a random ranking.
+(train split), and `.retrieval.json`, `.pr_curve.png`, `.precision_at_k.png`
+(mAP@R, P@k and the precision-recall curve over Hamming radii). Prints mAP@R
+of the split against the database beside the chance level of a random ranking
+(docs/method.md §5.2).
 """
+import json
 import os
 
-from absl import app
 from absl import flags
 import numpy as np
 
 from concepthash_jax import data as data_lib
-from concepthash_jax import evaluation
+from concepthash_jax import encoding
+from concepthash_jax import figures
 from concepthash_jax import index as index_lib
+from concepthash_jax import inference
+from concepthash_jax import report
 from concepthash_jax import sharding
-from concepthash_jax import train
+from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
 
@@ -36,8 +41,8 @@ def define_flags():
                       'Override config.data.root (dataset moved since training).')
   flags.mark_flag_as_required('workdir')
 
-def encode_split(workdir: str, split: str, *, checkpoint: str = 'latest',
-                 data_root=None):
+def encode_run(workdir: str, split: str, *, checkpoint: str = 'latest',
+               data_root=None):
   """Encodes `split` and the database of a trained run.
 
   Args:
@@ -49,19 +54,16 @@ def encode_split(workdir: str, split: str, *, checkpoint: str = 'latest',
   Returns:
     (config, codes of `split` (dict of numpy), codes of the database).
   """
-  config, model, variables, _ = train.restore_for_inference(
+  config, model, variables, _ = inference.restore_for_inference(
       workdir, which=checkpoint)
   if data_root is not None:
     config.data.root = data_root
   mesh = sharding.create_mesh()
-  batch_size = config.data.eval_batch_size
 
   def encode(name):
-    ds = data_lib.build(config.data, name)
-    batches = data_lib.batches(ds, config.data, train=False,
-                               batch_size=batch_size, seed=config.seed,
-                               epoch=0, drop_remainder=False)
-    return train.encode_dataset(model, variables, batches, mesh=mesh)
+    return encoding.encode_split(
+        model, variables, data_lib.build(config.data, name), config.data,
+        keep=('codes', 'attention', 'keypoints'), mesh=mesh)
 
   database = encode('train')
   query = database if split == 'train' else encode(split)
@@ -72,24 +74,32 @@ def main(argv):
   """Entry point."""
   del argv
   out = FLAGS.out or os.path.join(FLAGS.workdir, f'codes_{FLAGS.split}.npz')
-  config, query, database = encode_split(
+  config, query, database = encode_run(
       FLAGS.workdir, FLAGS.split, checkpoint=FLAGS.checkpoint,
       data_root=FLAGS.data_root)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   np.savez_compressed(out, **query)
   index_path = os.path.splitext(out)[0] + '.index.npz'
   index_lib.CodeIndex(database['codes'], database['labels']).save(index_path)
-  r = None if config.eval.R < 0 else int(config.eval.R)
-  score = evaluation.map_at_r(query['codes'], query['labels'],
-                              database['codes'], database['labels'], R=r,
-                              ties=config.eval.ties)
-  chance = train.chance_map_at_r(query['labels'], database['labels'])
+  scores = encoding.score(query, database, config.eval, curves=True)
+  score, chance = scores['map_at_r'], scores['chance_map_at_r']
+  # Retrieval curves beside the codes: OUT_STEM.retrieval.json + two plots.
+  stem = os.path.splitext(out)[0] + '.'
+  with open(stem + 'retrieval.json', 'w') as f:
+    json.dump(report.jsonable(scores), f, indent=1)
+  curve_paths = figures.plot_retrieval_curves(
+      stem, scores, f'{FLAGS.split} vs train database, {config.data.name}')
   print(f'{FLAGS.split}: {len(query["codes"])} codes of {query["codes"].shape[1]}'
         f' bits -> {out}\ndatabase index ({len(database["codes"])} codes) -> '
         f'{index_path}\nmAP@R {score:.4f} (chance {chance:.4f}, ties='
-        f'{config.eval.ties})')
+        f'{config.eval.ties})\nretrieval curves -> {stem}retrieval.json, '
+        f'{", ".join(curve_paths)}')
+
+
+def run():
+  """Console script `concepthash-encode`."""
+  cli.run(main, __doc__, define_flags)
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  run()

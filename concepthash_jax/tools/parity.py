@@ -1,5 +1,6 @@
-"""Runs our model on a golden file from the reference implementations (SPEC §6.2).
+"""Runs our model on a golden file from the reference implementations (docs/method.md §6.2).
 
+  concepthash-parity GOLDEN.npz --clip DIR --out OUT.npz
   python -m concepthash_jax.tools.parity GOLDEN.npz --clip DIR --out OUT.npz
 
 Two golden kinds:
@@ -15,6 +16,7 @@ Everything runs in float32. The output has the golden's keys and layouts, so a p
 key-by-key comparison checks parity.
 """
 import argparse
+import functools
 import sys
 
 import jax
@@ -26,6 +28,7 @@ import optax
 from concepthash_jax import losses
 from concepthash_jax import models
 from concepthash_jax import optim
+from concepthash_jax import train
 from concepthash_jax.interop import hf
 from concepthash_jax.interop import official
 from concepthash_jax.models import concepthash
@@ -91,7 +94,7 @@ def model_config_from_state(state: dict, golden) -> tuple:
 
 
 def build_official(golden, clip_config):
-  """(model, variables, loss kwargs) for an official golden."""
+  """(model, variables, loss_fn (aux, labels) -> (loss, metrics)) for an official golden."""
   state = official_state_dict(golden)
   model_cfg, num_classes = model_config_from_state(state, golden)
   model = models.build_model(model_cfg, clip_config, num_classes)
@@ -102,14 +105,14 @@ def build_official(golden, clip_config):
   template = jax.eval_shape(
       lambda: model.init({'params': jax.random.PRNGKey(0)}, pixels, train=False))
   variables = official.import_official(state, template)
-  loss_kwargs = dict(
-      scale=float(_case(golden, 'scale')), margin=float(_case(golden, 'margin')),
+  loss_fn = functools.partial(
+      losses.total_loss, scale=float(_case(golden, 'scale')), margin=float(_case(golden, 'margin')),
       concept_margin=_case(golden, 'concept_margin', 'first'),
       weight_cont=float(_case(golden, 'weight_cont')),
       weight_bin=float(_case(golden, 'weight_bin')),
       weight_concept=float(_case(golden, 'weight_concept')),
       weight_csd=float(_case(golden, 'weight_attn_div', 0.0)))
-  return model, variables, loss_kwargs
+  return model, variables, loss_fn
 
 
 def _pixels(golden):
@@ -123,7 +126,7 @@ def pre_step_batch_stats(golden, state) -> dict:
   The official golden stores its buffers as dumped *after* that step
   (num_batches_tracked == 1): the statistics it started from are a fresh
   BatchNorm's (mean 0, var 1). With num_batches_tracked == 0 the stored buffers are
-  the starting point themselves. The SGD run starts from the stored buffers (SPEC).
+  the starting point themselves. The SGD run starts from the stored buffers (docs/method.md §6.2).
   """
   if 'batch_stats' not in state:
     return {}
@@ -138,17 +141,20 @@ def pre_step_batch_stats(golden, state) -> dict:
                                         'var': np.ones_like(stats['var'])}}}
 
 
-def make_step_fns(model, loss_kwargs):
-  """Jitted (loss+grads on the trainable leaves, eval forward) for `model`."""
-  def objective(trainable, frozen, state, pixels, labels):
-    params = optim.merge_params(trainable, frozen)
-    (_, aux), updates = model.apply(
-        {'params': params, **state}, pixels, train=True,
-        rngs={'dropout': jax.random.PRNGKey(0)}, mutable=['batch_stats'])
-    loss, metrics = losses.total_loss(aux, labels, **loss_kwargs)
-    return loss, (aux, metrics, updates)
+def make_step_fns(model, loss_fn):
+  """Jitted (loss+grads on the trainable leaves, eval forward) for `model`.
 
-  grad_fn = jax.jit(jax.value_and_grad(objective, has_aux=True))
+  The gradient is the trainer's: `train.objective` with the dropout key fixed
+  (the goldens run without dropout).
+  """
+  def value_and_grad(trainable, frozen, state, pixels, labels):
+    (loss, (metrics, updates, aux)), grads = jax.value_and_grad(
+        train.objective, has_aux=True)(
+            trainable, frozen, state, pixels, labels, jax.random.PRNGKey(0),
+            model=model, loss_fn=loss_fn)
+    return (loss, (aux, metrics, updates)), grads
+
+  grad_fn = jax.jit(value_and_grad)
 
   @jax.jit
   def eval_codes(params, state, pixels):
@@ -159,7 +165,7 @@ def make_step_fns(model, loss_kwargs):
 
 def run_official(golden, clip_config, clip_params) -> dict:
   """Our values for every key of an official golden (see module docstring)."""
-  model, variables, loss_kwargs = build_official(golden, clip_config)
+  model, variables, loss_fn = build_official(golden, clip_config)
   params = variables.pop('params')
   state = variables  # batch_stats and centers, as in the golden
   first_state = {**state, **pre_step_batch_stats(golden, state)}
@@ -167,7 +173,7 @@ def run_official(golden, clip_config, clip_params) -> dict:
   trainable, frozen = optim.partition_params(params, mask)
   pixels = _pixels(golden)
   labels = jnp.asarray(np.asarray(golden['input/labels']), jnp.int32)
-  grad_fn, eval_codes = make_step_fns(model, loss_kwargs)
+  grad_fn, eval_codes = make_step_fns(model, loss_fn)
   out = {}
 
   (_, (aux, metrics, updates)), grads = grad_fn(trainable, frozen, first_state, pixels,
@@ -257,8 +263,8 @@ def run(golden_path: str, clip: str) -> dict:
 
 
 def main(argv=None) -> int:
-  """CLI entry point."""
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+  """CLI entry point (console script `concepthash-parity`); returns the exit status."""
+  parser = argparse.ArgumentParser(prog='concepthash-parity', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('golden', help='golden .npz from the reference implementation')
   parser.add_argument('--clip', required=True,

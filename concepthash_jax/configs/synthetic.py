@@ -1,15 +1,15 @@
-"""The embedded default: a tiny random CLIP on the built-in synthetic dataset.
+r"""The embedded default: a tiny random CLIP on the built-in synthetic dataset.
 
-  python launch.py --config=configs/synthetic.py --workdir=runs/synthetic
+  concepthash-train --config=synthetic --workdir=runs/synthetic
 
 Runs offline in a few minutes on a 2-core CPU and exercises the whole method
 (concept tokens, adapters, language centers from the text tower, the four
 losses with L_csd at the paper's weight, mAP@R). Expected: mAP@R >= 0.9 at 16
 bits on the held-out queries (chance ~0.09 with 12 classes), and concept maps
-on different parts (`python -m concepthash_jax.tools.explain --workdir DIR`).
+on different parts (`concepthash-explain --workdir=DIR`).
 """
-from configs import base
-from configs import common
+from concepthash_jax.configs import base
+from concepthash_jax.configs import common
 
 
 def get_config(arg=None):

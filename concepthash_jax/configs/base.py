@@ -1,17 +1,17 @@
-"""Every config key concepthash_jax reads, with its default and the reason for it.
+r"""Every config key concepthash_jax reads, with its default and the reason for it.
 
 Dataset configs import this file and override what differs. The defaults are the
 authors' released recipe (github kamwoh/concepthash, `concept_hash_final_v1_nosa_apt`),
 because that recipe produced the paper's numbers; `configs/paper.py` switches to the
-choices written in the paper.
+choices written in the paper (docs/method.md §4 lists each switch and its key).
 
 Override any key from the command line, e.g.
-  python launch.py --config=configs/cub.py --workdir=runs/cub --config.model.nbit=16
+  concepthash-train --config=cub --workdir=runs/cub --config.model.nbit=16
 An unknown key is an error (the config is locked).
 """
 import ml_collections
 
-from configs import common
+from concepthash_jax.configs import common
 
 
 def get_config():

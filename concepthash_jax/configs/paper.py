@@ -1,7 +1,7 @@
-"""The paper's choices instead of the released recipe, on any of the four datasets.
+r"""The paper's choices instead of the released recipe, on any of the four datasets.
 
-  python launch.py --config=configs/paper.py:cub --workdir=runs/cub_paper
-  python launch.py --config=configs/paper.py:cars,nbit=16 --workdir=runs/cars_paper16 \
+  concepthash-train --config=paper:cub --workdir=runs/cub_paper
+  concepthash-train --config=paper:cars,nbit=16 --workdir=runs/cars_paper16 \
     --config.data.root=/data/stanford_cars
 
 Differences from the released recipe (configs/base.py): all four losses with
@@ -11,11 +11,11 @@ projection on raw e_c (Eq. 4), and one concept embedding E shared by the
 sub-code and concept heads. The paper's numbers were produced by the released
 recipe, so expect this to land near, not on, them.
 """
-from configs import aircraft
-from configs import cars
-from configs import common
-from configs import cub
-from configs import nabirds
+from concepthash_jax.configs import aircraft
+from concepthash_jax.configs import cars
+from concepthash_jax.configs import common
+from concepthash_jax.configs import cub
+from concepthash_jax.configs import nabirds
 
 DATASETS = {'cub': cub, 'cars': cars, 'aircraft': aircraft, 'nabirds': nabirds}
 

@@ -1,15 +1,15 @@
-"""Stanford Cars with the released recipe (ViT-B/32, M=4 concepts, 64 bits).
+r"""Stanford Cars with the released recipe (ViT-B/32, M=4 concepts, 64 bits).
 
-  python launch.py --config=configs/cars.py --workdir=runs/cars \
+  concepthash-train --config=cars --workdir=runs/cars \
     --config.data.root=/data/stanford_cars
-  python launch.py --config=configs/cars.py:nbit=16 ...
+  concepthash-train --config=cars:nbit=16 ...
 
 data.root holds cars_train/, cars_test/, devkit/cars_{train_annos,meta}.mat and
 cars_test_annos_withlabels.mat (TFDS cars196 cannot download any more).
 Paper mAP@R (%): 91.70 / 92.60 / 93.01 at 16 / 32 / 64 bits (8,041 queries,
 8,144-image database).
 """
-from configs import base
+from concepthash_jax.configs import base
 
 
 def get_config(arg=None):

@@ -1,15 +1,15 @@
-"""CUB-200-2011 with the released recipe (ViT-B/32, M=4 concepts, 64 bits).
+r"""CUB-200-2011 with the released recipe (ViT-B/32, M=4 concepts, 64 bits).
 
-  python launch.py --config=configs/cub.py --workdir=runs/cub
-  python launch.py --config=configs/cub.py:nbit=16 --workdir=runs/cub16
+  concepthash-train --config=cub --workdir=runs/cub
+  concepthash-train --config=cub:nbit=16 --workdir=runs/cub16
   # from the official folder instead of TFDS:
-  python launch.py --config=configs/cub.py --workdir=runs/cub \
+  concepthash-train --config=cub --workdir=runs/cub \
     --config.data.source=folders --config.data.root=/data/CUB_200_2011
 
 Paper mAP@R (%): 83.45 / 85.27 / 85.50 at 16 / 32 / 64 bits (5,794 queries
 against the 5,994-image train database).
 """
-from configs import base
+from concepthash_jax.configs import base
 
 
 def get_config(arg=None):

@@ -1,0 +1,201 @@
+"""A run's workdir: one run at a time, a config its checkpoints can continue, a history.
+
+`guarded` wraps `train_and_evaluate(config, workdir)`:
+  1. lock: `checkpointing.WorkdirLock` (process 0): a second run on a busy
+     workdir stops at once, naming the process that holds it;
+  2. config: when the workdir holds a checkpoint, the new config is compared
+     with the stored config.json; a changed key that is not in `HARMLESS`
+     is an error naming each key old -> new and the ways on; harmless changes
+     are logged;
+  3. history: every start appends {time, step, changed, config} to
+     config_history.jsonl (the config.json found there first, when the history
+     is new), so rewriting config.json loses no record of what a checkpoint
+     was trained with;
+  4. failure: a workdir that this call created and that holds nothing but the
+     guard's own files is removed again (no empty run directories).
+"""
+import datetime
+import functools
+import json
+import os
+import shutil
+
+from absl import logging
+import jax
+
+from concepthash_jax import checkpointing
+from concepthash_jax import errors
+from concepthash_jax import run_files
+
+CONFIG_FILE = run_files.CONFIG_FILE
+HISTORY_FILE = 'config_history.jsonl'
+
+# Keys whose change leaves the saved state valid and its meaning intact, with
+# the reason: allowed when resuming, logged and recorded in the history. Every
+# other key (model.*, loss.*, optim.*, seed, and the data keys that decide
+# classes, images, augmentation and batches) changes the state's shapes or what
+# continuing it means, so changing it on a workdir with checkpoints is an error.
+HARMLESS = {
+    'train.log_every_steps': 'logging frequency',
+    'train.checkpoint_every_steps': 'saving frequency',
+    'train.keep_checkpoints': 'retention',
+    'train.max_steps': 'where this invocation stops',
+    'train.fsdp': 'placement of the same arrays',
+    'train.cpu_concurrency_scheduler': 'XLA scheduling, same values',
+    'train.resume': 'ignored once the workdir has a checkpoint',
+    'train.init': 'ignored once the workdir has a checkpoint',
+    'eval.every_epochs': 'evaluation frequency',
+    'eval.ties': 'how mAP@R is reported, not what is trained',
+    'eval.R': 'how mAP@R is reported, not what is trained',
+    'data.eval_batch_size': 'encoding batch, same codes',
+    'data.num_workers': 'input parallelism, same batches',
+    'data.worker_type': 'input parallelism, same batches',
+    'data.root': 'where the same dataset lives',
+    'data.tfds_data_dir': 'where the same dataset lives',
+    'data.on_corrupt': 'only matters when a file is damaged',
+    'model.remat': 'memory of the backward pass, same values',
+}
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, dict):
+      flat.update(flatten(value, name + '.'))
+    else:
+      flat[name] = value
+  return flat
+
+
+def config_changes(old: dict, new: dict) -> tuple:
+  """Splits the differences between two configs (nested dicts, as in config.json).
+
+  Keys present on one side only (a config written by another code version)
+  are not compared.
+
+  Returns:
+    (breaking, harmless): each {key: (old value, new value)}.
+  """
+  old, new = flatten(old), flatten(new)
+  changed = {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
+             if old[k] != new[k]}
+  breaking = {k: v for k, v in changed.items() if k not in HARMLESS}
+  harmless = {k: v for k, v in changed.items() if k in HARMLESS}
+  return breaking, harmless
+
+
+def mismatch_message(workdir: str, step: int, breaking: dict) -> str:
+  """One sentence: which keys changed, and how to proceed."""
+  listed = ', '.join(f'config.{k}: {old!r} -> {new!r}'
+                     for k, (old, new) in breaking.items())
+  return (f'{workdir} holds checkpoints (step {step}) of a run with a different '
+          f'config ({listed}; stored in {os.path.join(workdir, CONFIG_FILE)}); '
+          'drop these overrides to continue that run, or start a new --workdir '
+          f'(from scratch, or with --config.train.resume={workdir} for its full '
+          f'state or --config.train.init={workdir} for its weights, when the '
+          'parameter shapes are unchanged)')
+
+
+def _read_json(path: str):
+  """Parsed JSON file, or None when absent; DataError naming it when unparsable."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise errors.DataError(f'{path} is not valid JSON ({e}); restore it from '
+                           f'{HISTORY_FILE} or use a new --workdir') from e
+
+
+def _append_history(workdir: str, stored, record: dict):
+  """Appends `record` to the history (seeded with the previously stored config)."""
+  path = os.path.join(workdir, HISTORY_FILE)
+  lines = []
+  if stored is not None and not os.path.exists(path):
+    mtime = os.path.getmtime(os.path.join(workdir, CONFIG_FILE))
+    lines.append({'time': _iso(datetime.datetime.fromtimestamp(mtime)),
+                  'step': None, 'note': f'{CONFIG_FILE} found before the '
+                  'history began', 'changed': {}, 'config': stored})
+  lines.append(record)
+  with open(path, 'a') as f:
+    for line in lines:
+      f.write(json.dumps(line) + '\n')
+
+
+def _iso(moment) -> str:
+  return moment.isoformat(timespec='seconds')
+
+
+def check_and_record(workdir: str, config_dict: dict):
+  """Step 2 + 3 of the module docstring for one run start.
+
+  Args:
+    workdir: the run directory (exists).
+    config_dict: the new config as nested dicts (json of the ConfigDict).
+
+  Raises:
+    WorkdirError: a key outside HARMLESS differs from the stored config while
+      the workdir holds a checkpoint.
+  """
+  stored = _read_json(os.path.join(workdir, CONFIG_FILE))
+  steps = checkpointing.step_dirs(checkpointing.checkpoint_dir(workdir))
+  step = steps[-1] if steps else None
+  breaking, harmless = ({}, {}) if stored is None else config_changes(
+      stored, config_dict)
+  if breaking and step is not None:
+    raise errors.WorkdirError(mismatch_message(workdir, step, breaking))
+  changed = {**breaking, **harmless}
+  if changed:
+    logging.warning('Config of %s changed since its last run (%s); recorded '
+                    'in %s.', workdir, ', '.join(
+                        f'{k}: {o!r} -> {n!r}' for k, (o, n) in
+                        changed.items()), HISTORY_FILE)
+  if jax.process_index() == 0:
+    _append_history(workdir, stored, {
+        'time': _iso(datetime.datetime.now()), 'step': step,
+        'changed': {k: list(v) for k, v in changed.items()},
+        'config': config_dict})
+
+
+def _holds_only(workdir: str, own_files) -> bool:
+  """Whether `workdir` has no file except `own_files` (empty folders allowed)."""
+  for folder, _, files in os.walk(workdir):
+    if any(os.path.join(folder, f) not in own_files for f in files):
+      return False
+  return True
+
+
+def guarded(train_fn):
+  """Decorates `train_fn(config, workdir, ...)` with the steps of the module docstring."""
+
+  @functools.wraps(train_fn)
+  def wrapper(config, workdir, *args, **kwargs):
+    workdir = os.path.abspath(workdir)
+    created = not os.path.exists(workdir)
+    lock = checkpointing.WorkdirLock(workdir)
+    busy = None
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      try:
+        lock.acquire()
+      except errors.WorkdirError as e:
+        busy = e
+    if checkpointing.any_process(busy is not None):
+      raise busy or errors.WorkdirError(
+          f'{workdir} is in use by another run (see the log of process 0)')
+    try:
+      check_and_record(workdir, json.loads(config.to_json()))
+      return train_fn(config, workdir, *args, **kwargs)
+    except BaseException:
+      own = {lock.path, os.path.join(workdir, HISTORY_FILE)}
+      if created and jax.process_index() == 0 and _holds_only(workdir, own):
+        lock.release()
+        shutil.rmtree(workdir, ignore_errors=True)
+      raise
+    finally:
+      lock.release()
+
+  return wrapper
