@@ -1,5 +1,7 @@
 """Tests for concepthash_jax.data.cache and the cached (fast) input pipeline."""
 import os
+import shutil
+import socket
 import subprocess
 
 import jax
@@ -8,6 +10,7 @@ import pytest
 from PIL import Image
 
 from concepthash_jax import data
+from concepthash_jax import errors
 from concepthash_jax.data import cache
 from concepthash_jax.data import pipeline
 from concepthash_jax.data import transforms
@@ -166,19 +169,32 @@ def test_interrupted_build_leaves_no_cache_that_looks_valid(tmp_path,
   monkeypatch.setattr(transforms.Compose, 'pixels', dies_on_the_fifth)
   with pytest.raises(KeyboardInterrupt):
     _epoch(ds, cfg, train=True)
-  # What a killed process leaves: its temporary folder, no manifest.
-  [partial] = os.listdir(cache_dir)
-  assert '.tmp-' in partial
-  assert not os.path.exists(cache_dir / partial / 'manifest.json')
+  assert not os.listdir(cache_dir)  # Ctrl-C: the partial build is gone.
   monkeypatch.undo()
+  # What a killed process leaves: its temporary folder, without a manifest.
+  # It is never read as a cache, and the next build removes it.
+  fast = _epoch(ds, cfg, train=True)
+  [folder] = os.listdir(cache_dir)
   dead = subprocess.Popen(['true'])
   dead.wait()
-  stale = partial.rsplit('-', 1)[0] + f'-{dead.pid}'
-  os.rename(cache_dir / partial, cache_dir / stale)
-  fast = _epoch(ds, cfg, train=True)
-  assert len(os.listdir(cache_dir)) == 1  # Stale build removed, cache made.
+  stale = cache_dir / f'{folder}.tmp-{socket.gethostname()}-{dead.pid}'
+  shutil.copytree(cache_dir / folder, stale)
+  os.remove(stale / 'manifest.json')
+  shutil.rmtree(cache_dir / folder)
+  _assert_same(fast, _epoch(ds, cfg, train=True))
+  assert os.listdir(cache_dir) == [folder]
   _assert_same(fast, _epoch(ds, _cfg(tmp_path / 'data', cache=False),
                             train=True))
+
+
+def test_unwritable_cache_dir_is_a_config_error(tmp_path):
+  _make_cub(str(tmp_path / 'data'))
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a folder')
+  cfg = _cfg(tmp_path / 'data', cache_dir=str(blocker / 'cache'))
+  ds = data.build(cfg, 'test')
+  with pytest.raises(errors.UserError, match='data.cache_dir'):
+    _epoch(ds, cfg, train=False)
 
 
 def test_synthetic_source_is_read_without_a_cache(tmp_path):

@@ -25,6 +25,7 @@ Sources with files on disk are cached: 'folders' (one file per image) and
 in memory and is read directly.
 """
 import concurrent.futures
+import errno
 import hashlib
 import json
 import os
@@ -36,7 +37,12 @@ import PIL
 from PIL import Image
 import tqdm
 
+from concepthash_jax import errors
+
 _FORMAT = 1  # Bump when the folder layout changes.
+# Errors that mean the cache folder cannot be written: a config fix.
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+               errno.EDQUOT, errno.ENOTDIR)
 _ARRAYS = ('pixels', 'shapes', 'offsets', 'source_sizes')
 
 
@@ -155,6 +161,22 @@ def _build(dataset, first_stage, meta, folder, num_workers):
   tmp = f'{folder}.tmp-{socket.gethostname()}-{os.getpid()}'
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
+  try:
+    _write(dataset, first_stage, meta, tmp, num_workers)
+  except BaseException:  # Interrupted or failed: leave nothing half-written.
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(folder):  # Out of date: swap it for the new one.
+    old = f'{folder}.old-{socket.gethostname()}-{os.getpid()}'
+    os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(tmp, folder)
+
+
+def _write(dataset, first_stage, meta, tmp, num_workers):
+  """Fills folder `tmp` with the cache's arrays, then its manifest."""
   n = len(dataset)
   # Output sizes follow from the source sizes (file headers): the pixel file
   # is allocated once and filled in place.
@@ -179,7 +201,7 @@ def _build(dataset, first_stage, meta, folder, num_workers):
   with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
     list(tqdm.tqdm(pool.map(fill, range(n)), total=n, leave=False,
                    desc=f'caching {dataset.name} {dataset.split} '
-                   f'(once) in {folder}'))
+                   f'(once) in {os.path.dirname(tmp)}'))
   pixels.flush()
   del pixels
   for name, value in (('shapes', shapes), ('offsets', offsets),
@@ -190,13 +212,6 @@ def _build(dataset, first_stage, meta, folder, num_workers):
     json.dump(meta, f)
     f.flush()
     os.fsync(f.fileno())
-  if os.path.exists(folder):  # Out of date: swap it for the new one.
-    old = f'{folder}.old-{socket.gethostname()}-{os.getpid()}'
-    os.rename(folder, old)
-    os.rename(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.rename(tmp, folder)
 
 
 def first_stage_cache(dataset, first_stage, *, cache_dir, num_workers=1):
@@ -219,8 +234,11 @@ def first_stage_cache(dataset, first_stage, *, cache_dir, num_workers=1):
   if _read_manifest(folder) != meta:
     try:
       _build(dataset, first_stage, meta, folder, num_workers)
-    except PermissionError as e:
-      raise PermissionError(
-          f'Cannot write the image cache in {os.path.dirname(folder)} ({e}); '
-          'set data.cache_dir to a writable folder or data.cache=False') from e
+    except OSError as e:
+      if e.errno not in _UNWRITABLE:
+        raise
+      raise errors.ConfigError(
+          f'Cannot write the image cache in {os.path.dirname(folder)} '
+          f'({e.strerror}); set data.cache_dir to a writable folder with '
+          'space, or data.cache=False') from e
   return FirstStageCache(folder)
