@@ -193,8 +193,13 @@ def _write(dataset, first_stage, meta, tmp, num_workers):
   def fill(index):
     image, _ = first_stage.pixels(dataset[index]['image'])
     if image.shape != tuple(shapes[index]):
-      raise ValueError(f'Image {index} of {dataset!r} decoded to '
-                       f'{image.shape}, its header says {tuple(shapes[index])}')
+      where = (dataset.paths[index] if getattr(dataset, 'paths', None)
+               else f'image {index} of {dataset!r}')
+      promised = tuple(int(v) for v in shapes[index][1::-1])
+      raise errors.DataError(
+          f'{where} decoded to {image.shape[1::-1]} pixels after '
+          f'{first_stage.names}, its header promised {promised}; re-save '
+          'the file, or set data.cache=False')
     pixels[offsets[index]:offsets[index] + sizes[index]] = image.reshape(-1)
 
   # PIL decodes and resizes without the GIL, so threads scale.
