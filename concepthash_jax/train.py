@@ -299,7 +299,7 @@ def _train_batches(train_ds, config, mesh, *, start_step: int,
 def build_results(config, *, step: int, steps_per_epoch: int,
                   eval_result: dict, best: float, loss: float,
                   num_classes: int) -> dict:
-  """The results.json dict (SPEC §6.3) of a finished run."""
+  """The results.json dict (docs/method.md §6.3) of a finished run."""
   return {
       'map_at_r': eval_result['map_at_r'],
       'nbit': int(config.model.nbit),

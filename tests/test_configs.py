@@ -188,6 +188,42 @@ def test_configure_xla_flags_adds_the_scheduler_flag_once_and_user_flags_win(
   assert 'XLA_FLAGS' not in os.environ
 
 
+def test_every_choice_list_is_the_owning_modules_own():
+  # configuration reads the lists; it keeps no copy that could drift.
+  from concepthash_jax import data  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.models import concepthash  # pylint: disable=g-import-not-at-top
+  assert configuration.CHOICES['model.center_type'] is concepthash.CENTER_TYPES
+  assert configuration.CHOICES['data.name'] == ('synthetic', 'cub', 'cars',
+                                                'aircraft', 'nabirds')
+  assert configuration.CHOICES['data.source'] == tuple(data.SOURCES)
+
+
+def test_a_loss_gets_only_the_keywords_it_declares():
+  loss_cfg = load('configs/synthetic.py').loss
+  loss_cfg.unlock()
+  loss_cfg.new_key = 3.0  # A key no loss asked for: not forced on any.
+
+  def weighted_csd(aux, labels, *, weight_csd, scale=1.0):
+    del labels
+    return weight_csd * scale * aux['x'], {}
+  assert configuration.loss_keywords(weighted_csd, loss_cfg) == {
+      'weight_csd': loss_cfg.weight_csd, 'scale': loss_cfg.scale}
+
+  def wants_all(aux, labels, **kwargs):
+    return 0.0, kwargs
+  assert configuration.loss_keywords(wants_all, loss_cfg)['new_key'] == 3.0
+
+  def needs_unknown(aux, labels, *, temperature):
+    return temperature, {}
+  with pytest.raises(ValueError, match=r"needs keyword\(s\) \['temperature'\] "
+                     'that config.loss does not have'):
+    configuration.loss_keywords(needs_unknown, loss_cfg)
+  # The built-in loss, bound: only (aux, labels) left to pass.
+  fn = configuration.make_loss_fn(loss_cfg)
+  assert fn.func is configuration.losses.total_loss
+  assert 'new_key' not in fn.keywords
+
+
 def test_workdir_config_check_classifies_every_key():
   config = load('configs/synthetic.py').to_dict()
   keys = workdir.flatten(config)

@@ -671,3 +671,29 @@ def test_unknown_source_and_worker_type():
   with pytest.raises(ValueError, match='worker_type'):
     data.batches(data.build(cfg, 'test'), cfg, train=False, batch_size=2,
                  seed=0, epoch=0, drop_remainder=False)
+
+
+def test_display_images_are_the_model_input_before_normalisation():
+  cfg = _small_synthetic(train_per_class=1, test_per_class=1)
+  ds = data.build(cfg, 'test')
+  batch = next(iter(data.batches(ds, cfg, train=False, batch_size=5, seed=0,
+                                 epoch=0, drop_remainder=False, display=True)))
+  assert batch['display'].dtype == np.uint8
+  assert batch['display'].shape == batch['image'].shape
+  np.testing.assert_allclose(transforms.normalize(batch['display'][0]),
+                             batch['image'][0], atol=1e-6)
+  assert 'display' not in next(iter(data.batches(
+      ds, cfg, train=False, batch_size=5, seed=0, epoch=0,
+      drop_remainder=False)))
+
+
+def test_family_name_rule_is_per_dataset():
+  names = ['Laysan Albatross', 'Sooty_Albatross', 'Blue Jay']
+  assert core.families_by_name('cub', names) == ([0, 0, 1],
+                                                 ['Albatross', 'Jay'])
+  cars = ['AM General Hummer SUV 2000', 'Acura RL Sedan 2012',
+          'Acura TL Sedan 2012']
+  assert core.families_by_name('cars', cars) == ([0, 1, 1], ['AM', 'Acura'])
+  ds = data.build(_small_synthetic(train_per_class=1, test_per_class=1),
+                  'train')
+  assert core.families(ds) == (ds.family_of, ds.family_names)

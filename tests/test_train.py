@@ -156,18 +156,6 @@ def test_sigterm_saves_exits_cleanly_and_resume_is_bit_identical(reference,
   _assert_same_run(workdir, reference[0])
 
 
-def _snapshot(workdir):
-  """{path: bytes} of every file in the workdir (tensorboard aside)."""
-  out = {}
-  for folder, _, files in os.walk(workdir):
-    for name in files:
-      path = os.path.join(folder, name)
-      if 'tensorboard' not in path:
-        with open(path, 'rb') as f:
-          out[path] = f.read()
-  return out
-
-
 def test_config_check_history_and_unreadable_newest_checkpoint(
     reference, tmp_path, caplog):
   workdir = str(tmp_path / 'run')
@@ -175,7 +163,7 @@ def test_config_check_history_and_unreadable_newest_checkpoint(
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
   steps = checkpointing.step_dirs(ckpt_dir)
   assert steps[-1] == 120 and len(steps) >= 2
-  before = _snapshot(workdir)
+  before = lib.files_under(workdir)
 
   # State-changing keys: one sentence naming them, nothing on disk touched.
   with pytest.raises(errors.WorkdirError,
@@ -185,7 +173,7 @@ def test_config_check_history_and_unreadable_newest_checkpoint(
                      r'resume='):
     train.train_and_evaluate(lib.load_config(
         {**LONG, 'model.nbit': 16, 'optim.lr': 0.1}), workdir)
-  assert _snapshot(workdir) == before
+  assert lib.files_under(workdir) == before
 
   # A torn newest checkpoint: inference and the resume use the one before.
   metadata = os.path.join(ckpt_dir, '120', 'default', '_METADATA')
@@ -228,6 +216,14 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   assert codes['keypoints'].shape[:2] == (12, len(ds.part_names))
   np.testing.assert_array_equal(codes['labels'], ds.labels)
   np.testing.assert_array_equal(codes['index'], np.arange(12))
+  # Keep only display images of the first rows: no forward pass, no codes.
+  size = config.data.image_size
+  shown = encoding.encode_split(model, variables, ds, config.data,
+                                keep=('images',), num_images=3, max_images=7)
+  assert set(shown) == {'labels', 'index', 'images'}
+  assert shown['images'].shape == (3, size, size, 3) and len(shown['index']) == 7
+  with pytest.raises(ValueError, match=r"keep \['pixels'\]; valid"):
+    encoding.encode_split(model, variables, ds, config.data, keep=('pixels',))
 
   out = str(tmp_path / 'codes.npz')
   run = subprocess.run(
