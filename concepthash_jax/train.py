@@ -90,7 +90,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
 
   Args:
     state: the TrainState.
-    batch: {'image': (B,S,S,3) uint8 or normalised float32, 'label': (B,) int32, ...} global arrays.
+    batch: {'image': (B,S,S,3) uint8 (or normalised float32), 'label': (B,) int32,
+      ...} global arrays.
     model: the ConceptHash module (static).
     tx: optax transformation over the trainable sub-tree (static).
     loss_fn: (aux, labels) -> (loss, metrics), keywords bound (static; see

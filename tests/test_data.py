@@ -14,6 +14,7 @@ from concepthash_jax import errors
 from concepthash_jax.data import core
 from concepthash_jax.data import pipeline
 from concepthash_jax.data import synthetic
+from concepthash_jax.data import transforms
 from concepthash_jax.configs import base
 
 
@@ -680,8 +681,11 @@ def test_display_images_are_the_model_input_before_normalisation():
                                  epoch=0, drop_remainder=False, display=True)))
   assert batch['display'].dtype == np.uint8
   assert batch['display'].shape == batch['image'].shape
+  # 'image' is uint8 too (normalised inside the jitted step): the same pixels.
+  np.testing.assert_array_equal(batch['display'], batch['image'])
   np.testing.assert_allclose(transforms.normalize(batch['display'][0]),
-                             batch['image'][0], atol=1e-6)
+                             transforms.to_model_input(batch['image'])[0],
+                             atol=1e-6)
   assert 'display' not in next(iter(data.batches(
       ds, cfg, train=False, batch_size=5, seed=0, epoch=0,
       drop_remainder=False)))
