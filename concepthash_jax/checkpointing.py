@@ -135,6 +135,14 @@ def _read_metrics(directory: str, step: int):
     return json.load(f)
 
 
+def _does_not_fit(error: Exception) -> bool:
+  """Whether orbax refused a readable checkpoint for its shapes or tree."""
+  text = str(error)
+  return isinstance(error, ValueError) and (
+      'not compatible with the stored shape' in text
+      or 'tree structures do not match' in text)
+
+
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with our retention rules.
 
@@ -282,6 +290,12 @@ class Checkpointer:
       try:
         return self._restore_step(abstract_state, candidate)
       except Exception as e:  # pylint: disable=broad-except
+        if _does_not_fit(e):  # Intact, but another model: older ones too.
+          raise errors.CheckpointError(
+              f'Checkpoint step {candidate} at {self._step_path(candidate)} '
+              'does not fit the model of this config (another nbit, '
+              'num_concepts, CLIP or class count: compare the config.json '
+              f'beside it): {str(e)[:200]}') from e
         # Orbax reports damage as JSON, tensorstore, OS or value errors.
         self._mark_unreadable(candidate, e)
     if not self.unreadable:
@@ -289,7 +303,8 @@ class Checkpointer:
     problems = '; '.join(f'step {s}: {why[:200]}'
                          for s, why in sorted(self.unreadable.items()))
     raise errors.CheckpointError(
-        f'No readable checkpoint in {self.directory} ({problems})')
+        f'No readable checkpoint in {self.directory} ({problems}); move the '
+        'unreadable step folders out of it, or use another run directory')
 
   def _step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))

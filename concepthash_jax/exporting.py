@@ -56,6 +56,17 @@ def unflatten(flat: dict) -> dict:
                                        for k, v in flat.items()})
 
 
+def _publish(tmp_path: str, path: str):
+  """Renames a finished .tmp file into place, readable as the umask allows.
+
+  safetensors creates its files 0600; an export is meant to be shared.
+  """
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp_path, 0o666 & ~umask)
+  os.replace(tmp_path, path)
+
+
 def _write_json(path: str, obj):
   with open(path, 'w') as f:
     json.dump(obj, f, indent=2)
@@ -99,7 +110,7 @@ def write_export(out_dir: str, *, meta: dict, variables: dict, text_params,
   for name, write in files.items():
     write(os.path.join(out_dir, name + '.tmp'))
   for name in files:
-    os.replace(os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name))
+    _publish(os.path.join(out_dir, name + '.tmp'), os.path.join(out_dir, name))
   if tokenizer is not None:
     tokenizer.tokenizer.save_pretrained(out_dir)
 
@@ -110,7 +121,7 @@ def _read_json(path: str, what: str):
       return json.load(f)
   except FileNotFoundError as e:
     raise ExportError(f'{path} is missing: {what}. Re-export the run with '
-                      'python -m concepthash_jax.tools.export.') from e
+                      'concepthash-export --workdir=W --out=DIR.') from e
   except (ValueError, UnicodeDecodeError) as e:
     raise ExportError(f'{path} is not valid JSON ({e}); the export is corrupt: '
                       're-export the run.') from e
@@ -120,7 +131,7 @@ def _read_safetensors(path: str, what: str) -> dict:
   from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise ExportError(f'{path} is missing: {what}. Re-export the run with '
-                      'python -m concepthash_jax.tools.export.')
+                      'concepthash-export --workdir=W --out=DIR.')
   try:
     return st.load_file(path)
   except Exception as e:  # pylint: disable=broad-except
@@ -141,7 +152,7 @@ def read_export(path: str) -> dict:
   """
   if not os.path.isdir(path):
     raise ExportError(f'{path} is not a directory; pass a training workdir or a '
-                      'directory written by python -m concepthash_jax.tools.export.')
+                      'directory written by concepthash-export.')
   meta = _read_json(os.path.join(path, CONFIG_FILE), 'the export config')
   if not isinstance(meta, dict) or meta.get('format') != FORMAT:
     raise ExportError(f'{os.path.join(path, CONFIG_FILE)} is not a concepthash_jax '
@@ -192,7 +203,7 @@ def write_official(path: str, state_dict: dict):
   """Writes an official state dict as one .safetensors file."""
   from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
   st.save_file(state_dict, path + '.tmp')
-  os.replace(path + '.tmp', path)
+  _publish(path + '.tmp', path)
 
 
 def read_official(path: str, template: dict) -> dict:

@@ -11,7 +11,7 @@ Images go through the run's test transform (data/transforms.py) and one jitted
 eval step (`encoding.jitted_encode_step`) at a fixed batch size, the last batch
 padded, so one compiled shape serves every call and codes are bit-identical to
 the run's own evaluation. Text goes through the CLIP text tower and the center
-projection t exactly as training builds the class centers (SPEC §1).
+projection t exactly as training builds the class centers (docs/method.md §2.5).
 """
 import copy
 import functools
@@ -82,7 +82,7 @@ def restore_for_inference(workdir: str, *, step: Optional[int] = None,
     if step is None:
       raise FileNotFoundError(
           f'{checkpointing.checkpoint_dir(workdir)} holds no checkpoint; train '
-          f'the run first (python launch.py ... --workdir={workdir}).')
+          f'the run first (concepthash-train ... --workdir={workdir}).')
     state = ckpt.restore(abstract, step, fallback=fallback)
   finally:
     ckpt.close()
@@ -104,12 +104,10 @@ def base_clip(config, base: Optional[str] = None):
   `encode_text` each need it, and a 'random' CLIP is rebuilt by compiling its
   init (seconds) while a hub one is read from disk.
   """
-  model_cfg = copy.deepcopy(config.model)
-  if base is not None:
-    model_cfg.unlock().clip = base
-  random_cfg = (json.dumps(model_cfg.random_clip.to_dict(), sort_keys=True)
-                if model_cfg.clip == 'random' else '')
-  return _load_clip_cached(model_cfg.clip, random_cfg, int(config.seed))
+  name = base or config.model.clip
+  random_cfg = (json.dumps(config.model.random_clip.to_dict(), sort_keys=True)
+                if name == 'random' else '')
+  return _load_clip_cached(name, random_cfg, int(config.seed))
 
 
 @functools.lru_cache(maxsize=1)
@@ -224,7 +222,8 @@ class ConceptHasher:
     """From a training workdir or an export directory; reads no network.
 
     Args:
-      path: run directory (launch.py --workdir) or `tools.export` output.
+      path: run directory (concepthash-train --workdir) or the output of
+        concepthash-export.
       which: for a workdir, 'latest' or 'best' checkpoint.
       step: for a workdir, an explicit checkpoint step.
 
@@ -233,8 +232,9 @@ class ConceptHasher:
     """
     if exporting.is_export(path):
       return cls._from_export(path)
-    if os.path.isfile(os.path.join(path, run_files.CONFIG_FILE)) and os.path.isdir(
-        checkpointing.checkpoint_dir(path)):
+    is_run = (os.path.isfile(os.path.join(path, run_files.CONFIG_FILE)) and
+              os.path.isdir(checkpointing.checkpoint_dir(path)))
+    if is_run:
       config, model, variables, class_names = restore_for_inference(
           path, which=which, step=step)
       results_path = os.path.join(path, run_files.RESULTS_FILE)
@@ -251,8 +251,7 @@ class ConceptHasher:
     raise exporting.ExportError(
         f'{path} is neither a training workdir ({run_files.CONFIG_FILE} + '
         f'checkpoints/) nor an export ({exporting.WEIGHTS_FILE}); pass one, or '
-        'export a run with python -m concepthash_jax.tools.export --workdir W '
-        '--out DIR.')
+        'export a run with concepthash-export --workdir=W --out=DIR.')
 
   @classmethod
   def _from_export(cls, path: str) -> 'ConceptHasher':

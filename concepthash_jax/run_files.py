@@ -16,7 +16,7 @@ from concepthash_jax.interop import hf
 CONFIG_FILE = 'config.json'  # The run's config, as JSON.
 CLIP_CONFIG_FILE = 'clip_config.json'  # transformers.CLIPConfig.to_dict().
 CLASS_NAMES_FILE = 'class_names.json'  # Class names in label order.
-RESULTS_FILE = 'results.json'  # Final numbers (SPEC §6.3).
+RESULTS_FILE = 'results.json'  # Final numbers (docs/method.md §6.3).
 METRICS_FILE = 'metrics.jsonl'  # One line of scalars per logged step.
 TENSORBOARD_DIR = 'tensorboard'
 

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+import train_testlib as lib
 from concepthash_jax import checkpointing
 from concepthash_jax import sharding
 
@@ -124,16 +125,6 @@ def _damage(path, how):
       f.write(b'\x00garbage{')
 
 
-def _tree_files(root):
-  """{relative path: bytes} of every file under `root`."""
-  out = {}
-  for folder, _, files in os.walk(root):
-    for name in files:
-      with open(os.path.join(folder, name), 'rb') as f:
-        out[os.path.relpath(os.path.join(folder, name), root)] = f.read()
-  return out
-
-
 @pytest.mark.parametrize('damaged,how', [
     ('default/_METADATA', 'truncate'),  # The JSONDecodeError of issue 18.
     ('metrics/metrics', 'garbage'),  # Orbax's manager fails to open on it.
@@ -150,7 +141,7 @@ def test_unreadable_newest_checkpoint_falls_back_and_is_kept(tmp_path, caplog,
   for path in ([os.path.join(target, f) for f in os.listdir(target)]
                if os.path.isdir(target) else [target]):
     _damage(path, how)
-  before = _tree_files(os.path.join(directory, '2'))
+  before = lib.files_under(os.path.join(directory, '2'))
 
   ckpt = checkpointing.Checkpointer(directory, keep=3)
   restored = ckpt.restore(abstract_of(make_state(0.0)))
@@ -159,12 +150,12 @@ def test_unreadable_newest_checkpoint_falls_back_and_is_kept(tmp_path, caplog,
   assert f'Skipping checkpoint step 2: {os.path.join(directory, "2")}' in (
       caplog.text)
   # A reader (encode, explain) leaves it where it is.
-  assert _tree_files(os.path.join(directory, '2')) == before
+  assert lib.files_under(os.path.join(directory, '2')) == before
   # A run that trains on moves it aside, byte for byte, before saving step 2.
   ckpt.save(2, make_state(20.0, 2))
   ckpt.close()
   aside = os.path.join(str(tmp_path), 'checkpoints_unreadable', '2')
-  assert _tree_files(aside) == before
+  assert lib.files_under(aside) == before
   assert 'Moved unreadable checkpoint step 2' in caplog.text
   reopened = checkpointing.Checkpointer(directory)
   assert reopened.all_steps() == [1, 2]
@@ -229,3 +220,18 @@ def test_workdir_lock_refuses_a_live_holder_and_replaces_a_killed_one(
   with pytest.raises(checkpointing.errors.WorkdirError,
                      match=r'pid 1 on host other-host .*delete .*run\.lock'):
     checkpointing.WorkdirLock(workdir).acquire()
+
+
+def test_a_checkpoint_of_another_model_is_not_taken_for_a_damaged_one(
+    tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
+  ckpt.save(1, make_state(1.0, 1))
+  ckpt.save(2, make_state(2.0, 2))
+  wider = abstract_of(make_state(0.0)).replace(
+      params={'head': {'kernel': jax.ShapeDtypeStruct((3, 4), jnp.float32),
+                       'bias': jax.ShapeDtypeStruct((4,), jnp.float32)}})
+  with pytest.raises(checkpointing.errors.CheckpointError,
+                     match=r'step 2 at .*/2 does not fit the model of this '
+                     r'config'):
+    ckpt.restore(wider)
+  assert not ckpt.unreadable

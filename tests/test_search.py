@@ -23,9 +23,9 @@ def split_run(tmp_path_factory):
   hasher = inference.ConceptHasher.load(workdir)
   tmp = tmp_path_factory.mktemp('search')
   out = io.StringIO()
-  found = search.run(model=hasher, db_split='train',
-                     index_path=str(tmp / 'db.index.npz'), query_split='test',
-                     k=5, why=str(tmp / 'why'), why_max=1, out=out)
+  found = search.search_and_explain(
+      model=hasher, db_split='train', index_path=str(tmp / 'db.index.npz'),
+      query_split='test', k=5, why=str(tmp / 'why'), why_max=1, out=out)
   return hasher, results, tmp, found, out.getvalue()
 
 
@@ -70,9 +70,10 @@ def test_why_page_is_self_contained_with_one_map_per_concept(split_run):
 def test_text_queries_on_the_saved_index(split_run):
   hasher, _, tmp, _, _ = split_run
   out = io.StringIO()
-  found = search.run(model=hasher, index_path=str(tmp / 'db.index.npz'),
-                     texts=['a photo of a {class}', 'a small bird'], k=3,
-                     why=str(tmp / 'why_text'), why_max=5, out=out)
+  found = search.search_and_explain(
+      model=hasher, index_path=str(tmp / 'db.index.npz'),
+      texts=['a photo of a {class}', 'a small bird'], k=3,
+      why=str(tmp / 'why_text'), why_max=5, out=out)
   queries = found['queries']
   assert len(queries) == 5 and [q.label for q in queries] == [0, 1, 2, 3, -1]
   assert np.isnan(found['precision'][4]) and np.isfinite(found['precision'][:4]).all()
@@ -93,8 +94,9 @@ def test_folder_database_and_image_query_and_faiss(split_run, tmp_path):
     paths.append(str(folder / f'{i}.png'))
     Image.fromarray(ds[i]['image']).save(paths[-1])
   out = io.StringIO()
-  found = search.run(model=hasher, db_folder=str(tmp_path / 'db'),
-                     images=[paths[5]], k=3, out=out)
+  found = search.search_and_explain(
+      model=hasher, db_folder=str(tmp_path / 'db'), images=[paths[5]], k=3,
+      out=out)
   index = found['index']
   assert sorted(index.paths) == sorted(paths)
   names = index.info['class_names']
@@ -105,9 +107,9 @@ def test_folder_database_and_image_query_and_faiss(split_run, tmp_path):
   assert index.codes([found['positions'][0, 0]])[0].tolist() == \
       found['queries'][0].code.tolist()
   assert '0/0/0/0' in out.getvalue() and top in out.getvalue()
-  via_faiss = search.run(model=hasher, db_folder=str(tmp_path / 'db'),
-                         images=[paths[5]], k=3, faiss_kind='flat',
-                         out=io.StringIO())
+  via_faiss = search.search_and_explain(
+      model=hasher, db_folder=str(tmp_path / 'db'), images=[paths[5]], k=3,
+      faiss_kind='flat', out=io.StringIO())
   np.testing.assert_array_equal(via_faiss['distances'], found['distances'])
 
 
@@ -116,11 +118,12 @@ def test_user_mistakes_are_one_clear_error(split_run, tmp_path):
   other = str(tmp_path / 'other.index.npz')
   index_lib.CodeIndex(np.ones((4, 16))).save(other)
   with pytest.raises(ValueError, match='16-bit codes.*8-bit.*another model'):
-    search.run(model=hasher, index_path=other, texts=['a bird'],
-               out=io.StringIO())
+    search.search_and_explain(model=hasher, index_path=other,
+                              texts=['a bird'], out=io.StringIO())
   with pytest.raises(ValueError, match='No query'):
-    search.run(model=hasher, index_path=str(split_run[2] / 'db.index.npz'),
-               out=io.StringIO())
+    search.search_and_explain(
+        model=hasher, index_path=str(split_run[2] / 'db.index.npz'),
+        out=io.StringIO())
   bad = tmp_path / 'broken.jpg'
   bad.write_bytes(b'not a jpeg')
   cli = subprocess.run(

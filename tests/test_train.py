@@ -156,18 +156,6 @@ def test_sigterm_saves_exits_cleanly_and_resume_is_bit_identical(reference,
   _assert_same_run(workdir, reference[0])
 
 
-def _snapshot(workdir):
-  """{path: bytes} of every file in the workdir (tensorboard aside)."""
-  out = {}
-  for folder, _, files in os.walk(workdir):
-    for name in files:
-      path = os.path.join(folder, name)
-      if 'tensorboard' not in path:
-        with open(path, 'rb') as f:
-          out[path] = f.read()
-  return out
-
-
 def test_config_check_history_and_unreadable_newest_checkpoint(
     reference, tmp_path, caplog):
   workdir = str(tmp_path / 'run')
@@ -175,7 +163,7 @@ def test_config_check_history_and_unreadable_newest_checkpoint(
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
   steps = checkpointing.step_dirs(ckpt_dir)
   assert steps[-1] == 120 and len(steps) >= 2
-  before = _snapshot(workdir)
+  before = lib.files_under(workdir)
 
   # State-changing keys: one sentence naming them, nothing on disk touched.
   with pytest.raises(errors.WorkdirError,
@@ -185,7 +173,7 @@ def test_config_check_history_and_unreadable_newest_checkpoint(
                      r'resume='):
     train.train_and_evaluate(lib.load_config(
         {**LONG, 'model.nbit': 16, 'optim.lr': 0.1}), workdir)
-  assert _snapshot(workdir) == before
+  assert lib.files_under(workdir) == before
 
   # A torn newest checkpoint: inference and the resume use the one before.
   metadata = os.path.join(ckpt_dir, '120', 'default', '_METADATA')

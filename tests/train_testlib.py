@@ -76,6 +76,18 @@ def final_params(workdir):
           traverse_util.flatten_dict(jax.device_get(variables)).items()}
 
 
+def files_under(root, skip=('tensorboard',)):
+  """{path relative to root: bytes} of every file under `root` (`skip`: folder names)."""
+  out = {}
+  for folder, subfolders, files in os.walk(root):
+    subfolders[:] = [d for d in subfolders if d not in skip]
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
 def trained_tiny_run(tmp_path_factory):
   """Workdir of one TINY run trained once per pytest session (shared by modules)."""
   import json  # pylint: disable=g-import-not-at-top

@@ -1,11 +1,11 @@
 r"""Exports a trained run for use anywhere; converts to and from the authors' PyTorch layout.
 
-  python -m concepthash_jax.tools.export --workdir runs/synthetic --out exported/synthetic
-  python -m concepthash_jax.tools.export --workdir W --out DIR --trained_only \
+  concepthash-export --workdir runs/synthetic --out exported/synthetic
+  concepthash-export --workdir W --out DIR --trained_only \
       [--base_clip openai/clip-vit-base-patch32]   # frozen CLIP named, not copied
-  python -m concepthash_jax.tools.export --workdir W --out DIR --official
+  concepthash-export --workdir W --out DIR --official
       # also DIR/official.safetensors: the authors' state_dict names and layouts
-  python -m concepthash_jax.tools.export --from_official FILE --like DIR --out DIR2
+  concepthash-export --from_official FILE --like DIR --out DIR2
       # an official-layout state dict (e.g. trained with the authors' code) -> an
       # export, taking config, class names and text tower from the export/run DIR
 

@@ -1,13 +1,13 @@
 r"""Searches a code index by image or by text, and shows why each result matched.
 
   # Build (and keep) an index of the run's database split, query with an image:
-  python -m concepthash_jax.tools.search --model exported/synthetic \
+  concepthash-search --model exported/synthetic \
     --db_split train --index db.index.npz --image photo.jpg --why why/
   # Reuse the index; query with text (one query per class with {class}):
-  python -m concepthash_jax.tools.search --model exported/synthetic \
+  concepthash-search --model exported/synthetic \
     --index db.index.npz --text "a photo of a {class}"
   # Every image of a split as a query: P@k beside the evaluator's.
-  python -m concepthash_jax.tools.search --model W --index db.index.npz --query_split test
+  concepthash-search --model W --index db.index.npz --query_split test
 
 --model is a training workdir or an export (tools/export.py). The database is a
 split of the run's dataset (--db_split) or a folder of images (--db_folder; an
@@ -252,10 +252,11 @@ def _split_query_item(hasher, query, data_root):
 # -------------------------------------------------------------------- main
 
 
-def run(*, model, index_path=None, db_split=None, db_folder=None,
-        data_root=None, images=(), folder=None, texts=(), query_split=None,
-        k=10, faiss_kind=None, why=None, why_max=8, print_max=5,
-        out=sys.stdout) -> dict:
+def search_and_explain(*, model, index_path=None, db_split=None,
+                       db_folder=None, data_root=None, images=(), folder=None,
+                       texts=(), query_split=None, k=10, faiss_kind=None,
+                       why=None, why_max=8, print_max=5,
+                       out=sys.stdout) -> dict:
   """The CLI as a function (`model`: a path or a loaded ConceptHasher).
 
   Returns:
@@ -326,7 +327,8 @@ def main(argv):
   """Entry point; user mistakes end in one sentence on stderr, exit code 2."""
   del argv
   try:
-    run(model=FLAGS.model, index_path=FLAGS.index, db_split=FLAGS.db_split,
+    search_and_explain(
+        model=FLAGS.model, index_path=FLAGS.index, db_split=FLAGS.db_split,
         db_folder=FLAGS.db_folder, data_root=FLAGS.data_root,
         images=FLAGS.image, folder=FLAGS.folder, texts=FLAGS.text,
         query_split=FLAGS.query_split, k=FLAGS.k, faiss_kind=FLAGS.faiss,
