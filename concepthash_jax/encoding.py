@@ -17,6 +17,7 @@ import tqdm
 from concepthash_jax import data as data_lib
 from concepthash_jax import evaluation
 from concepthash_jax import sharding
+from concepthash_jax.data import transforms
 
 
 def encode_step(variables, images, *, model):
@@ -24,7 +25,7 @@ def encode_step(variables, images, *, model):
 
   Args:
     variables: {'params', 'batch_stats', 'centers'}.
-    images: (B,S,S,3) float32.
+    images: (B,S,S,3) uint8 pixels or normalised float32.
     model: the ConceptHash module (static).
 
   Returns:
@@ -32,6 +33,7 @@ def encode_step(variables, images, *, model):
      'codes_cont': (B,K) float32 continuous b,
      'concept_attn': (B,M,HW) float32}.
   """
+  images = transforms.to_model_input(images)
   _, aux = model.apply(variables, images, train=False)
   cont = aux['codes'].astype(jnp.float32)
   return {'codes': jnp.where(cont >= 0, 1, -1).astype(jnp.int8),

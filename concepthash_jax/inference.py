@@ -349,7 +349,7 @@ class ConceptHasher:
       shown = np.zeros((batch_size, size, size, 3), np.uint8)
       for i, item in enumerate(chunk):
         shown[i] = np.asarray(self.transform.apply(_pixels(item))[0])
-      out = jax.device_get(step(self.variables, transforms.normalize(shown)))
+      out = jax.device_get(step(self.variables, shown))  # uint8: normalised in the step.
       for k in keys:
         parts[k].append(np.asarray(out[k])[:len(chunk)])
       if display:

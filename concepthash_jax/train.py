@@ -90,7 +90,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
 
   Args:
     state: the TrainState.
-    batch: {'image': (B,S,S,3) float32, 'label': (B,) int32, ...} global arrays.
+    batch: {'image': (B,S,S,3) uint8 (or normalised float32), 'label': (B,) int32,
+      ...} global arrays.
     model: the ConceptHash module (static).
     tx: optax transformation over the trainable sub-tree (static).
     loss_fn: (aux, labels) -> (loss, metrics), keywords bound (static; see
@@ -101,6 +102,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
   Returns:
     (new_state, metrics) with scalar metrics (loss terms, 'loss', 'lr').
   """
+  batch = dict(batch, image=data_lib.transforms.to_model_input(batch['image']))
   # Same key for the same step whatever happened before: resume replays it.
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   trainable, frozen = optim.partition_params(state.params, trainable_mask)
@@ -297,8 +299,11 @@ def _train_batches(train_ds, config, mesh, *, start_step: int,
 
 def build_results(config, *, step: int, steps_per_epoch: int,
                   eval_result: dict, best: float, loss: float,
-                  num_classes: int) -> dict:
-  """The results.json dict (docs/method.md §6.3) of a finished run."""
+                  num_classes: int, skipped_images: dict) -> dict:
+  """The results.json dict (docs/method.md §6.3) of a finished run.
+
+  skipped_images: {split: paths left out as corrupt (data.on_corrupt='skip')}.
+  """
   return {
       'map_at_r': eval_result['map_at_r'],
       'nbit': int(config.model.nbit),
@@ -314,6 +319,7 @@ def build_results(config, *, step: int, steps_per_epoch: int,
       'num_queries': eval_result['num_queries'],
       'num_database': eval_result['num_database'],
       'ties': config.eval.ties,
+      'skipped_images': skipped_images,
   }
 
 
@@ -476,9 +482,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   results = build_results(
       config, step=step, steps_per_epoch=per_epoch,
       eval_result=run.eval_result, best=run.best, loss=run.log.final_loss(),
-      num_classes=len(run.class_names))
-  results['skipped_images'] = {ds.split: list(ds.skipped)
-                               for ds in (run.train_ds, run.test_ds)}
+      num_classes=len(run.class_names),
+      skipped_images={ds.split: list(ds.skipped)
+                      for ds in (run.train_ds, run.test_ds)})
   _write_json(os.path.join(workdir, run_files.RESULTS_FILE), results)
   logging.info('Final mAP@R %.4f (best %.4f, chance %.4f) at step %d.',
                results['map_at_r'], results['best_map_at_r'],

@@ -482,7 +482,8 @@ def test_tfds_data_source_reads_array_record_without_tensorflow(tmp_path):
   with pytest.raises(ModuleNotFoundError):
     import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
   cfg = _data_cfg(source='tfds', tfds_name='concepthash_tiny_birds',
-                  tfds_data_dir=str(tmp_path), image_size=16, resize_size=18)
+                  tfds_data_dir=str(tmp_path), image_size=16, resize_size=18,
+                  cache_dir=str(tmp_path / 'cache'))
   train = data.build(cfg, 'train')  # Prepares it (array_record) on the way.
   assert len(train) == 9
   assert train.class_names == ['black_footed_albatross', 'laysan_albatross',
@@ -498,6 +499,13 @@ def test_tfds_data_source_reads_array_record_without_tensorflow(tmp_path):
                             epoch=0, drop_remainder=False))
   assert batch['image'].shape == (4, 16, 16, 3)
   np.testing.assert_array_equal(batch['label'], test.labels[:4])
+  # Keyed on the split's array_record shards, the first-stage cache gives
+  # the pixels of a direct read.
+  assert len(os.listdir(os.path.join(cfg.cache_dir))) == 1
+  cfg.cache = False
+  direct = next(data.batches(test, cfg, train=False, batch_size=4, seed=0,
+                             epoch=0, drop_remainder=False))
+  np.testing.assert_array_equal(batch['image'], direct['image'])
 
 
 def test_tfds_mock_data_caltech_birds():
@@ -566,7 +574,7 @@ def test_train_batches_shuffle_per_epoch_and_augment():
   assert sorted(order0) == list(range(24)) and not np.array_equal(
       order0, order1)
   b = epoch0[0]
-  assert b['image'].dtype == np.float32 and b['image'].shape == (8, 64, 64, 3)
+  assert b['image'].dtype == np.uint8 and b['image'].shape == (8, 64, 64, 3)
   assert b['label'].dtype == np.int32 and b['mask'].all()
   np.testing.assert_array_equal(b['label'], ds.labels[b['index']])
   assert b['keypoints'].shape == (8, len(ds.part_names), 3)
@@ -600,8 +608,7 @@ def test_eval_keypoints_follow_the_test_transform():
   batch = next(data.batches(ds, cfg, train=False, batch_size=12, seed=0,
                             epoch=0, drop_remainder=False))
   head = ds.part_names.index('head')
-  pixels = (batch['image'] * np.array(transforms.CLIP_STD) + np.array(
-      transforms.CLIP_MEAN)) * 255
+  pixels = batch['image'].astype(np.float32)
   hits = visible = 0
   for b, index in enumerate(batch['index']):
     x, y, v = batch['keypoints'][b, head]
@@ -674,8 +681,11 @@ def test_display_images_are_the_model_input_before_normalisation():
                                  epoch=0, drop_remainder=False, display=True)))
   assert batch['display'].dtype == np.uint8
   assert batch['display'].shape == batch['image'].shape
+  # 'image' is uint8 too (normalised inside the jitted step): the same pixels.
+  np.testing.assert_array_equal(batch['display'], batch['image'])
   np.testing.assert_allclose(transforms.normalize(batch['display'][0]),
-                             batch['image'][0], atol=1e-6)
+                             transforms.to_model_input(batch['image'])[0],
+                             atol=1e-6)
   assert 'display' not in next(iter(data.batches(
       ds, cfg, train=False, batch_size=5, seed=0, epoch=0,
       drop_remainder=False)))

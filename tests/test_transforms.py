@@ -1,4 +1,5 @@
 """Tests for concepthash_jax.data.transforms: torchvision semantics, keypoints, determinism."""
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -155,3 +156,75 @@ def test_none_augment_is_the_test_pipeline_and_needs_no_rng():
     transforms.train_transform('paper', image_size=32, resize_size=36)(image)
   with pytest.raises(ValueError, match='Unknown data.train_augment'):
     transforms.train_transform('autoaugment', image_size=32, resize_size=36)
+
+
+class _ScriptedRng:
+  """Stands in for a Generator: the flip and TrivialAugment draws we choose."""
+
+  def __init__(self, flip, op, bin_index, negative):
+    self.flip, self.op, self.bin, self.negative = flip, op, bin_index, negative
+
+  def random(self):
+    return 0.0 if self.flip else 0.9
+
+  def integers(self, n):
+    if n == len(transforms.TA_WIDE_OPS):
+      return transforms.TA_WIDE_OPS.index(self.op)
+    return int(self.negative) if n == 2 else self.bin
+
+
+def test_fused_flip_ta_crop_equals_the_ops_for_every_op_and_magnitude():
+  rng = np.random.default_rng(3)
+  coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+  pixels = np.asarray(Image.fromarray(coarse).resize((43, 34), Image.BICUBIC))
+  pixels = np.clip(pixels + rng.integers(-9, 10, pixels.shape), 0,
+                   255).astype(np.uint8)
+  points = np.array([[3.5, 30.0, 1.0], [40.0, 2.0, 1.0], [20.0, 17.0, 1.0]],
+                    np.float32)
+  for op in transforms.TA_WIDE_OPS:
+    magnitudes, signed = transforms._TA_WIDE_SPACE[op]  # pylint: disable=protected-access
+    for bin_index in range(magnitudes.size):
+      for negative in ((False, True) if signed else (False,)):
+        for flip in (False, True):
+          draws = dict(flip=flip, op=op, bin_index=bin_index,
+                       negative=negative)
+          image, expected = Image.fromarray(pixels), points.copy()
+          image, expected = transforms.random_horizontal_flip(
+              image, expected, _ScriptedRng(**draws))
+          image, expected = transforms.trivial_augment_wide(
+              image, expected, _ScriptedRng(**draws))
+          image, expected = transforms.center_crop(image, expected, size=28)
+          out, moved = transforms.flip_ta_crop(
+              pixels, points.copy(), _ScriptedRng(**draws), size=28)
+          np.testing.assert_array_equal(out, np.asarray(image),
+                                        err_msg=str(draws))
+          np.testing.assert_array_equal(moved, expected, err_msg=str(draws))
+
+
+def test_first_stage_points_and_split():
+  fn = transforms.train_transform('released', image_size=24, resize_size=32)
+  first, rest = fn.split()
+  assert first.names == ('resize',) and rest.names == (
+      'random_horizontal_flip', 'trivial_augment_wide', 'center_crop')
+  test_first, test_rest = transforms.test_transform(
+      image_size=24, resize_size=32).split()
+  assert test_first.names == ('resize', 'center_crop') and not test_rest.ops
+  paper_first, _ = transforms.train_transform(
+      'paper', image_size=24, resize_size=32).split()
+  assert not paper_first.ops  # RandomResizedCrop reads the source image.
+  image = np.random.default_rng(0).integers(0, 256, (30, 50, 3), np.uint8)
+  points = np.array([[10.0, 5.0, 1.0], [1.0, 29.0, 1.0]], np.float32)
+  pixels, expected = test_first.pixels(image, points)
+  moved, size = test_first.points(points, (50, 30))
+  assert size == (24, 24) == pixels.shape[1::-1]
+  np.testing.assert_array_equal(moved, expected)
+
+
+def test_to_model_input_is_normalize_under_jit():
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), np.uint8)
+  out = np.asarray(jax.jit(transforms.to_model_input)(pixels))
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out, transforms.normalize(pixels), rtol=0,
+                             atol=1e-6)
+  normalised = transforms.normalize(pixels)
+  assert transforms.to_model_input(normalised) is normalised

@@ -75,6 +75,10 @@ def get_config():
   # 'thread' (grain thread pool: PIL/numpy release the GIL) | 'process' (grain
   # mp_prefetch: worth it only with many cores; each worker re-imports).
   data.worker_type = 'thread'
+  # Decode + resize once: the train Resize / test Resize+CenterCrop output is cached as
+  # uint8 on disk and reused by every epoch and run (rebuilt when files change).
+  data.cache = True
+  data.cache_dir = ''  # '' = $XDG_CACHE_HOME/concepthash_jax (~/.cache/concepthash_jax).
   data.on_corrupt = 'raise'  # 'raise' (error names the file) | 'skip' (count and go on).
   # Built-in dataset (data/synthetic.py): <= 24 classes; clutter = mean number
   # of background blobs. 80 train images per class: with 40, heads on frozen

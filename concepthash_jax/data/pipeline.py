@@ -15,6 +15,7 @@ from absl import flags
 import grain
 import numpy as np
 
+from concepthash_jax.data import cache as cache_lib
 from concepthash_jax.data import transforms
 
 _PAD = -1  # 'index' (and 'label') of padding rows.
@@ -67,13 +68,20 @@ def process_positions(order, *, batch_size, process_index, process_count,
 
 
 class _Example:
-  """Loads, augments and normalises one dataset index (picklable for workers)."""
+  """Loads and augments one dataset index (picklable for workers).
+
+  With a first-stage cache the image comes from it and only the rest of the
+  transform runs (`Compose.finish`); the annotations come from the dataset's
+  arrays, so nothing is decoded. Both ways give the same uint8 pixels.
+  """
 
   def __init__(self, dataset, transform, *, seed, epoch, train, image_size,
-               display=False):
-    self.display = display  # Also emit the uint8 image the model sees.
+               cache=None, display=False):
+    self.display = display  # Also emit the uint8 image under 'display'.
     self.dataset = dataset
     self.transform = transform
+    self.cache = cache
+    self.first, self.rest = transform.split()
     self.seed = seed
     self.epoch = epoch
     self.train = train
@@ -85,7 +93,7 @@ class _Example:
     index = int(index)
     if index == _PAD:
       example = {
-          'image': np.zeros((self.image_size, self.image_size, 3), np.float32),
+          'image': np.zeros((self.image_size, self.image_size, 3), np.uint8),
           'label': np.int32(_PAD), 'index': np.int32(_PAD),
           'mask': np.bool_(False)}
       if self.num_parts:
@@ -96,7 +104,8 @@ class _Example:
         example['display'] = np.zeros((self.image_size, self.image_size, 3),
                                       np.uint8)
       return example
-    record = self.dataset[index]
+    record = (self._annotations(index) if self.cache is not None
+              else self.dataset[index])
     # Augmentation randomness is a function of the image, not of the worker.
     rng = (np.random.default_rng([self.seed, self.epoch, index, 1])
            if self.train else None)
@@ -109,11 +118,16 @@ class _Example:
                           [x + w, y + h, 1]], np.float32)
       points = corners if points is None else np.concatenate([points,
                                                               corners])
-    image, points = self.transform.apply(record['image'], points, rng)
-    example = {'image': transforms.normalize(image), 'label': np.int32(record['label']),
+    if self.cache is not None:
+      pixels, source_size = self.cache[index]
+      points, _ = self.first.points(points, source_size)
+      image, points = self.rest.finish(pixels, points, rng)
+    else:
+      image, points = self.transform.pixels(record['image'], points, rng)
+    example = {'image': image, 'label': np.int32(record['label']),
                'index': np.int32(index), 'mask': np.bool_(True)}
     if self.display:
-      example['display'] = np.asarray(image, np.uint8)
+      example['display'] = image
     if self.num_parts:
       example['keypoints'] = points[:self.num_parts]
     if self.has_boxes:
@@ -121,6 +135,16 @@ class _Example:
       high = points[-4:, :2].max(0)
       example['box'] = np.concatenate([low, high - low]).astype(np.float32)
     return example
+
+
+  def _annotations(self, index):
+    """Image `index`'s record without its image (nothing decoded)."""
+    record = {'label': self.dataset.labels[index]}
+    if self.num_parts:
+      record['keypoints'] = self.dataset.keypoints[index]
+    if self.has_boxes:
+      record['box'] = self.dataset.boxes[index]
+    return record
 
 
 def make_transform(data_cfg, *, train):
@@ -151,8 +175,13 @@ def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
     display: also yield 'display', the same images as uint8 (B, S, S, 3)
       before normalisation (for figures).
 
+  The deterministic first stage of the transform is read from a cache
+  (data/cache.py; built on first use) when `data.cache` is on and the
+  source has files; the pixels are the same either way.
+
   Returns:
-    An iterator of dicts of numpy arrays: 'image' float32 (B, S, S, 3) CLIP-normalised,
+    An iterator of dicts of numpy arrays: 'image' uint8 (B, S, S, 3) pixels
+    (`transforms.to_model_input` normalises them inside the jitted step),
     'label' int32 (B,), 'index' int32 (B,) dataset index, 'mask' bool (B,)
     (False and label = index = -1 on padding rows), 'keypoints' float32
     (B, P, 3) in the transformed image's pixels when the dataset has parts,
@@ -168,8 +197,14 @@ def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
   positions = process_positions(
       order, batch_size=batch_size, process_index=dataset.process_index,
       process_count=dataset.process_count, drop_remainder=drop_remainder)
-  load = _Example(dataset, make_transform(data_cfg, train=train), seed=seed,
-                  epoch=epoch, train=train, image_size=data_cfg.image_size,
+  transform = make_transform(data_cfg, train=train)
+  first_stage = None
+  if data_cfg.cache:
+    first_stage = cache_lib.first_stage_cache(
+        dataset, transform.split()[0], cache_dir=data_cfg.cache_dir,
+        num_workers=data_cfg.num_workers)
+  load = _Example(dataset, transform, seed=seed, epoch=epoch, train=train,
+                  image_size=data_cfg.image_size, cache=first_stage,
                   display=display)
   ds = grain.MapDataset.source(positions).map(load)
   num_workers = data_cfg.num_workers

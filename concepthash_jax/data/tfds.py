@@ -17,6 +17,8 @@ feeds fake records through `data_source` (AUTO also works when no metadata is
 on disk); a builder whose examples carry encoded image bytes can even be
 prepared to array_record without TensorFlow (tests/test_data.py does both).
 """
+import os
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -36,9 +38,11 @@ _NAME = {'caltech_birds2011': 'cub', 'cars196': 'cars'}
 class TfdsDataset(core.Dataset):
   """A TFDS split as an array_record data source (picklable for workers)."""
 
-  def __init__(self, source, **metadata):
+  def __init__(self, source, *, source_files=(), **metadata):
     super().__init__(**metadata)
     self.source = source
+    # The split's array_record shards: data/cache.py keys its cache on them.
+    self.source_files = list(source_files)
 
   def _load(self, index):
     example = self.source[index]
@@ -96,6 +100,14 @@ def _read_labels(source):
   return np.asarray(labels, np.int64), names
 
 
+def _split_files(builder, split):
+  """The split's shard paths ([] when none are on disk, e.g. mock data)."""
+  try:
+    return [os.fspath(f) for f in builder.info.splits[split].filepaths]
+  except KeyError:
+    return []
+
+
 def build(data_cfg, split, *, process_index=0, process_count=1):
   """Builds the TFDS split `split` of `data_cfg.tfds_name`."""
   core.check_split(split)
@@ -122,6 +134,7 @@ def build(data_cfg, split, *, process_index=0, process_count=1):
                                                   class_names)
   return TfdsDataset(
       builder.as_data_source(split=_SPLITS[split]),
+      source_files=_split_files(builder, _SPLITS[split]),
       name=_NAME.get(name, name), split=split, labels=labels,
       class_names=class_names, family_of=family_of, family_names=family_names,
       process_index=process_index, process_count=process_count)

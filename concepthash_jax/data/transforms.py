@@ -72,55 +72,94 @@ def resized_output_size(width, height, size):
   return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def resize(image, keypoints, *, size, interpolation='bilinear'):
-  """Resizes the shorter side to `size`, keeping the aspect ratio (torchvision)."""
-  width, height = image.size
+def resize_points(keypoints, image_size, *, size, interpolation=None):
+  """`resize`'s effect on keypoints and on the (W, H) image size.
+
+  Args:
+    keypoints: None or float (P, 3).
+    image_size: (W, H) before the resize.
+    size: as `resize`.
+    interpolation: unused (keeps `resize`'s keywords).
+
+  Returns:
+    (keypoints, (W', H')).
+  """
+  del interpolation
+  width, height = image_size
   new_w, new_h = resized_output_size(width, height, size)
-  if (new_w, new_h) == (width, height):
-    return image, keypoints
-  image = image.resize((new_w, new_h), _resample(interpolation))
-  if keypoints is not None:
+  if keypoints is not None and (new_w, new_h) != (width, height):
     keypoints = keypoints.copy()
     keypoints[:, 0] *= new_w / width
     keypoints[:, 1] *= new_h / height
-  return image, keypoints
+  return keypoints, (new_w, new_h)
+
+
+def resize(image, keypoints, *, size, interpolation='bilinear'):
+  """Resizes the shorter side to `size`, keeping the aspect ratio (torchvision)."""
+  keypoints, new_size = resize_points(keypoints, image.size, size=size)
+  if new_size == image.size:
+    return image, keypoints
+  return image.resize(new_size, _resample(interpolation)), keypoints
+
+
+def _center_crop_geometry(width, height, size):
+  """(pad_left, pad_top, left, top) of torchvision's CenterCrop on W x H.
+
+  Padding is symmetric with the extra pixel on the right/bottom; the crop's
+  offsets into the padded image use Python's round (half to even), as
+  torchvision does.
+  """
+  pad_l = (size - width) // 2 if size > width else 0
+  pad_t = (size - height) // 2 if size > height else 0
+  width, height = max(size, width), max(size, height)
+  return (pad_l, pad_t, int(round((width - size) / 2.0)),
+          int(round((height - size) / 2.0)))
+
+
+def _shift_points(keypoints, dx, dy):
+  """Keypoints moved by (dx, dy) pixels (a copy)."""
+  keypoints = keypoints.copy()
+  keypoints[:, 0] += dx
+  keypoints[:, 1] += dy
+  return keypoints
+
+
+def center_crop_points(keypoints, image_size, *, size):
+  """`center_crop`'s effect on keypoints and on the (W, H) image size."""
+  if keypoints is not None:
+    pad_l, pad_t, left, top = _center_crop_geometry(*image_size, size)
+    if pad_l or pad_t:
+      keypoints = _shift_points(keypoints, pad_l, pad_t)
+    keypoints = _mark_outside(_shift_points(keypoints, -left, -top), size,
+                              size)
+  return keypoints, (size, size)
 
 
 def center_crop(image, keypoints, *, size):
   """Crops the central size x size window, zero-padding smaller images."""
   width, height = image.size
+  pad_l, pad_t, left, top = _center_crop_geometry(width, height, size)
   if size > width or size > height:
-    # torchvision pads symmetrically (the extra pixel on the right/bottom).
-    pad_l = (size - width) // 2 if size > width else 0
-    pad_t = (size - height) // 2 if size > height else 0
-    new_w, new_h = max(size, width), max(size, height)
-    canvas = Image.new('RGB', (new_w, new_h))
+    canvas = Image.new('RGB', (max(size, width), max(size, height)))
     canvas.paste(image, (pad_l, pad_t))
     image = canvas
-    if keypoints is not None:
-      keypoints = keypoints.copy()
-      keypoints[:, 0] += pad_l
-      keypoints[:, 1] += pad_t
-    width, height = new_w, new_h
-  # Python's round (half to even) is what torchvision uses here.
-  top = int(round((height - size) / 2.0))
-  left = int(round((width - size) / 2.0))
   image = image.crop((left, top, left + size, top + size))
-  if keypoints is not None:
-    keypoints = keypoints.copy()
-    keypoints[:, 0] -= left
-    keypoints[:, 1] -= top
-    keypoints = _mark_outside(keypoints, size, size)
-  return image, keypoints
+  return image, center_crop_points(keypoints, (width, height), size=size)[0]
 
 
 def horizontal_flip(image, keypoints):
   """Mirrors the image left-right."""
-  image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-  if keypoints is not None:
-    keypoints = keypoints.copy()
-    keypoints[:, 0] = image.size[0] - keypoints[:, 0]
-  return image, keypoints
+  return (image.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+          _flip_points(keypoints, image.size[0]))
+
+
+def _flip_points(keypoints, width):
+  """Keypoints of an image of width W mirrored left-right: x -> W - x."""
+  if keypoints is None:
+    return None
+  keypoints = keypoints.copy()
+  keypoints[:, 0] = width - keypoints[:, 0]
+  return keypoints
 
 
 def random_horizontal_flip(image, keypoints, rng, *, p=0.5):
@@ -182,15 +221,28 @@ def _inverse_affine_matrix(center, angle, translate, scale, shear):
   return matrix
 
 
-def affine(image, keypoints, *, translate=(0, 0), shear=(0.0, 0.0),
-           center=None, interpolation='nearest'):
-  """torchvision F.affine (no rotation/scale) with zero fill."""
-  width, height = image.size
+def _affine_matrix(width, height, *, translate=(0, 0), shear=(0.0, 0.0),
+                   center=None):
+  """`affine`'s PIL matrix on a W x H image (centre default: the middle)."""
   if center is None:
     center = (width * 0.5, height * 0.5)
-  matrix = _inverse_affine_matrix(center, 0.0, translate, 1.0, shear)
-  image = image.transform((width, height), Image.Transform.AFFINE, matrix,
-                          _resample(interpolation), fillcolor=(0, 0, 0))
+  return _inverse_affine_matrix(center, 0.0, translate, 1.0, shear)
+
+
+def affine(image, keypoints, *, translate=(0, 0), shear=(0.0, 0.0),
+           center=None, interpolation='nearest', extent=None):
+  """torchvision F.affine (no rotation/scale) with zero fill.
+
+  `extent` (W', H') computes only the output's top-left W' x H' pixels (the
+  same values there: PIL maps each output pixel from its own coordinates);
+  keypoints are those of the full output.
+  """
+  width, height = image.size
+  matrix = _affine_matrix(width, height, translate=translate, shear=shear,
+                          center=center)
+  image = image.transform(extent or (width, height), Image.Transform.AFFINE,
+                          matrix, _resample(interpolation),
+                          fillcolor=(0, 0, 0))
   return image, _affine_keypoints(keypoints, matrix, width, height)
 
 
@@ -246,23 +298,31 @@ _TA_ENHANCERS = {'Brightness': ImageEnhance.Brightness,
                  'Sharpness': ImageEnhance.Sharpness}
 
 
-def apply_ta_op(image, keypoints, *, op, magnitude, interpolation='bicubic'):
-  """Applies one TrivialAugmentWide op at `magnitude` (torchvision `_apply_op`)."""
+def _ta_translation(op, magnitude):
+  """(tx, ty) whole pixels of a TranslateX / TranslateY op (torchvision int())."""
+  return (int(magnitude), 0) if op == 'TranslateX' else (0, int(magnitude))
+
+
+def apply_ta_op(image, keypoints, *, op, magnitude, interpolation='bicubic',
+                extent=None):
+  """Applies one TrivialAugmentWide op at `magnitude` (torchvision `_apply_op`).
+
+  `extent`: for the shears, compute only the top-left W' x H' (`affine`).
+  """
   if op == 'Identity':
     return image, keypoints
   if op == 'ShearX':
     # Shear about the top-left corner, as torchvision does for these ops.
     return affine(image, keypoints, shear=(math.degrees(math.atan(magnitude)),
                                            0.0),
-                  center=(0.0, 0.0), interpolation=interpolation)
+                  center=(0.0, 0.0), interpolation=interpolation,
+                  extent=extent)
   if op == 'ShearY':
     return affine(image, keypoints, shear=(0.0, math.degrees(
-        math.atan(magnitude))), center=(0.0, 0.0), interpolation=interpolation)
-  if op == 'TranslateX':
-    return affine(image, keypoints, translate=(int(magnitude), 0),
-                  interpolation=interpolation)
-  if op == 'TranslateY':
-    return affine(image, keypoints, translate=(0, int(magnitude)),
+        math.atan(magnitude))), center=(0.0, 0.0), interpolation=interpolation,
+                  extent=extent)
+  if op in ('TranslateX', 'TranslateY'):
+    return affine(image, keypoints, translate=_ta_translation(op, magnitude),
                   interpolation=interpolation)
   if op == 'Rotate':
     return rotate(image, keypoints, angle=magnitude,
@@ -284,16 +344,125 @@ def apply_ta_op(image, keypoints, *, op, magnitude, interpolation='bicubic'):
   raise ValueError(f'Unknown TrivialAugmentWide op {op!r}')
 
 
-def trivial_augment_wide(image, keypoints, rng, *, interpolation='bicubic'):
-  """TrivialAugmentWide: one uniformly drawn op at a uniformly drawn magnitude."""
+def draw_ta_op(rng):
+  """TrivialAugmentWide's draw: (op name, signed magnitude), uniform each."""
   op = TA_WIDE_OPS[int(rng.integers(len(TA_WIDE_OPS)))]
   magnitudes, signed = _TA_WIDE_SPACE[op]
   magnitude = (float(magnitudes[int(rng.integers(len(magnitudes)))])
                if magnitudes.ndim > 0 else 0.0)
   if signed and rng.integers(2):
     magnitude = -magnitude
+  return op, magnitude
+
+
+def trivial_augment_wide(image, keypoints, rng, *, interpolation='bicubic'):
+  """TrivialAugmentWide: one uniformly drawn op at a uniformly drawn magnitude."""
+  op, magnitude = draw_ta_op(rng)
   return apply_ta_op(image, keypoints, op=op, magnitude=magnitude,
                      interpolation=interpolation)
+
+
+# Ops whose output pixel depends only on the same input pixel (with the
+# crop's 1-pixel border for Sharpness's 3x3 smoothing, and the whole image's
+# mean grey for Contrast): applied after the crop they give the same pixels
+# on 224^2 instead of 256 x 341, bit for bit.
+_CROP_FIRST_OPS = ('Identity', 'Brightness', 'Color', 'Posterize', 'Solarize',
+                   'Contrast', 'Sharpness', 'TranslateX', 'TranslateY')
+
+
+def _window(pixels, left, top, size, flip):
+  """PIL image of the size^2 window at (left, top), zero outside the image.
+
+  The window is of `pixels` mirrored left-right when `flip`; only the
+  window is copied and mirrored (PIL's transpose: exact).
+  """
+  height, width = pixels.shape[:2]
+  if flip:
+    left = width - left - size  # The same columns, seen unmirrored.
+  x0, x1 = max(0, left), min(width, left + size)
+  y0, y1 = max(0, top), min(height, top + size)
+  if (x0, y0, x1, y1) == (left, top, left + size, top + size):
+    window = pixels[top:top + size, left:left + size]
+  else:
+    window = np.zeros((size, size) + pixels.shape[2:], pixels.dtype)
+    if x0 < x1 and y0 < y1:
+      window[y0 - top:y1 - top, x0 - left:x1 - left] = pixels[y0:y1, x0:x1]
+  image = Image.fromarray(np.ascontiguousarray(window))
+  return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
+def flip_ta_crop(pixels, keypoints, rng, *, size, interpolation='bicubic'):
+  """RandomHorizontalFlip -> TrivialAugmentWide -> CenterCrop on a uint8 array.
+
+  The released train ops after Resize, drawing the same random numbers as
+  those three ops of `train_transform('released', ...)` and returning the
+  same pixels and keypoints bit for bit, but cheaper: ops that commute with
+  the crop (`_CROP_FIRST_OPS`) run on the crop only, whole-pixel
+  translations are a shifted copy, and shears stop at the crop's far corner.
+
+  Args:
+    pixels: uint8 (H, W, 3), the resized image.
+    keypoints: None or float32 (P, 3) in `pixels`' frame.
+    rng: numpy Generator (consumed as the ops would).
+    size: crop side S.
+    interpolation: TrivialAugmentWide's resampling.
+
+  Returns:
+    (uint8 (S, S, 3), keypoints or None).
+  """
+  height, width = pixels.shape[:2]
+  flip = rng.random() < 0.5  # random_horizontal_flip's draw.
+  op, magnitude = draw_ta_op(rng)
+  _, _, left, top = _center_crop_geometry(width, height, size)
+  if op not in _CROP_FIRST_OPS or min(width, height) < size + 2:
+    image, keypoints = Image.fromarray(pixels), keypoints
+    if flip:
+      image, keypoints = horizontal_flip(image, keypoints)
+    if op in ('ShearX', 'ShearY') and min(width, height) >= size:
+      # Only the pixels up to the crop's far corner are ever read.
+      image, keypoints = apply_ta_op(
+          image, keypoints, op=op, magnitude=magnitude,
+          interpolation=interpolation, extent=(left + size, top + size))
+      image = image.crop((left, top, left + size, top + size))
+      if keypoints is not None:
+        keypoints, _ = center_crop_points(keypoints, (width, height),
+                                          size=size)
+      return np.asarray(image), keypoints
+    image, keypoints = apply_ta_op(image, keypoints, op=op,
+                                   magnitude=magnitude,
+                                   interpolation=interpolation)
+    image, keypoints = center_crop(image, keypoints, size=size)
+    return np.asarray(image), keypoints
+  if flip:
+    keypoints = _flip_points(keypoints, width)
+  if op in ('TranslateX', 'TranslateY'):
+    # PIL's bicubic sample at a whole-pixel offset is the source pixel
+    # itself (the cubic's weights are 0, 1, 0, 0) and the zero fill outside:
+    # the translated crop is the source window shifted back.
+    tx, ty = _ta_translation(op, magnitude)
+    if keypoints is not None:
+      keypoints = _affine_keypoints(
+          keypoints, _affine_matrix(width, height, translate=(tx, ty)),
+          width, height)
+    out = np.asarray(_window(pixels, left - tx, top - ty, size, flip))
+  elif op == 'Sharpness':
+    # 3x3 smoothing: keep a 1-pixel border so the crop's edge pixels see
+    # their true neighbours (PIL copies border pixels unfiltered).
+    window = _window(pixels, left - 1, top - 1, size + 2, flip)
+    window, _ = apply_ta_op(window, None, op=op, magnitude=magnitude)
+    out = np.asarray(window)[1:-1, 1:-1]
+  elif op == 'Contrast':
+    # The blend target is the whole image's mean grey, not the crop's.
+    enhancer = ImageEnhance.Contrast(Image.fromarray(pixels))
+    enhancer.image = _window(pixels, left, top, size, flip)
+    enhancer.degenerate = enhancer.degenerate.crop((0, 0, size, size))
+    out = np.asarray(enhancer.enhance(1.0 + magnitude))
+  else:
+    out = np.asarray(apply_ta_op(_window(pixels, left, top, size, flip), None,
+                                 op=op, magnitude=magnitude)[0])
+  if keypoints is not None:
+    keypoints, _ = center_crop_points(keypoints, (width, height), size=size)
+  return out, keypoints
 
 
 def normalize(image):
@@ -310,11 +479,42 @@ def normalize(image):
       CLIP_STD, np.float32)
 
 
-class Compose:
-  """A named sequence of ops; random ops receive the generator (picklable)."""
+def to_model_input(images):
+  """CLIP-normalises uint8 batches inside the jitted step; float passes through.
 
-  def __init__(self, ops):
+  `data.batches` ships uint8 pixels (4x less host->device traffic than
+  float32) and the steps call this first. The arithmetic is `normalize`'s,
+  in float32 (numpy or jax arrays, traced or not).
+
+  Args:
+    images: uint8 (..., 3) pixels, or an already normalised float array.
+
+  Returns:
+    float32 (..., 3) normalised images (float input unchanged).
+  """
+  if images.dtype != np.uint8:
+    return images
+  return (images.astype(np.float32) / 255.0 - np.array(
+      CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+
+
+# Keypoint-and-size versions of the deterministic ops, for images whose
+# first stage comes from the cache (data/cache.py): op -> fn(keypoints,
+# (W, H), **the op's keywords) -> (keypoints, (W', H')).
+_POINT_MAPS = {resize: resize_points, center_crop: center_crop_points}
+
+
+class Compose:
+  """A named sequence of ops; random ops receive the generator (picklable).
+
+  `fused` maps an op position k to a function that does ops[k:] in one go on
+  a uint8 array (same draws, same output bit for bit, faster); the cached
+  input pipeline uses it after the deterministic first stage.
+  """
+
+  def __init__(self, ops, *, fused=None):
     self.ops = tuple(ops)  # ((name, fn, is_random), ...)
+    self.fused = dict(fused or {})
 
   @property
   def names(self):
@@ -325,6 +525,11 @@ class Compose:
     """Applies the ops; returns (float32 (S, S, 3) normalised, keypoints)."""
     image, keypoints = self.apply(image, keypoints, rng)
     return normalize(image), keypoints
+
+  def pixels(self, image, keypoints=None, rng=None):
+    """Applies the ops; returns (uint8 (S, S, 3) array, keypoints)."""
+    image, keypoints = self.apply(image, keypoints, rng)
+    return np.asarray(image), keypoints
 
   def apply(self, image, keypoints=None, rng=None):
     """Applies the ops; returns (RGB PIL image (S, S), keypoints), unnormalised."""
@@ -343,6 +548,53 @@ class Compose:
     if keypoints is not None:
       keypoints = keypoints.astype(np.float32)
     return image, keypoints
+
+  @property
+  def num_deterministic(self):
+    """How many leading ops draw no random numbers (the cacheable stage)."""
+    count = 0
+    for _, fn, is_random in self.ops:
+      if is_random or getattr(fn, 'func', None) not in _POINT_MAPS:
+        break
+      count += 1
+    return count
+
+  def split(self):
+    """(first, rest): the leading deterministic ops and the remaining ones.
+
+    `first` is what the cache stores; `rest.pixels` (or its fused form)
+    finishes an image from the cached pixels.
+    """
+    k = self.num_deterministic
+    rest = Compose(self.ops[k:], fused={
+        i - k: fn for i, fn in self.fused.items() if i >= k})
+    return Compose(self.ops[:k]), rest
+
+  def points(self, keypoints, image_size):
+    """The deterministic ops' effect on keypoints and on the (W, H) size."""
+    if keypoints is not None:
+      keypoints = np.asarray(keypoints, np.float32).copy()
+    for name, fn, _ in self.ops:
+      if getattr(fn, 'func', None) not in _POINT_MAPS:
+        raise ValueError(f'Op {name} has no keypoint-only form')
+      keypoints, image_size = _POINT_MAPS[fn.func](keypoints, image_size,
+                                                   **fn.keywords)
+    if keypoints is not None:
+      keypoints = keypoints.astype(np.float32)
+    return keypoints, image_size
+
+  def finish(self, pixels, keypoints=None, rng=None):
+    """`pixels` on a uint8 array, through the fused form when there is one."""
+    if 0 in self.fused:
+      if keypoints is not None:
+        keypoints = np.asarray(keypoints, np.float32).copy()
+      pixels, keypoints = self.fused[0](pixels, keypoints, rng)
+      if keypoints is not None:
+        keypoints = keypoints.astype(np.float32)
+      return pixels, keypoints
+    if not self.ops:
+      return pixels, keypoints
+    return self.pixels(pixels, keypoints, rng)
 
 
 def test_transform(*, image_size, resize_size):
@@ -378,7 +630,8 @@ def train_transform(augment, *, image_size, resize_size):
         ('trivial_augment_wide', functools.partial(
             trivial_augment_wide, interpolation='bicubic'), True),
         ('center_crop', functools.partial(center_crop, size=image_size), False),
-    ])
+    ], fused={1: functools.partial(flip_ta_crop, size=image_size,
+                                    interpolation='bicubic')})
   if augment == 'paper':
     return Compose([
         ('random_resized_crop', functools.partial(
