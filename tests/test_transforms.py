@@ -224,7 +224,11 @@ def test_to_model_input_is_normalize_under_jit():
   pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), np.uint8)
   out = np.asarray(jax.jit(transforms.to_model_input)(pixels))
   assert out.dtype == np.float32
-  np.testing.assert_allclose(out, transforms.normalize(pixels), rtol=0,
-                             atol=1e-6)
+  np.testing.assert_array_equal(out, transforms.normalize(pixels))
+  np.testing.assert_array_equal(transforms.to_model_input(pixels), out)
+  every_byte = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 256, 3)
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(transforms.to_model_input)(every_byte)),
+      transforms.normalize(every_byte))
   normalised = transforms.normalize(pixels)
   assert transforms.to_model_input(normalised) is normalised

@@ -483,19 +483,29 @@ def to_model_input(images):
   """CLIP-normalises uint8 batches inside the jitted step; float passes through.
 
   `data.batches` ships uint8 pixels (4x less host->device traffic than
-  float32) and the steps call this first. The arithmetic is `normalize`'s,
-  in float32 (numpy or jax arrays, traced or not).
+  float32) and the steps call this first. The values are looked up in
+  `_NORMALIZED` (numpy's `normalize` of every byte) rather than recomputed:
+  XLA rounds `(x / 255 - mean) / std` differently from numpy in the last bit
+  for 566 of the 768 (byte, channel) pairs, which was enough to change a
+  whole training run (synthetic default mAP@R 0.9688 -> 0.9603).
 
   Args:
-    images: uint8 (..., 3) pixels, or an already normalised float array.
+    images: uint8 (..., 3) pixels (numpy or jax, traced or not), or an
+      already normalised float array.
 
   Returns:
-    float32 (..., 3) normalised images (float input unchanged).
+    float32 (..., 3), equal bit for bit to `normalize` (float input unchanged).
   """
   if images.dtype != np.uint8:
     return images
-  return (images.astype(np.float32) / 255.0 - np.array(
-      CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+  if isinstance(images, np.ndarray):
+    return _NORMALIZED[images, np.arange(3)]
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jnp.asarray(_NORMALIZED)[images.astype(jnp.int32), jnp.arange(3)]
+
+
+_NORMALIZED = normalize(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3,
+                                  axis=1))  # (256, 3): byte, channel.
 
 
 # Keypoint-and-size versions of the deterministic ops, for images whose
