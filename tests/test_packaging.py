@@ -46,6 +46,10 @@ def _run(args, cwd, env, timeout=300):
 def venv(tmp_path_factory):
   """(bin directory, env, work directory) of a venv holding only the built wheel."""
   tmp = tmp_path_factory.mktemp('packaging')
+  # No PYTHONPATH anywhere: a checkout on it (with its *.egg-info) would make
+  # pip think the package is installed already and skip the wheel.
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  env.update(JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1')
   src = tmp / 'src'
   shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
       '.git', '.ci-venv', '.venv', 'runs', 'build', 'dist', '*.egg-info', '__pycache__',
@@ -54,7 +58,7 @@ def venv(tmp_path_factory):
   build = subprocess.run(
       [sys.executable, '-m', 'pip', 'wheel', str(src), '--no-deps', '--no-build-isolation',
        '--no-index', '-q', '-w', str(dist)], capture_output=True, text=True, timeout=300,
-      check=False)
+      env=env, check=False)
   assert build.returncode == 0, build.stderr[-3000:]
   wheels = os.listdir(dist)
   # A platform wheel: it carries the compiled evaluation kernel.
@@ -69,17 +73,15 @@ def venv(tmp_path_factory):
   install = subprocess.run(
       [sys.executable, '-m', 'pip', '--python', python, 'install', '--no-deps',
        '--no-index', '-q', str(dist / wheels[0])], capture_output=True, text=True,
-      timeout=300, check=False)
+      env=env, timeout=300, check=False)
   assert install.returncode == 0, install.stderr[-3000:]
   purelib = subprocess.run(
       [python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
-      capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+      capture_output=True, text=True, env=env, check=True, timeout=60).stdout.strip()
   # The dependencies: this interpreter's site-packages, as plain path entries.
   with open(os.path.join(purelib, 'dependencies.pth'), 'w') as f:
     f.write('\n'.join(sorted({sysconfig.get_paths()['purelib'],
                               sysconfig.get_paths()['platlib']})) + '\n')
-  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-  env.update(JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1')
   work = tmp / 'elsewhere'
   work.mkdir()
   where = _run([python, '-c', 'import concepthash_jax; print(concepthash_jax.__file__)'],
