@@ -211,6 +211,7 @@ class ConceptHasher:
     self.base_clip_name = base_clip_name  # None: the run's model.clip.
     self._tokenizer = None
     self._class_centers = None
+    self._datasets = {}  # (split, data_root) -> data.build's dataset.
     self.transform = transforms.test_transform(
         image_size=config.data.image_size, resize_size=config.data.resize_size)
 
@@ -359,11 +360,18 @@ class ConceptHasher:
     return result
 
   def dataset(self, split: str, *, data_root: Optional[str] = None):
-    """A split of the run's dataset (`data.build`), root optionally moved."""
-    data_cfg = copy.deepcopy(self.config.data)
-    if data_root is not None:
-      data_cfg.unlock().root = data_root
-    return data_lib.build(data_cfg, split)
+    """A split of the run's dataset (`data.build`), root optionally moved.
+
+    Built once per (split, root): building scans every image of the split,
+    and the search tool asks again for each query it draws.
+    """
+    key = (split, data_root)
+    if key not in self._datasets:
+      data_cfg = copy.deepcopy(self.config.data)
+      if data_root is not None:
+        data_cfg.unlock().root = data_root
+      self._datasets[key] = data_lib.build(data_cfg, split)
+    return self._datasets[key]
 
   def encode_split(self, split: str, *, data_root: Optional[str] = None,
                    attention: bool = False) -> dict:
