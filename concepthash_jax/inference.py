@@ -444,9 +444,7 @@ class ConceptHasher:
 
 
 def _project_centers(center_input, kind, nbit, params, text_embeds):
-  """t(e) or t(sign e): the center projection of `concepthash.ConceptHash`."""
-  embeds = jnp.asarray(text_embeds, jnp.float32)
-  if center_input == 'sign':
-    embeds = jnp.sign(embeds)
-  module = concepthash.CenterProjection(nbit, kind)
-  return jax.jit(module.apply)({'params': params}, embeds)
+  """o = t(e) or t(sign e): the model's own `CenterProjection` on its params."""
+  module = concepthash.CenterProjection(nbit, kind, center_input)
+  return jax.jit(module.apply)({'params': params},
+                               jnp.asarray(text_embeds, jnp.float32))

@@ -153,13 +153,20 @@ class CodeBatchNorm(nn.Module):
 
 
 class CenterProjection(nn.Module):
-  """t: class text features e_c (C, T) -> class centers o_c (C, K)."""
+  """t: class text features e_c (C, T) -> class centers o_c (C, K).
+
+  Also used on its own by `inference.ConceptHasher.encode_text`, so the
+  center of any prompt is built exactly as the class centers are.
+  """
   nbit: int
   kind: str = 'mlp'  # 'mlp' (released: Linear-ReLU-Linear) | 'linear' (paper).
+  center_input: str = 'sign'  # t(sign e) (released) | t(e) 'raw' (paper).
 
   @nn.compact
   def __call__(self, text_embeds):
     """(C, T) -> (C, K)."""
+    if self.center_input == 'sign':
+      text_embeds = jnp.sign(text_embeds)
     if self.kind == 'mlp':
       hidden = nn.relu(_TorchLinear(text_embeds.shape[-1], name='fc1')(text_embeds))
       return _TorchLinear(self.nbit, name='fc2')(hidden)
@@ -250,9 +257,8 @@ class ConceptHash(nn.Module):
     if self.center_type == 'language':
       text_embeds = self.variable('centers', 'text_embeds', jnp.zeros,
                                   (self.num_classes, self.text_width), jnp.float32).value
-      if self.center_input == 'sign':
-        text_embeds = jnp.sign(text_embeds)
       return CenterProjection(self.nbit, self.center_projection,
+                              self.center_input,
                               name='center_projection')(text_embeds)
     if self.center_type == 'random_orthogonal':
       return self.variable('centers', 'codebook', lambda: random_orthogonal_codebook(
