@@ -201,6 +201,58 @@ def count(params):
   return sum(q.numel() for q in params)
 
 
+def build_reference(batch=32, num_classes=200, threads=2, lr=1e-3, wd=5e-5):
+  """The authors' train step and eval step as closures over one model: (train, eval, info).
+
+  `train()` runs one SGD step and returns the loss; `eval()` one no-grad forward + loss
+  (COOPTrainer.inference_one_batch). Shared by main() and cpu_side_by_side.py.
+  """
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  model = ConceptHashTorch(num_classes=num_classes)
+  # As BaseTrainer.load_optimizer_and_scheduler: everything frozen, then trainables enabled.
+  model.requires_grad_(False)
+  trainable = model.trainable_parameters()
+  for q in trainable:
+    q.requires_grad_(True)
+  opt = torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=wd, nesterov=False)
+  info = {'params_total': count(model.parameters()), 'params_trainable': count(trainable),
+          'params_adapters': count(q for l in model.layers
+                                   for a in (l.adapt_mlp_1, l.adapt_mlp_2)
+                                   for q in a.parameters()),
+          'params_visual_projection': count(model.visual_projection.parameters()),
+          'torch': torch.__version__, 'transformers': transformers.__version__,
+          'threads': torch.get_num_threads(), 'batch': batch}
+
+  g = torch.Generator().manual_seed(0)
+  images = torch.randn(batch, 3, 224, 224, generator=g)
+  labels = torch.randint(0, num_classes, (batch,), generator=g)
+
+  def train_step():
+    model.train()
+    opt.zero_grad()
+    _, out = model(images)
+    loss, losses = criterion(out, labels)
+    loss.backward()
+    opt.step()
+    loss.item()
+    for v in losses.values():
+      v.item()
+    accuracies(out, labels)
+    return loss.item()
+
+  def eval_step():  # As COOPTrainer.inference_one_batch: forward + loss under no_grad.
+    model.eval()
+    with torch.no_grad():
+      _, out = model(images)
+      l, _ = criterion(out, labels)
+      l.item()
+      accuracies(out, labels)
+      return out['codes']
+
+  return train_step, eval_step, info
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--batch', type=int, default=32)
@@ -214,38 +266,8 @@ def main():
   ap.add_argument('--wd', type=float, default=5e-5)  # Released sgd.yaml: 5e-4 (no cost effect).
   args = ap.parse_args()
 
-  torch.set_num_threads(args.threads)
-  torch.manual_seed(0)
-  model = ConceptHashTorch(num_classes=args.num_classes)
-  # As BaseTrainer.load_optimizer_and_scheduler: everything frozen, then trainables enabled.
-  model.requires_grad_(False)
-  trainable = model.trainable_parameters()
-  for q in trainable:
-    q.requires_grad_(True)
-  opt = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9, weight_decay=args.wd,
-                        nesterov=False)
-  n_total, n_train = count(model.parameters()), count(trainable)
-  n_adapters = count(q for l in model.layers for a in (l.adapt_mlp_1, l.adapt_mlp_2)
-                     for q in a.parameters())
-  n_visproj = count(model.visual_projection.parameters())
-
-  g = torch.Generator().manual_seed(0)
-  images = torch.randn(args.batch, 3, 224, 224, generator=g)
-  labels = torch.randint(0, args.num_classes, (args.batch,), generator=g)
-
-  def train_step():
-    opt.zero_grad()
-    _, out = model(images)
-    loss, losses = criterion(out, labels)
-    loss.backward()
-    opt.step()
-    loss.item()
-    for v in losses.values():
-      v.item()
-    accuracies(out, labels)
-    return loss.item()
-
-  model.train()
+  train_step, eval_step, info = build_reference(args.batch, args.num_classes, args.threads,
+                                                args.lr, args.wd)
   for _ in range(args.warmup):
     train_step()
   t0 = time.perf_counter()
@@ -253,15 +275,6 @@ def main():
     loss = train_step()
   train_ips = args.steps * args.batch / (time.perf_counter() - t0)
 
-  def eval_step():  # As COOPTrainer.inference_one_batch: forward + loss under no_grad.
-    with torch.no_grad():
-      _, out = model(images)
-      l, _ = criterion(out, labels)
-      l.item()
-      accuracies(out, labels)
-      return out['codes']
-
-  model.eval()
   for _ in range(args.eval_warmup):
     eval_step()
   t0 = time.perf_counter()
@@ -272,11 +285,8 @@ def main():
 
   print(json.dumps({
       'train_img_s': round(train_ips, 3), 'eval_img_s': round(eval_ips, 3),
-      'peak_rss_gb': round(rss_gb, 3), 'torch': torch.__version__,
-      'transformers': transformers.__version__, 'threads': torch.get_num_threads(),
-      'batch': args.batch, 'steps': args.steps, 'eval_steps': args.eval_steps,
-      'loss': round(loss, 4), 'params_total': n_total, 'params_trainable': n_train,
-      'params_adapters': n_adapters, 'params_visual_projection': n_visproj}))
+      'peak_rss_gb': round(rss_gb, 3), 'steps': args.steps, 'eval_steps': args.eval_steps,
+      'loss': round(loss, 4), **info}))
 
 
 if __name__ == '__main__':

@@ -37,8 +37,14 @@ flags.DEFINE_bool('cpu_concurrency_scheduler', False,
 flags.DEFINE_string('child', None, 'Internal: run one dtype and print JSON.')
 
 
-def run_one(dtype: str) -> dict:
-  """Measures one setting in this process."""
+def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
+               compiler_options=None):
+  """The shipped train step and eval forward as closures: (train, eval, info).
+
+  `train()` runs one step and returns its metrics, `eval()` one encode forward; both
+  block until done. Call xla_flags.configure_xla_flags (or set XLA_FLAGS) before this.
+  `compiler_options` go to XLA for both programs (e.g. to A/B a flag in one process).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
@@ -48,63 +54,80 @@ def run_one(dtype: str) -> dict:
   config = cub.get_config()
   config.model.clip = 'random'  # B/32 shapes from configs/base.py, no download.
   config.model.dtype = dtype
-  config.data.batch_size = FLAGS.batch
-  config.model.remat = FLAGS.remat
-  config.train.cpu_concurrency_scheduler = FLAGS.cpu_concurrency_scheduler
-  train.configure_xla_flags(config)  # As launch.py: before the backend starts.
-  t0 = time.perf_counter()
+  config.data.batch_size = batch
+  config.model.remat = remat
   clip_config = hf.random_clip_config(config.model.random_clip)
   clip_params = hf.init_clip_params(clip_config, jax.random.PRNGKey(0))
   clip_params = {k: v for k, v in clip_params.items() if k != 'text_model'}
   rng = np.random.default_rng(0)
-  text = rng.normal(size=(FLAGS.num_classes,
+  text = rng.normal(size=(num_classes,
                           clip_config.text_config.hidden_size)).astype('f4')
-  model = models.build_model(config.model, clip_config, FLAGS.num_classes)
+  model = models.build_model(config.model, clip_config, num_classes)
   mesh = sharding.create_mesh()
-  steps_per_epoch = 5994 // FLAGS.batch
+  steps_per_epoch = 5994 // batch
   tx = optim.make_optimizer(config.optim, steps_per_epoch)
   schedule = optim.make_schedule(config.optim, steps_per_epoch)
   init_fn, _, shardings, mask = train.create_train_state(
       config, model, tx, clip_params, text, mesh)
-  state = init_fn()
   del clip_params
+  size = config.data.image_size
+  images = rng.normal(size=(batch, size, size, 3)).astype('f4')
+  labels = rng.integers(0, num_classes, batch).astype('i4')
+  inputs = sharding.global_batch({'image': images, 'label': labels}, mesh)
+  state = [init_fn()]  # A box: the step donates and replaces it.
   step_fn = train.jit_train_step(configuration.make_loss_fn(config.loss),
                                  model, tx, mask, schedule, shardings, mesh)
-  size = config.data.image_size
-  batch = sharding.global_batch({
-      'image': rng.normal(size=(FLAGS.batch, size, size, 3)).astype('f4'),
-      'label': rng.integers(0, FLAGS.num_classes, FLAGS.batch).astype('i4'),
-  }, mesh)
-  setup_s = time.perf_counter() - t0
+  step_fn = step_fn.lower(state[0], inputs).compile(compiler_options=compiler_options)
+  # The eval forward gets its own copy: the train step donates state's buffers.
+  variables = jax.tree.map(lambda x: x.copy(),
+                           {'params': state[0].params, **state[0].model_state})
+  encode = encoding.jitted_encode_step(model)
+  encode = encode.lower(variables, inputs['image']).compile(compiler_options=compiler_options)
 
+  def train_step():
+    state[0], metrics = step_fn(state[0], inputs)
+    return jax.block_until_ready(metrics)
+
+  def eval_step():
+    return jax.block_until_ready(encode(variables, inputs['image']))
+
+  train_step.compiled, eval_step.compiled = step_fn, encode  # For HLO and cost analysis.
+  return train_step, eval_step, {'devices': jax.device_count(),
+                                 'backend': jax.default_backend()}
+
+
+def run_one(dtype: str) -> dict:
+  """Measures one setting in this process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
+
+  config = cub.get_config()
+  config.train.cpu_concurrency_scheduler = FLAGS.cpu_concurrency_scheduler
+  xla_flags.configure_xla_flags(config)  # As launch.py: before the backend starts.
   t0 = time.perf_counter()
-  for _ in range(2):  # Compile + one more.
-    state, metrics = step_fn(state, batch)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t0
+  train_step, eval_step, info = build_ours(dtype, FLAGS.batch, FLAGS.num_classes,
+                                           FLAGS.remat)
+  compile_s = time.perf_counter() - t0  # Setup + both compiles.
+  for _ in range(2):  # Warm-up.
+    metrics = train_step()
   t0 = time.perf_counter()
   for _ in range(FLAGS.steps):
-    state, metrics = step_fn(state, batch)
-  jax.block_until_ready(metrics)
+    metrics = train_step()
   train_ips = FLAGS.steps * FLAGS.batch / (time.perf_counter() - t0)
 
-  variables = {'params': state.params, **state.model_state}
-  encode = encoding.jitted_encode_step(model)
-  jax.block_until_ready(encode(variables, batch['image']))
+  eval_step()
   t0 = time.perf_counter()
   for _ in range(FLAGS.eval_steps):
-    out = encode(variables, batch['image'])
-  jax.block_until_ready(out)
+    eval_step()
   eval_ips = FLAGS.eval_steps * FLAGS.batch / (time.perf_counter() - t0)
   rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
   # Accelerators report their own high-water mark; host RSS says little there.
   stats = jax.local_devices()[0].memory_stats() or {}
   device_gb = stats.get('peak_bytes_in_use', 0) / 2 ** 30
   return dict(dtype=dtype, train_img_s=train_ips, eval_img_s=eval_ips,
-              peak_rss_gb=rss_gb, peak_device_gb=device_gb,
-              setup_s=setup_s, compile_s=compile_s,
-              loss=float(metrics['loss']), devices=jax.device_count(),
-              backend=jax.default_backend())
+              peak_rss_gb=rss_gb, peak_device_gb=device_gb, compile_s=compile_s,
+              loss=float(metrics['loss']), **info)
 
 
 def main(argv):
@@ -131,7 +154,7 @@ def main(argv):
         f'model.remat={FLAGS.remat}, train.cpu_concurrency_scheduler='
         f'{FLAGS.cpu_concurrency_scheduler}\n')
   print('| dtype | train img/s | eval img/s | peak RSS GB | '
-        'peak device GB | compile s |')
+        'peak device GB | setup + compile s |')
   print('|---|---|---|---|---|---|')
   for r in rows:
     device_gb = f'{r["peak_device_gb"]:.2f}' if r['peak_device_gb'] else '-'

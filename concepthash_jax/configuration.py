@@ -16,6 +16,7 @@ from concepthash_jax import evaluation
 from concepthash_jax import losses
 from concepthash_jax import models
 from concepthash_jax import optim
+from concepthash_jax import xla_flags
 from concepthash_jax.data import core as data_core
 from concepthash_jax.data import pipeline
 from concepthash_jax.data import transforms
@@ -41,6 +42,7 @@ CHOICES = {
     'data.worker_type': pipeline.WORKER_TYPES,
     'optim.schedule': tuple(optim.SCHEDULES),
     'eval.ties': evaluation.TIES,
+    'train.cpu_matmul': xla_flags.CPU_MATMUL,
 }
 
 

@@ -141,25 +141,6 @@ def jit_train_step(loss_fn: Callable, model, tx, trainable_mask, schedule,
       donate_argnums=0)
 
 
-def configure_xla_flags(config) -> str:
-  """Adds the XLA flags `config.train` asks for to XLA_FLAGS; returns them.
-
-  XLA reads XLA_FLAGS once, when the first backend starts, so call this before
-  any JAX computation (launch.py does, first thing). Flags the user already set
-  in XLA_FLAGS win. (jax.jit's compiler_options accepts the scheduler flag but
-  XLA:CPU does not read it from there: the step's memory is unchanged.)
-  """
-  wanted = {}
-  if not config.train.cpu_concurrency_scheduler:
-    # Ignored by GPU/TPU compilers.
-    wanted['xla_cpu_enable_concurrency_optimized_scheduler'] = 'false'
-  current = os.environ.get('XLA_FLAGS', '')
-  added = [f'--{k}={v}' for k, v in wanted.items() if f'--{k}=' not in current]
-  if added:
-    os.environ['XLA_FLAGS'] = ' '.join([current, *added]).strip()
-  return ' '.join(added)
-
-
 # ------------------------------------------------------------ state
 
 

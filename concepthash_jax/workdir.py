@@ -42,6 +42,7 @@ HARMLESS = {
     'train.max_steps': 'where this invocation stops',
     'train.fsdp': 'placement of the same arrays',
     'train.cpu_concurrency_scheduler': 'XLA scheduling, same values',
+    'train.cpu_matmul': 'XLA:CPU matmul library, same values up to float rounding',
     'train.resume': 'ignored once the workdir has a checkpoint',
     'train.init': 'ignored once the workdir has a checkpoint',
     'eval.every_epochs': 'evaluation frequency',

@@ -11,6 +11,7 @@ import pytest
 from concepthash_jax.interop import hf
 from concepthash_jax.configs import base
 from concepthash_jax.models import clip
+from concepthash_jax.models import adapter
 from concepthash_jax.models.adapter import Adapter
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
@@ -248,3 +249,21 @@ def test_vit_b32_shapes_from_config_without_download():
   assert aux['pooler_output'].shape == (2, 768)
   assert len(aux['hidden_states']) == 13 and len(aux['attentions']) == 12
   assert aux['attentions'][-1].shape == (2, 12, 54, 54)
+
+
+def test_dense_dots_sum_in_float32_and_return_the_compute_dtype():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 768)).astype(np.float32)
+  w = rng.normal(size=(768, 5)).astype(np.float32)
+  dims = (((1,), (0,)), ((), ()))
+  # float32: the plain dot, bit for bit.
+  np.testing.assert_array_equal(adapter.dot_general_f32_accumulate(x, w, dims),
+                                jax.lax.dot_general(x, w, dims))
+  # bfloat16: XLA is asked for a float32 result, rounded once to bfloat16 at the end.
+  xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  jaxpr = str(jax.make_jaxpr(lambda a, b: adapter.dot_general_f32_accumulate(a, b, dims))(xb, wb))
+  assert 'preferred_element_type=float32' in jaxpr
+  out = adapter.dot_general_f32_accumulate(xb, wb, dims)
+  assert out.dtype == jnp.bfloat16
+  exact = np.asarray(xb, np.float64) @ np.asarray(wb, np.float64)
+  np.testing.assert_allclose(np.asarray(out, np.float64), exact, rtol=2 ** -8, atol=1e-3)

@@ -18,6 +18,7 @@ from concepthash_jax import run_files  # pylint: disable=g-import-not-at-top
 from concepthash_jax import sharding  # pylint: disable=g-import-not-at-top
 from concepthash_jax import train  # pylint: disable=g-import-not-at-top
 from concepthash_jax import workdir  # pylint: disable=g-import-not-at-top
+from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
 from concepthash_jax.interop import hf  # pylint: disable=g-import-not-at-top
 
 from concepthash_jax.tools import cli  # pylint: disable=g-import-not-at-top
@@ -173,19 +174,46 @@ def test_unimportable_loss_fn_is_an_error():
 def test_configure_xla_flags_adds_the_scheduler_flag_once_and_user_flags_win(
     monkeypatch):
   flag = '--xla_cpu_enable_concurrency_optimized_scheduler'
-  config = load('configs/synthetic.py')
+  config = load('configs/synthetic.py', '--config.train.cpu_matmul=ynnpack')
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
-  assert train.configure_xla_flags(config) == f'{flag}=false'
+  assert xla_flags.configure_xla_flags(config) == f'{flag}=false'
   assert os.environ['XLA_FLAGS'] == (
       f'--xla_force_host_platform_device_count=2 {flag}=false')
-  assert train.configure_xla_flags(config) == ''  # Already there: unchanged.
+  assert xla_flags.configure_xla_flags(config) == ''  # Already there: unchanged.
   monkeypatch.setenv('XLA_FLAGS', f'{flag}=true')  # The user's choice wins.
-  assert train.configure_xla_flags(config) == ''
+  assert xla_flags.configure_xla_flags(config) == ''
   assert os.environ['XLA_FLAGS'] == f'{flag}=true'
   monkeypatch.delenv('XLA_FLAGS')
   config.train.cpu_concurrency_scheduler = True
-  assert train.configure_xla_flags(config) == ''
+  assert xla_flags.configure_xla_flags(config) == ''
   assert 'XLA_FLAGS' not in os.environ
+
+
+def test_cpu_matmul_eigen_turns_ynn_fusions_off_and_auto_follows_the_cpu(
+    monkeypatch, tmp_path):
+  ynn = '--xla_cpu_experimental_ynn_fusion_type='
+  config = load('configs/synthetic.py', '--config.train.cpu_matmul=eigen',
+                '--config.train.cpu_concurrency_scheduler=True')
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  assert xla_flags.configure_xla_flags(config) == ynn
+  assert os.environ['XLA_FLAGS'] == ynn
+  monkeypatch.setenv('XLA_FLAGS', f'{ynn}dot')  # The user's own choice wins.
+  assert xla_flags.configure_xla_flags(config) == ''
+
+  def cpu(vendor, flags_):
+    path = tmp_path / f'{vendor}_{len(flags_)}'
+    path.write_text(f'processor\t: 0\nvendor_id\t: {vendor}\n'
+                    f'flags\t\t: fpu sse2 {flags_}\n\nprocessor\t: 1\n')
+    return str(path)
+  assert xla_flags.resolve_cpu_matmul('auto', cpu('GenuineIntel', 'avx2 avx512f')) == 'eigen'
+  assert xla_flags.resolve_cpu_matmul('auto', cpu('GenuineIntel', 'avx2 fma')) == 'ynnpack'
+  assert xla_flags.resolve_cpu_matmul('auto', cpu('AuthenticAMD', 'avx2 avx512f')) == 'ynnpack'
+  assert xla_flags.resolve_cpu_matmul('auto', str(tmp_path / 'absent')) == 'ynnpack'
+  assert xla_flags.resolve_cpu_matmul('ynnpack', cpu('GenuineIntel', 'avx512f')) == 'ynnpack'
+  with pytest.raises(ValueError, match='train.cpu_matmul'):
+    xla_flags.resolve_cpu_matmul('mkl')
+  with pytest.raises(ValueError, match='train.cpu_matmul'):
+    configuration.validate_config(load('configs/synthetic.py', '--config.train.cpu_matmul=mkl'))
 
 
 def test_every_choice_list_is_the_owning_modules_own():

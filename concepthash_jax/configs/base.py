@@ -115,6 +115,9 @@ def get_config():
   # by side; on few cores that buys no speed and +0.5-0.8 GB (BENCHMARKS.md). Only
   # read on the CPU backend.
   train.cpu_concurrency_scheduler = False
+  # XLA:CPU matmul library: 'auto' | 'ynnpack' | 'eigen' (train.CPU_MATMUL; 'auto' picks
+  # per CPU from side-by-side figures, BENCHMARKS.md). Only read on the CPU backend.
+  train.cpu_matmul = 'auto'
   train.max_steps = -1  # > 0 stops early (smoke tests, benchmarks).
   # Resume order: this workdir's newest checkpoint > resume > init > scratch.
   train.resume = ''  # Another run's workdir to continue (full state, new workdir).

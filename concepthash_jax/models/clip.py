@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from concepthash_jax.models.adapter import Adapter
+from concepthash_jax.models.adapter import Adapter, dot_general_f32_accumulate
 
 
 def activation(name: str):
@@ -88,17 +88,19 @@ class CLIPAttention(nn.Module):
     """x (B, T, D), mask bool broadcastable to (B, H, T, T) (True = attend)."""
     width = x.shape[-1]
     head_dim = width // self.num_heads
-    dense = lambda name: nn.Dense(width, dtype=self.dtype, name=name)
+    dense = lambda name: nn.Dense(width, dtype=self.dtype, name=name,
+                                  dot_general=dot_general_f32_accumulate)
     split = lambda y: y.reshape(y.shape[:2] + (self.num_heads, head_dim))
     q = split(dense('q_proj')(x)) * head_dim**-0.5
     k = split(dense('k_proj')(x))
     v = split(dense('v_proj')(x))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)  # (B, H, T, T), float32 for stability.
     dropped = nn.Dropout(self.dropout, deterministic=not train)(probs)
-    out = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(self.dtype), v)
+    out = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(self.dtype), v,
+                     preferred_element_type=jnp.float32).astype(self.dtype)
     out = dense('out_proj')(out.reshape(out.shape[:2] + (width,)))
     return out, probs
 
@@ -112,9 +114,11 @@ class CLIPMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     """x (B, T, D) -> (B, T, D)."""
-    y = nn.Dense(self.intermediate_size, dtype=self.dtype, name='fc1')(x)
+    y = nn.Dense(self.intermediate_size, dtype=self.dtype, name='fc1',
+                 dot_general=dot_general_f32_accumulate)(x)
     y = activation(self.hidden_act)(y)
-    return nn.Dense(x.shape[-1], dtype=self.dtype, name='fc2')(y)
+    return nn.Dense(x.shape[-1], dtype=self.dtype, name='fc2',
+                    dot_general=dot_general_f32_accumulate)(y)
 
 
 class CLIPEncoderLayer(nn.Module):

@@ -35,6 +35,7 @@ import numpy as np
 
 from concepthash_jax import run_files
 from concepthash_jax import train
+from concepthash_jax import xla_flags
 from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
@@ -346,6 +347,7 @@ def main(argv):
   """Entry point."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  xla_flags.configure_xla_flags(FLAGS.config)  # Before the first JAX computation.
   nbits = [int(b) for b in FLAGS.nbits] if FLAGS.nbits else None
   ablate(FLAGS.config, FLAGS.workdir, FLAGS.grid, nbits=nbits,
          concepts=[int(m) for m in FLAGS.concepts],

@@ -23,6 +23,7 @@ from concepthash_jax import index as index_lib
 from concepthash_jax import inference
 from concepthash_jax import report
 from concepthash_jax import sharding
+from concepthash_jax import xla_flags
 from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
@@ -73,6 +74,7 @@ def encode_run(workdir: str, split: str, *, checkpoint: str = 'latest',
 def main(argv):
   """Entry point."""
   del argv
+  xla_flags.configure_xla_flags()  # Before the first JAX computation.
   out = FLAGS.out or os.path.join(FLAGS.workdir, f'codes_{FLAGS.split}.npz')
   config, query, database = encode_run(
       FLAGS.workdir, FLAGS.split, checkpoint=FLAGS.checkpoint,

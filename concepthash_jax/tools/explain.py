@@ -45,6 +45,7 @@ from concepthash_jax import interpret
 from concepthash_jax import report
 from concepthash_jax import run_files
 from concepthash_jax import sharding
+from concepthash_jax import xla_flags
 from concepthash_jax.tools import cli
 from concepthash_jax.data import core as data_core
 
@@ -290,6 +291,7 @@ def main(argv):
   """Entry point."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  xla_flags.configure_xla_flags()  # Before the first JAX computation.
   classes = FLAGS.loc_classes
   if classes != 'auto':
     classes = [int(c) for c in classes.split(',') if c.strip()]

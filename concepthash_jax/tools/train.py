@@ -46,6 +46,7 @@ from ml_collections import config_flags
 from concepthash_jax import configuration
 from concepthash_jax import errors
 from concepthash_jax import train
+from concepthash_jax import xla_flags
 from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
@@ -132,7 +133,7 @@ def main(argv):
     configuration.validate_config(FLAGS.config)
   except ValueError as e:  # validate_config raises only for config values.
     _exit_user_error(e)
-  train.configure_xla_flags(FLAGS.config)  # Before the first JAX computation.
+  xla_flags.configure_xla_flags(FLAGS.config)  # Before the first JAX computation.
   distributed = FLAGS.distributed
   if distributed is None:
     distributed = cluster_requested()

@@ -1,0 +1,104 @@
+"""Ours against the authors' PyTorch step, interleaved in one process on one CPU.
+
+  pip install -e . torch transformers    # one environment with both (benchmarks only)
+  python benchmarks/cpu_side_by_side.py --rounds=6
+  python benchmarks/cpu_side_by_side.py --isa=AVX2   # emulate an AVX2-only CPU, both sides
+
+Timing the two frameworks in separate processes minutes apart mixes the speed of the code
+with the speed of the box at that moment (a shared VM drifts by 20-40 % from minute to
+minute). Here both steps live in one process and alternate step by step: round r times
+ours train, theirs train, ours eval, theirs eval. Each round gives a ratio from adjacent
+measurements; the table reports medians, and the ratio's range over rounds.
+
+`--isa=AVX2` caps both sides before either starts: XLA with --xla_cpu_max_isa=AVX2, PyTorch
+with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and MKL_ENABLE_INSTRUCTIONS=AVX2
+(MKL runs PyTorch's fp32 matmuls and ignores the oneDNN cap). Label such figures emulated.
+Peak memory is not reported (one process holds both); train_step.py and
+pytorch_reference_step.py measure it alone.
+"""
+import os
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+
+# train_step defines --batch, --num_classes and --remat (used here for both sides); it
+# imports jax without starting a backend, so the XLA_FLAGS set in main() still apply.
+import train_step as ours_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytorch_reference_step as ref_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('rounds', 6, 'Timed rounds (after one warm-up round).')
+flags.DEFINE_enum('isa', 'native', ['native', 'AVX2'], 'Instruction-set cap, both sides.')
+flags.DEFINE_enum('ours_dtype', 'float32', ['float32', 'bfloat16'],
+                  'Ours: config.model.dtype (the authors\' step stays float32).')
+
+# Environment each side reads once, when its library initialises.
+ISA_ENV = {'AVX2': {'ATEN_CPU_CAPABILITY': 'avx2', 'ONEDNN_MAX_CPU_ISA': 'AVX2',
+                    'MKL_ENABLE_INSTRUCTIONS': 'AVX2'}}
+ISA_XLA_FLAG = {'AVX2': '--xla_cpu_max_isa=AVX2'}
+
+
+def cpu_line() -> str:
+  """Model name and the vector flags that matter here, from /proc/cpuinfo."""
+  model, flags_ = '?', set()
+  with open('/proc/cpuinfo') as f:
+    for line in f:
+      key, _, value = line.partition(':')
+      if key.strip() == 'model name':
+        model = value.strip()
+      elif key.strip() == 'flags':
+        flags_ = set(value.split())
+  wanted = sorted(f for f in flags_ if f.startswith(('avx', 'amx', 'fma')))
+  return f'{model}, {os.cpu_count()} cores, {" ".join(wanted)}'
+
+
+def main(argv):
+  del argv
+  os.environ.update(ISA_ENV.get(FLAGS.isa, {}))
+  if FLAGS.isa in ISA_XLA_FLAG:
+    os.environ['XLA_FLAGS'] = ' '.join(
+        [os.environ.get('XLA_FLAGS', ''), ISA_XLA_FLAG[FLAGS.isa]]).strip()
+  from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
+  xla_flags.configure_xla_flags(cub.get_config())
+
+  steps = {}
+  steps['ours train'], steps['ours eval'], _ = ours_bench.build_ours(
+      FLAGS.ours_dtype, FLAGS.batch, FLAGS.num_classes, FLAGS.remat)
+  steps['theirs train'], steps['theirs eval'], info = ref_bench.build_reference(
+      FLAGS.batch, FLAGS.num_classes, threads=os.cpu_count())
+  order = ['ours train', 'theirs train', 'ours eval', 'theirs eval']
+  times = {k: [] for k in order}
+  for r in range(FLAGS.rounds + 1):
+    for k in order:
+      t0 = time.perf_counter()
+      steps[k]()
+      if r:  # Round 0 warms caches and allocators.
+        times[k].append(time.perf_counter() - t0)
+    if r:
+      print(f'round {r}: ' + ', '.join(f'{k} {FLAGS.batch / times[k][-1]:.2f}'
+                                       for k in order), flush=True)
+
+  print(f'\n{cpu_line()}\nISA: {FLAGS.isa}{" (emulated)" if FLAGS.isa != "native" else ""}, '
+        f'batch {FLAGS.batch}, ours {FLAGS.ours_dtype} / theirs float32, {FLAGS.rounds} interleaved rounds, '
+        f'torch {info["torch"]} ({info["threads"]} threads), model.remat={FLAGS.remat}, '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}\n')
+  print('| step | ours img/s | authors\' PyTorch img/s | ratio (median) | ratio range |')
+  print('|---|---|---|---|---|')
+  for step in ('train', 'eval'):
+    ours, theirs = times[f'ours {step}'], times[f'theirs {step}']
+    ratios = [t / o for o, t in zip(ours, theirs)]
+    print(f'| {step} | {FLAGS.batch / statistics.median(ours):.2f} | '
+          f'{FLAGS.batch / statistics.median(theirs):.2f} | '
+          f'{statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} |')
+
+
+if __name__ == '__main__':
+  app.run(main)
