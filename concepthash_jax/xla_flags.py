@@ -7,20 +7,25 @@ compilers ignore them.
 import os
 
 # XLA:CPU matrix-multiply library for `train.cpu_matmul`. XLA's default hands dots to
-# YNNPACK; turning YNN fusions off sends them to Eigen. Side by side on one box
-# (BENCHMARKS.md "Matmul library"), Eigen ran the ViT-B/32 step 1.11x and the eval
-# forward 1.20x faster on an Intel Xeon with AVX-512 (2 x 512-bit FMA); on an AMD
-# Zen 4 YNNPACK already ran at that CPU's fp32 peak. 'auto' follows those figures.
+# YNNPACK; turning YNN fusions off sends them to Eigen. Side by side (BENCHMARKS.md
+# "Matmul library"): on an Intel Xeon with AVX-512 (2 x 512-bit FMA, AMX), float32
+# ran the ViT-B/32 train step 1.11x and the eval forward 1.20x faster on Eigen, while
+# bfloat16 needs YNNPACK (its bf16 kernels; Eigen's bf16 eval forward was 2.1x
+# slower); on an AMD Zen 4, YNNPACK already ran float32 at that CPU's peak. 'auto'
+# follows those figures.
 CPU_MATMUL = ('auto', 'ynnpack', 'eigen')
 _CPU_MATMUL_FLAGS = {'ynnpack': {}, 'eigen': {'xla_cpu_experimental_ynn_fusion_type': ''}}
 
 
-def resolve_cpu_matmul(choice: str, cpuinfo: str = '/proc/cpuinfo') -> str:
-  """`train.cpu_matmul` with 'auto' resolved for this CPU: 'ynnpack' or 'eigen'."""
+def resolve_cpu_matmul(choice: str, dtype: str = 'float32',
+                       cpuinfo: str = '/proc/cpuinfo') -> str:
+  """`train.cpu_matmul` with 'auto' resolved for this CPU and model.dtype."""
   if choice not in CPU_MATMUL:
     raise ValueError(f'Unknown train.cpu_matmul {choice!r}; valid: {", ".join(CPU_MATMUL)}.')
   if choice != 'auto':
     return choice
+  if dtype != 'float32':
+    return 'ynnpack'
   try:
     with open(cpuinfo) as f:
       text = f.read(1 << 16)  # The first processor's block is enough.
@@ -47,7 +52,8 @@ def configure_xla_flags(config=None) -> str:
   wanted = {}
   if not config.train.cpu_concurrency_scheduler:
     wanted['xla_cpu_enable_concurrency_optimized_scheduler'] = 'false'
-  wanted.update(_CPU_MATMUL_FLAGS[resolve_cpu_matmul(config.train.get('cpu_matmul', 'auto'))])
+  wanted.update(_CPU_MATMUL_FLAGS[resolve_cpu_matmul(config.train.get('cpu_matmul', 'auto'),
+                                                     config.model.dtype)])
   current = os.environ.get('XLA_FLAGS', '')
   added = [f'--{k}={v}' for k, v in wanted.items() if f'--{k}=' not in current]
   if added:

@@ -11,7 +11,7 @@ import pytest
 from concepthash_jax.interop import hf
 from concepthash_jax.configs import base
 from concepthash_jax.models import clip
-from concepthash_jax.models import adapter
+from concepthash_jax.models import dots
 from concepthash_jax.models.adapter import Adapter
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
@@ -257,13 +257,38 @@ def test_dense_dots_sum_in_float32_and_return_the_compute_dtype():
   w = rng.normal(size=(768, 5)).astype(np.float32)
   dims = (((1,), (0,)), ((), ()))
   # float32: the plain dot, bit for bit.
-  np.testing.assert_array_equal(adapter.dot_general_f32_accumulate(x, w, dims),
+  np.testing.assert_array_equal(dots.dot_general_f32_accumulate(x, w, dims),
                                 jax.lax.dot_general(x, w, dims))
   # bfloat16: XLA is asked for a float32 result, rounded once to bfloat16 at the end.
   xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
-  jaxpr = str(jax.make_jaxpr(lambda a, b: adapter.dot_general_f32_accumulate(a, b, dims))(xb, wb))
+  jaxpr = str(jax.make_jaxpr(lambda a, b: dots.dot_general_f32_accumulate(a, b, dims))(xb, wb))
   assert 'preferred_element_type=float32' in jaxpr
-  out = adapter.dot_general_f32_accumulate(xb, wb, dims)
+  out = dots.dot_general_f32_accumulate(xb, wb, dims)
   assert out.dtype == jnp.bfloat16
   exact = np.asarray(xb, np.float64) @ np.asarray(wb, np.float64)
   np.testing.assert_allclose(np.asarray(out, np.float64), exact, rtol=2 ** -8, atol=1e-3)
+
+
+def test_bf16_weight_matmul_backward_multiplies_in_bf16_and_sums_in_float32():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 3, 64)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(64, 8)), jnp.bfloat16)
+  dims = (((2,), (0,)), ((), ()))
+  loss = lambda x, w: jnp.sum(dots.dot_general_f32_accumulate(x, w, dims).astype(jnp.float32) ** 2)
+  dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  g = 2 * np.asarray(jnp.asarray(x64 @ w64, jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), g @ w64.T, rtol=2 ** -6, atol=0.5)
+  np.testing.assert_allclose(np.asarray(dw, np.float64),
+                             np.einsum('btk,btn->kn', x64, g), rtol=2 ** -6, atol=0.5)
+  # Every product in the backward pass takes bf16 operands and returns float32.
+  def products(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general':
+        yield ([v.aval.dtype for v in eqn.invars], eqn.params['preferred_element_type'])
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        yield from products(sub)
+  found = list(products(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w).jaxpr))
+  assert len(found) == 3  # Forward, dx, dw.
+  assert all(ins == [jnp.bfloat16] * 2 and out == jnp.float32 for ins, out in found), found

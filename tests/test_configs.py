@@ -205,11 +205,14 @@ def test_cpu_matmul_eigen_turns_ynn_fusions_off_and_auto_follows_the_cpu(
     path.write_text(f'processor\t: 0\nvendor_id\t: {vendor}\n'
                     f'flags\t\t: fpu sse2 {flags_}\n\nprocessor\t: 1\n')
     return str(path)
-  assert xla_flags.resolve_cpu_matmul('auto', cpu('GenuineIntel', 'avx2 avx512f')) == 'eigen'
-  assert xla_flags.resolve_cpu_matmul('auto', cpu('GenuineIntel', 'avx2 fma')) == 'ynnpack'
-  assert xla_flags.resolve_cpu_matmul('auto', cpu('AuthenticAMD', 'avx2 avx512f')) == 'ynnpack'
-  assert xla_flags.resolve_cpu_matmul('auto', str(tmp_path / 'absent')) == 'ynnpack'
-  assert xla_flags.resolve_cpu_matmul('ynnpack', cpu('GenuineIntel', 'avx512f')) == 'ynnpack'
+  intel = cpu('GenuineIntel', 'avx2 avx512f')
+  resolve = xla_flags.resolve_cpu_matmul
+  assert resolve('auto', 'float32', intel) == 'eigen'
+  assert resolve('auto', 'bfloat16', intel) == 'ynnpack'  # YNNPACK's bf16 kernels.
+  assert resolve('auto', 'float32', cpu('GenuineIntel', 'avx2 fma')) == 'ynnpack'
+  assert resolve('auto', 'float32', cpu('AuthenticAMD', 'avx2 avx512f')) == 'ynnpack'
+  assert resolve('auto', 'float32', str(tmp_path / 'absent')) == 'ynnpack'
+  assert resolve('ynnpack', 'float32', intel) == 'ynnpack'
   with pytest.raises(ValueError, match='train.cpu_matmul'):
     xla_flags.resolve_cpu_matmul('mkl')
   with pytest.raises(ValueError, match='train.cpu_matmul'):

@@ -286,6 +286,19 @@ def test_truncated_jpeg_is_caught_by_the_up_front_scan(tmp_path):
       'and their queries find no relevant database item: Laysan_Albatross']
 
 
+def test_a_decompression_bomb_is_a_corrupt_image_on_every_read_path(tmp_path,
+                                                                   monkeypatch):
+  # Pillow raises DecompressionBombError (not an OSError) past 2x MAX_IMAGE_PIXELS:
+  # the scan and a direct read (ConceptHasher.encode(path)) both name the file.
+  from concepthash_jax.data import folders  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'big.png')
+  Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(path)
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)
+  for read in (folders.load_image, folders.check_image):
+    with pytest.raises(data.CorruptImageError, match='big.png'):
+      read(path)
+
+
 @pytest.mark.parametrize('file,lines,message', [
     ('images.txt', ['1 001.Black_footed_Albatross/B_0046.jpg', '2'],
      r'images\.txt, line 2: expected "<image_id> <image_name>" \(2 fields\), '

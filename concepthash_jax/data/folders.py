@@ -41,6 +41,12 @@ _CARS_LAYOUT = ('stanford_cars/ with cars_train/, cars_test/, '
                 'cars_test_annos_withlabels.mat')
 
 
+# What Pillow raises for a file it cannot turn into pixels: missing or unreadable
+# (OSError), a damaged or unknown format (ValueError, SyntaxError), or more pixels
+# than Image.MAX_IMAGE_PIXELS allows (DecompressionBombError, not an OSError).
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def load_image(path):
   """Reads an image file as uint8 (H, W, 3) RGB.
 
@@ -50,7 +56,7 @@ def load_image(path):
   try:
     with Image.open(path) as image:
       return np.asarray(image.convert('RGB'))
-  except (OSError, ValueError, SyntaxError) as e:
+  except UNREADABLE_IMAGE_ERRORS as e:
     raise core.CorruptImageError(f'Cannot read image {path}: {e}') from e
 
 
@@ -66,7 +72,7 @@ def check_image(path):
     with Image.open(path) as image:
       image.draft('RGB', (max(1, image.width // 8), max(1, image.height // 8)))
       image.load()
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+  except UNREADABLE_IMAGE_ERRORS as e:
     raise core.CorruptImageError(f'Cannot read image {path}: {e}') from e
 
 

@@ -3,28 +3,14 @@
 adapter(z) = s * W_up GELU(W_down LN(z)), added in parallel to a frozen sub-layer's
 output. W_up starts at zero, so a freshly adapted ViT computes exactly the frozen one.
 """
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
+
+from concepthash_jax.models.dots import dot_general_f32_accumulate
 
 # torch.nn.Linear's default weight init (kaiming_uniform with a=sqrt(5)) is
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) = variance scaling 1/3, fan_in, uniform.
 torch_linear_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-
-
-def dot_general_f32_accumulate(lhs, rhs, dimension_numbers, precision=None,
-                               preferred_element_type=None, **kwargs):
-  """lax.dot_general that sums in float32 and returns the inputs' dtype.
-
-  For float32 inputs this is plain dot_general. For bfloat16 it asks XLA for a
-  float32 result (the CPU's bf16 matrix units - AVX512_BF16, AMX - accumulate in
-  float32; a bf16-out dot there falls back to a slower path) and rounds once at the
-  end. nn.Dense takes it as `dot_general=`.
-  """
-  del preferred_element_type  # Always float32 inside, the inputs' dtype outside.
-  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision,
-                            preferred_element_type=jnp.float32, **kwargs)
-  return out.astype(jnp.result_type(lhs, rhs))
 
 
 class Adapter(nn.Module):

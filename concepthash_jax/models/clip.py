@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from concepthash_jax.models.adapter import Adapter, dot_general_f32_accumulate
+from concepthash_jax.models import dots
+from concepthash_jax.models.adapter import Adapter
 
 
 def activation(name: str):
@@ -89,7 +90,7 @@ class CLIPAttention(nn.Module):
     width = x.shape[-1]
     head_dim = width // self.num_heads
     dense = lambda name: nn.Dense(width, dtype=self.dtype, name=name,
-                                  dot_general=dot_general_f32_accumulate)
+                                  dot_general=dots.dot_general_f32_accumulate)
     split = lambda y: y.reshape(y.shape[:2] + (self.num_heads, head_dim))
     q = split(dense('q_proj')(x)) * head_dim**-0.5
     k = split(dense('k_proj')(x))
@@ -115,10 +116,10 @@ class CLIPMLP(nn.Module):
   def __call__(self, x):
     """x (B, T, D) -> (B, T, D)."""
     y = nn.Dense(self.intermediate_size, dtype=self.dtype, name='fc1',
-                 dot_general=dot_general_f32_accumulate)(x)
+                 dot_general=dots.dot_general_f32_accumulate)(x)
     y = activation(self.hidden_act)(y)
     return nn.Dense(x.shape[-1], dtype=self.dtype, name='fc2',
-                    dot_general=dot_general_f32_accumulate)(y)
+                    dot_general=dots.dot_general_f32_accumulate)(y)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -160,7 +161,9 @@ class CLIPEncoderLayer(nn.Module):
 # cuts the step's planned temporaries from 1.54 to 0.95 GB at the same speed (BENCHMARKS.md).
 REMAT_POLICIES = {
     'none': None,  # Keep every activation XLA wants.
-    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'dots': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(dots.BF16_MATMUL_NAME)),
     'full': jax.checkpoint_policies.nothing_saveable,  # Keep only layer inputs.
 }
 
