@@ -45,20 +45,6 @@ ISA_ENV = {'AVX2': {'ATEN_CPU_CAPABILITY': 'avx2', 'ONEDNN_MAX_CPU_ISA': 'AVX2',
 ISA_XLA_FLAG = {'AVX2': '--xla_cpu_max_isa=AVX2'}
 
 
-def cpu_line() -> str:
-  """Model name and the vector flags that matter here, from /proc/cpuinfo."""
-  model, flags_ = '?', set()
-  with open('/proc/cpuinfo') as f:
-    for line in f:
-      key, _, value = line.partition(':')
-      if key.strip() == 'model name':
-        model = value.strip()
-      elif key.strip() == 'flags':
-        flags_ = set(value.split())
-  wanted = sorted(f for f in flags_ if f.startswith(('avx', 'amx', 'fma')))
-  return f'{model}, {os.cpu_count()} cores, {" ".join(wanted)}'
-
-
 def main(argv):
   del argv
   os.environ.update(ISA_ENV.get(FLAGS.isa, {}))
@@ -67,7 +53,9 @@ def main(argv):
         [os.environ.get('XLA_FLAGS', ''), ISA_XLA_FLAG[FLAGS.isa]]).strip()
   from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
   from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
-  xla_flags.configure_xla_flags(cub.get_config())
+  config = cub.get_config()
+  config.model.dtype = FLAGS.ours_dtype  # train.cpu_matmul='auto' depends on it.
+  xla_flags.configure_xla_flags(config)
 
   steps = {}
   steps['ours train'], steps['ours eval'], _ = ours_bench.build_ours(
@@ -86,7 +74,7 @@ def main(argv):
       print(f'round {r}: ' + ', '.join(f'{k} {FLAGS.batch / times[k][-1]:.2f}'
                                        for k in order), flush=True)
 
-  print(f'\n{cpu_line()}\nISA: {FLAGS.isa}{" (emulated)" if FLAGS.isa != "native" else ""}, '
+  print(f'\n{ours_bench.cpu_line()}\nISA: {FLAGS.isa}{" (emulated)" if FLAGS.isa != "native" else ""}, '
         f'batch {FLAGS.batch}, ours {FLAGS.ours_dtype} / theirs float32, {FLAGS.rounds} interleaved rounds, '
         f'torch {info["torch"]} ({info["threads"]} threads), model.remat={FLAGS.remat}, '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}\n')

@@ -34,7 +34,23 @@ flags.DEFINE_enum('remat', 'dots', list(clip.REMAT_POLICIES),
                   'config.model.remat: activations kept for backward.')
 flags.DEFINE_bool('cpu_concurrency_scheduler', False,
                   'config.train.cpu_concurrency_scheduler (XLA:CPU).')
+flags.DEFINE_enum('cpu_matmul', 'auto', ['auto', 'ynnpack', 'eigen'],
+                  'config.train.cpu_matmul (XLA:CPU matmul library).')
 flags.DEFINE_string('child', None, 'Internal: run one dtype and print JSON.')
+
+
+def cpu_line() -> str:
+  """Model name and the vector flags that matter here, from /proc/cpuinfo."""
+  model, flags_ = '?', set()
+  with open('/proc/cpuinfo') as f:
+    for line in f:
+      key, _, value = line.partition(':')
+      if key.strip() == 'model name':
+        model = value.strip()
+      elif key.strip() == 'flags':
+        flags_ = set(value.split())
+  wanted = sorted(f for f in flags_ if f.startswith(('avx', 'amx', 'fma')))
+  return f'{model}, {os.cpu_count()} cores, {" ".join(wanted)}'
 
 
 def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
@@ -103,6 +119,8 @@ def run_one(dtype: str) -> dict:
   from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
 
   config = cub.get_config()
+  config.model.dtype = dtype  # train.cpu_matmul='auto' depends on it.
+  config.train.cpu_matmul = FLAGS.cpu_matmul
   config.train.cpu_concurrency_scheduler = FLAGS.cpu_concurrency_scheduler
   xla_flags.configure_xla_flags(config)  # As launch.py: before the backend starts.
   t0 = time.perf_counter()
@@ -127,7 +145,8 @@ def run_one(dtype: str) -> dict:
   device_gb = stats.get('peak_bytes_in_use', 0) / 2 ** 30
   return dict(dtype=dtype, train_img_s=train_ips, eval_img_s=eval_ips,
               peak_rss_gb=rss_gb, peak_device_gb=device_gb, compile_s=compile_s,
-              loss=float(metrics['loss']), **info)
+              loss=float(metrics['loss']), xla_flags=os.environ.get('XLA_FLAGS', ''),
+              **info)
 
 
 def main(argv):
@@ -142,17 +161,20 @@ def main(argv):
            f'--batch={FLAGS.batch}', f'--steps={FLAGS.steps}',
            f'--eval_steps={FLAGS.eval_steps}',
            f'--num_classes={FLAGS.num_classes}', f'--remat={FLAGS.remat}',
-           f'--cpu_concurrency_scheduler={FLAGS.cpu_concurrency_scheduler}']
+           f'--cpu_concurrency_scheduler={FLAGS.cpu_concurrency_scheduler}',
+           f'--cpu_matmul={FLAGS.cpu_matmul}']
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     line = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
     if out.returncode or not line:
       raise RuntimeError(f'{dtype} run failed:\n{out.stderr[-3000:]}')
     rows.append(json.loads(line[0][len('RESULT '):]))
+  print(cpu_line())
   print(f'ViT-B/32 ConceptHash (M=4, 64 bits, {FLAGS.num_classes} classes), '
         f'batch {FLAGS.batch}, 224 px, random weights, '
         f'{rows[0]["backend"]} x{rows[0]["devices"]}, {os.cpu_count()} cores, '
         f'model.remat={FLAGS.remat}, train.cpu_concurrency_scheduler='
-        f'{FLAGS.cpu_concurrency_scheduler}\n')
+        f'{FLAGS.cpu_concurrency_scheduler}, train.cpu_matmul={FLAGS.cpu_matmul}, '
+        f'XLA_FLAGS of the first row: {rows[0]["xla_flags"]!r}\n')
   print('| dtype | train img/s | eval img/s | peak RSS GB | '
         'peak device GB | setup + compile s |')
   print('|---|---|---|---|---|---|')
