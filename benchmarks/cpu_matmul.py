@@ -1,7 +1,7 @@
 """XLA:CPU matmul libraries (train.cpu_matmul) side by side, in one process.
 
   python benchmarks/cpu_matmul.py                 # the step's matmul shapes, GFLOP/s
-  python benchmarks/cpu_matmul.py --step --rounds=4   # the whole train step / eval forward
+  python benchmarks/cpu_matmul.py --step --dtypes=float32,bfloat16 --rounds=3   # whole step
 
 XLA reads most flags once per process, but the YNN fusion switch behind
 train.cpu_matmul is also honoured per compile (`compiler_options`), so every library
@@ -21,13 +21,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
-# train_step defines --batch, --num_classes, --remat; it starts no backend on import.
+# train_step defines --batch, --num_classes, --remat and --dtypes (step mode's
+# config.model.dtype values); it starts no backend on import.
 import train_step as step_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool('step', False, 'Time the whole train step and eval forward instead.')
 flags.DEFINE_integer('rounds', 8, 'Timed rounds (after one warm-up round).')
-flags.DEFINE_string('dtype', 'float32', 'Step mode: config.model.dtype.')
 
 # compiler_options per library. 'onednn' is XLA's oneDNN matmul path, measured for
 # reference (not a train.cpu_matmul choice: it did not beat Eigen).
@@ -94,20 +94,24 @@ def shapes_table():
 def step_table():
   from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
   from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
-  config = cub.get_config()
-  config.train.cpu_matmul = 'ynnpack'  # The libraries come per compile, below.
-  xla_flags.configure_xla_flags(config)
+  xla_flags.configure_xla_flags(cub.get_config())
   fns = {}
-  for lib in ('ynnpack', 'eigen'):
-    train, encode, _ = step_bench.build_ours(FLAGS.dtype, FLAGS.batch, FLAGS.num_classes,
-                                             FLAGS.remat, LIBRARIES[lib])
-    fns[f'{lib} train'], fns[f'{lib} eval'] = train, encode
+  for dtype in FLAGS.dtypes:
+    for lib in ('ynnpack', 'eigen'):
+      train, encode, _ = step_bench.build_ours(dtype, FLAGS.batch, FLAGS.num_classes,
+                                               FLAGS.remat, lib)
+      fns[(dtype, lib, 'train')], fns[(dtype, lib, 'eval')] = train, encode
   medians = interleave(fns, FLAGS.rounds)
-  print(f'| library | train img/s | eval img/s | ({FLAGS.dtype}, batch {FLAGS.batch})')
-  print('|---|---|---|')
-  for lib in ('ynnpack', 'eigen'):
-    print(f'| {lib} | {FLAGS.batch / medians[f"{lib} train"]:.2f} | '
-          f'{FLAGS.batch / medians[f"{lib} eval"]:.2f} |')
+  base = {s: medians[(FLAGS.dtypes[0], 'ynnpack', s)] for s in ('train', 'eval')}
+  print(f'batch {FLAGS.batch}, {FLAGS.rounds} interleaved rounds; x = against '
+        f'{FLAGS.dtypes[0]} ynnpack\n')
+  print('| model.dtype | library | train img/s | x | eval img/s | x |')
+  print('|---|---|---|---|---|---|')
+  for dtype in FLAGS.dtypes:
+    for lib in ('ynnpack', 'eigen'):
+      t, e = medians[(dtype, lib, 'train')], medians[(dtype, lib, 'eval')]
+      print(f'| {dtype} | {lib} | {FLAGS.batch / t:.2f} | {base["train"] / t:.2f} | '
+            f'{FLAGS.batch / e:.2f} | {base["eval"] / e:.2f} |')
 
 
 def main(argv):

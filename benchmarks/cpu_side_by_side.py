@@ -53,9 +53,7 @@ def main(argv):
         [os.environ.get('XLA_FLAGS', ''), ISA_XLA_FLAG[FLAGS.isa]]).strip()
   from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
   from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
-  config = cub.get_config()
-  config.model.dtype = FLAGS.ours_dtype  # train.cpu_matmul='auto' depends on it.
-  xla_flags.configure_xla_flags(config)
+  xla_flags.configure_xla_flags(cub.get_config())
 
   steps = {}
   steps['ours train'], steps['ours eval'], _ = ours_bench.build_ours(

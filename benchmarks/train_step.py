@@ -54,12 +54,13 @@ def cpu_line() -> str:
 
 
 def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
-               compiler_options=None):
+               cpu_matmul: str = 'auto'):
   """The shipped train step and eval forward as closures: (train, eval, info).
 
   `train()` runs one step and returns its metrics, `eval()` one encode forward; both
   block until done. Call xla_flags.configure_xla_flags (or set XLA_FLAGS) before this.
-  `compiler_options` go to XLA for both programs (e.g. to A/B a flag in one process).
+  `cpu_matmul` (config train.cpu_matmul) goes with both compiles, so one process can
+  hold both libraries side by side.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -92,13 +93,13 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
   inputs = sharding.global_batch({'image': images, 'label': labels}, mesh)
   state = [init_fn()]  # A box: the step donates and replaces it.
   step_fn = train.jit_train_step(configuration.make_loss_fn(config.loss),
-                                 model, tx, mask, schedule, shardings, mesh)
-  step_fn = step_fn.lower(state[0], inputs).compile(compiler_options=compiler_options)
+                                 model, tx, mask, schedule, shardings, mesh, cpu_matmul)
+  step_fn = step_fn.lower(state[0], inputs).compile()
   # The eval forward gets its own copy: the train step donates state's buffers.
   variables = jax.tree.map(lambda x: x.copy(),
                            {'params': state[0].params, **state[0].model_state})
-  encode = encoding.jitted_encode_step(model)
-  encode = encode.lower(variables, inputs['image']).compile(compiler_options=compiler_options)
+  encode = encoding.jitted_encode_step(model, cpu_matmul)
+  encode = encode.lower(variables, inputs['image']).compile()
 
   def train_step():
     state[0], metrics = step_fn(state[0], inputs)
@@ -119,13 +120,11 @@ def run_one(dtype: str) -> dict:
   from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
 
   config = cub.get_config()
-  config.model.dtype = dtype  # train.cpu_matmul='auto' depends on it.
-  config.train.cpu_matmul = FLAGS.cpu_matmul
   config.train.cpu_concurrency_scheduler = FLAGS.cpu_concurrency_scheduler
   xla_flags.configure_xla_flags(config)  # As launch.py: before the backend starts.
   t0 = time.perf_counter()
   train_step, eval_step, info = build_ours(dtype, FLAGS.batch, FLAGS.num_classes,
-                                           FLAGS.remat)
+                                           FLAGS.remat, FLAGS.cpu_matmul)
   compile_s = time.perf_counter() - t0  # Setup + both compiles.
   for _ in range(2):  # Warm-up.
     metrics = train_step()

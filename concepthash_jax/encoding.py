@@ -17,6 +17,7 @@ import tqdm
 from concepthash_jax import data as data_lib
 from concepthash_jax import evaluation
 from concepthash_jax import sharding
+from concepthash_jax import xla_flags
 from concepthash_jax.data import transforms
 
 
@@ -42,9 +43,10 @@ def encode_step(variables, images, *, model):
 
 
 @functools.lru_cache(maxsize=8)
-def jitted_encode_step(model):
-  """One compiled encode step per model (flax modules hash by value)."""
-  return jax.jit(functools.partial(encode_step, model=model))
+def jitted_encode_step(model, cpu_matmul: str = 'auto'):
+  """One compiled encode step per (model, train.cpu_matmul); modules hash by value."""
+  return jax.jit(functools.partial(encode_step, model=model),
+                 compiler_options=xla_flags.compiler_options(cpu_matmul, model.dtype))
 
 
 # What `encode_split` can keep besides 'labels' and 'index' (always kept):
@@ -64,7 +66,7 @@ _EXTRAS = {'label': 'labels', 'index': 'index', 'box': 'box',
 def encode_split(model, variables, ds, data_cfg, *, keep=('codes',),
                  batch_size: Optional[int] = None, max_images: int = 0,
                  num_images: int = 0, mesh=None,
-                 desc: Optional[str] = None) -> dict:
+                 desc: Optional[str] = None, cpu_matmul: str = 'auto') -> dict:
   """Encodes a split with the test transform: the one pass over a dataset.
 
   Args:
@@ -80,6 +82,7 @@ def encode_split(model, variables, ds, data_cfg, *, keep=('codes',),
     num_images: display images kept with 'images'.
     mesh: device mesh; default all devices.
     desc: progress bar label (default 'encode <split>').
+    cpu_matmul: the run's config train.cpu_matmul (XLA:CPU matmul library).
 
   Returns:
     Dict of numpy arrays over the split in index order (every process gets
@@ -101,7 +104,7 @@ def encode_split(model, variables, ds, data_cfg, *, keep=('codes',),
   outputs = [k for name in keep for k in _OUTPUTS.get(name, ())]
   extras = ['label', 'index'] + [k for k, name in (
       ('box', 'boxes'), ('keypoints', 'keypoints')) if name in keep]
-  encode = jitted_encode_step(model)
+  encode = jitted_encode_step(model, cpu_matmul)
   parts, num_display = [], 0
   bar = tqdm.tqdm(itertools.islice(batches, num_batches), total=num_batches,
                   desc=desc or f'encode {ds.split}', unit='batch', leave=False,
@@ -223,11 +226,13 @@ def chance_map_at_r(query_labels, db_labels) -> float:
 
 
 def evaluate(model, variables, query_ds, db_ds, data_cfg, *, eval_cfg,
-             mesh=None, batch_size: Optional[int] = None) -> dict:
+             mesh=None, batch_size: Optional[int] = None,
+             cpu_matmul: str = 'auto') -> dict:
   """mAP@R of the query split against the database split, and its chance level."""
   query = encode_split(model, variables, query_ds, data_cfg,
-                       batch_size=batch_size, mesh=mesh, desc='eval queries')
+                       batch_size=batch_size, mesh=mesh, desc='eval queries',
+                       cpu_matmul=cpu_matmul)
   database = encode_split(model, variables, db_ds, data_cfg,
                           batch_size=batch_size, mesh=mesh,
-                          desc='eval database')
+                          desc='eval database', cpu_matmul=cpu_matmul)
   return score(query, database, eval_cfg, mesh=mesh)

@@ -286,6 +286,11 @@ class ConceptHasher:
   # ------------------------------------------------------------ properties
 
   @property
+  def cpu_matmul(self) -> str:
+    """The run's train.cpu_matmul, so encodes here match the run's own ('auto' before it)."""
+    return self.config.train.get('cpu_matmul', 'auto') if 'train' in self.config else 'auto'
+
+  @property
   def nbit(self) -> int:
     """K, bits per code."""
     return int(self.model.nbit)
@@ -337,7 +342,7 @@ class ConceptHasher:
     """
     items = _as_items(images)
     batch_size = int(batch_size or self.config.data.eval_batch_size)
-    step = encoding.jitted_encode_step(self.model)
+    step = encoding.jitted_encode_step(self.model, self.cpu_matmul)
     size = self.image_size
     starts = range(0, len(items), batch_size)
     if progress is None:
@@ -385,7 +390,8 @@ class ConceptHasher:
     ds = self.dataset(split, data_root=data_root)
     out = encoding.encode_split(
         self.model, self.variables, ds, self.config.data,
-        keep=('codes', 'attention') if attention else ('codes',))
+        keep=('codes', 'attention') if attention else ('codes',),
+        cpu_matmul=self.cpu_matmul)
     paths = getattr(ds, 'paths', None)
     out['paths'] = ([paths[i] for i in out['index']] if paths is not None
                     else [''] * len(out['index']))

@@ -35,6 +35,7 @@ from concepthash_jax import optim
 from concepthash_jax import run_files
 from concepthash_jax import sharding
 from concepthash_jax import workdir as workdir_lib
+from concepthash_jax import xla_flags
 from concepthash_jax.interop import hf
 from concepthash_jax.models import concepthash
 
@@ -120,7 +121,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_fn,
 
 
 def jit_train_step(loss_fn: Callable, model, tx, trainable_mask, schedule,
-                   shardings, mesh):
+                   shardings, mesh, cpu_matmul: str = 'auto'):
   """`train_step` with its static pieces bound, jitted and donating the state.
 
   Args:
@@ -129,6 +130,7 @@ def jit_train_step(loss_fn: Callable, model, tx, trainable_mask, schedule,
     model, tx, trainable_mask, schedule: as `train_step`.
     shardings: TrainState of NamedShardings (from `create_train_state`).
     mesh: the device mesh.
+    cpu_matmul: config train.cpu_matmul (XLA:CPU matmul library).
 
   Returns:
     (state, global batch) -> (state, metrics), metrics replicated.
@@ -138,7 +140,8 @@ def jit_train_step(loss_fn: Callable, model, tx, trainable_mask, schedule,
                         trainable_mask=trainable_mask, schedule=schedule),
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
+      donate_argnums=0,
+      compiler_options=xla_flags.compiler_options(cpu_matmul, model.dtype))
 
 
 # ------------------------------------------------------------ state
@@ -364,7 +367,7 @@ class _Run:
       _write_json(os.path.join(workdir, name), obj)
     self.train_step = jit_train_step(
         configuration.make_loss_fn(config.loss), self.model, tx, mask,
-        schedule, shardings, mesh)
+        schedule, shardings, mesh, config.train.cpu_matmul)
     self.log = metrics_log.MetricsLogger(
         workdir, start_step=self.start_step, total_steps=self.stop_step,
         batch_size=config.data.batch_size)
@@ -391,7 +394,8 @@ class _Run:
     variables = {'params': self.state.params, **self.state.model_state}
     result = encoding.evaluate(
         self.model, variables, self.test_ds, self.train_ds, self.config.data,
-        eval_cfg=self.config.eval, mesh=self.mesh)
+        eval_cfg=self.config.eval, mesh=self.mesh,
+        cpu_matmul=self.config.train.cpu_matmul)
     self.eval_result, self.last_eval = result, step
     self.best = max(self.best or 0.0, result['map_at_r'])
     self.log.write(step, {'eval/map_at_r': result['map_at_r'],

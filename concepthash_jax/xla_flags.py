@@ -1,10 +1,17 @@
-"""XLA flags that `config.train` chooses, set before the first JAX computation.
+"""XLA:CPU settings that `config.train` chooses.
 
-XLA reads XLA_FLAGS once, when its first backend starts, so the command-line tools call
-`configure_xla_flags(config)` first thing. All flags here are XLA:CPU's; GPU and TPU
-compilers ignore them.
+Two ways in. The scheduler flag goes through XLA_FLAGS, which XLA reads once, when its
+first backend starts, so the command-line tools call `configure_xla_flags(config)` first
+thing. The matmul library goes with each compile (`compiler_options`, which XLA:CPU
+honours for it): the train step and the encode step carry their choice themselves, so a
+run, a later `ConceptHasher` in another process and any user script compute the same
+codes, whatever else the process did first.
 """
 import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
 
 # XLA:CPU matrix-multiply library for `train.cpu_matmul`. XLA's default hands dots to
 # YNNPACK; turning YNN fusions off sends them to Eigen. Side by side (BENCHMARKS.md
@@ -36,6 +43,18 @@ def resolve_cpu_matmul(choice: str, dtype: str = 'float32',
   return 'eigen' if intel_avx512 else 'ynnpack'
 
 
+def compiler_options(cpu_matmul: str = 'auto', dtype='float32') -> Optional[dict]:
+  """jax.jit compiler_options for `train.cpu_matmul` at compute dtype `dtype`.
+
+  None off the CPU backend (GPU/TPU compilers have their own matmuls) and for XLA's
+  default library.
+  """
+  if jax.default_backend() != 'cpu':
+    return None
+  library = resolve_cpu_matmul(cpu_matmul, jnp.dtype(dtype).name)
+  return dict(_CPU_MATMUL_FLAGS[library]) or None
+
+
 def configure_xla_flags(config=None) -> str:
   """Adds the XLA flags `config.train` asks for to XLA_FLAGS; returns them.
 
@@ -52,8 +71,6 @@ def configure_xla_flags(config=None) -> str:
   wanted = {}
   if not config.train.cpu_concurrency_scheduler:
     wanted['xla_cpu_enable_concurrency_optimized_scheduler'] = 'false'
-  wanted.update(_CPU_MATMUL_FLAGS[resolve_cpu_matmul(config.train.get('cpu_matmul', 'auto'),
-                                                     config.model.dtype)])
   current = os.environ.get('XLA_FLAGS', '')
   added = [f'--{k}={v}' for k, v in wanted.items() if f'--{k}=' not in current]
   if added:

@@ -5,6 +5,7 @@ import sys
 
 from absl import flags
 import jax
+import jax.numpy as jnp
 import pytest
 from ml_collections import config_flags
 
@@ -189,16 +190,20 @@ def test_configure_xla_flags_adds_the_scheduler_flag_once_and_user_flags_win(
   assert 'XLA_FLAGS' not in os.environ
 
 
-def test_cpu_matmul_eigen_turns_ynn_fusions_off_and_auto_follows_the_cpu(
-    monkeypatch, tmp_path):
-  ynn = '--xla_cpu_experimental_ynn_fusion_type='
-  config = load('configs/synthetic.py', '--config.train.cpu_matmul=eigen',
-                '--config.train.cpu_concurrency_scheduler=True')
+def test_cpu_matmul_is_a_compile_option_and_auto_follows_the_cpu(monkeypatch, tmp_path):
+  # Eigen = YNN fusions off, set per compile: no process-wide flag to go stale.
   monkeypatch.delenv('XLA_FLAGS', raising=False)
-  assert xla_flags.configure_xla_flags(config) == ynn
-  assert os.environ['XLA_FLAGS'] == ynn
-  monkeypatch.setenv('XLA_FLAGS', f'{ynn}dot')  # The user's own choice wins.
-  assert xla_flags.configure_xla_flags(config) == ''
+  assert xla_flags.configure_xla_flags(load('configs/synthetic.py')) == (
+      '--xla_cpu_enable_concurrency_optimized_scheduler=false')
+  assert xla_flags.compiler_options('eigen', jnp.float32) == {
+      'xla_cpu_experimental_ynn_fusion_type': ''}
+  assert xla_flags.compiler_options('ynnpack', 'float32') is None
+  assert xla_flags.compiler_options('auto', 'bfloat16') is None
+  # The step and the encode step carry it: their compiled programs differ.
+  x, w = jnp.ones((64, 32)), jnp.ones((32, 16))
+  hlo = {lib: jax.jit(jnp.dot, compiler_options=xla_flags.compiler_options(lib))
+         .lower(x, w).compile().as_text() for lib in ('eigen', 'ynnpack')}
+  assert 'ynn' not in hlo['eigen'] and 'ynn' in hlo['ynnpack']
 
   def cpu(vendor, flags_):
     path = tmp_path / f'{vendor}_{len(flags_)}'

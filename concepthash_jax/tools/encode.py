@@ -64,7 +64,8 @@ def encode_run(workdir: str, split: str, *, checkpoint: str = 'latest',
   def encode(name):
     return encoding.encode_split(
         model, variables, data_lib.build(config.data, name), config.data,
-        keep=('codes', 'attention', 'keypoints'), mesh=mesh)
+        keep=('codes', 'attention', 'keypoints'), mesh=mesh,
+        cpu_matmul=config.train.get('cpu_matmul', 'auto'))
 
   database = encode('train')
   query = database if split == 'train' else encode(split)

@@ -190,7 +190,7 @@ def _encode(workdir, out_dir, *, checkpoint, data_root, max_images,
   keep = ('codes', 'attention', 'boxes', 'keypoints')
   encode = functools.partial(encoding.encode_split, model, variables,
                              data_cfg=config.data, max_images=max_images,
-                             mesh=mesh)
+                             mesh=mesh, cpu_matmul=config.train.get('cpu_matmul', 'auto'))
   family_of, family_names = data_core.families(train_ds)
   return _Inputs(
       config=config, model=model, variables=variables,
