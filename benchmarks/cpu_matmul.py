@@ -12,7 +12,6 @@ the medians compare measurements minutes, not hours, apart. With torch importabl
 import os
 import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 # train_step defines --batch, --num_classes, --remat and --dtypes (step mode's
 # config.model.dtype values); it starts no backend on import.
 import train_step as step_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool('step', False, 'Time the whole train step and eval forward instead.')
@@ -32,8 +32,7 @@ flags.DEFINE_integer('rounds', 8, 'Timed rounds (after one warm-up round).')
 # compiler_options per library. 'onednn' is XLA's oneDNN matmul path, measured for
 # reference (not a train.cpu_matmul choice: it did not beat Eigen).
 LIBRARIES = {
-    'ynnpack': {},
-    'eigen': {'xla_cpu_experimental_ynn_fusion_type': ''},
+    **xla_flags.CPU_MATMUL_OPTIONS,
     'onednn': {'xla_cpu_experimental_ynn_fusion_type': '', 'xla_cpu_use_onednn': True},
 }
 # The ViT-B/32 step's weight matmuls at batch 32 (1728 = 32 x 54 tokens):
@@ -49,16 +48,9 @@ SHAPES = [
 ]
 
 
-def interleave(fns: dict, rounds: int) -> dict:
-  """{name: median seconds}, every fn timed once per round, round 0 discarded."""
-  times = {k: [] for k in fns}
-  for r in range(rounds + 1):
-    for k, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      if r:
-        times[k].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in times.items()}
+def medians(fns: dict, rounds: int) -> dict:
+  """{name: median seconds} over interleaved rounds."""
+  return {k: statistics.median(v) for k, v in step_bench.interleave(fns, rounds).items()}
 
 
 def shapes_table():
@@ -86,13 +78,12 @@ def shapes_table():
       ta, tb = torch.from_numpy(a), torch.from_numpy(b)
       tl, tr = (ta if lc == 1 else ta.t()), (tb if rc == 0 else tb.t())
       fns['PyTorch'] = lambda: torch.matmul(tl, tr)
-    medians = interleave(fns, FLAGS.rounds)
+    median = medians(fns, FLAGS.rounds)
     flop = 2 * np.prod(ls) * rs[1 - rc]
-    print(f'| {name} | ' + ' | '.join(f'{flop / medians[c] / 1e9:.0f}' for c in cols) + ' |')
+    print(f'| {name} | ' + ' | '.join(f'{flop / median[c] / 1e9:.0f}' for c in cols) + ' |')
 
 
 def step_table():
-  from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
   from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
   xla_flags.configure_xla_flags(cub.get_config())
   fns = {}
@@ -101,15 +92,15 @@ def step_table():
       train, encode, _ = step_bench.build_ours(dtype, FLAGS.batch, FLAGS.num_classes,
                                                FLAGS.remat, lib)
       fns[(dtype, lib, 'train')], fns[(dtype, lib, 'eval')] = train, encode
-  medians = interleave(fns, FLAGS.rounds)
-  base = {s: medians[(FLAGS.dtypes[0], 'ynnpack', s)] for s in ('train', 'eval')}
+  median = medians(fns, FLAGS.rounds)
+  base = {s: median[(FLAGS.dtypes[0], 'ynnpack', s)] for s in ('train', 'eval')}
   print(f'batch {FLAGS.batch}, {FLAGS.rounds} interleaved rounds; x = against '
         f'{FLAGS.dtypes[0]} ynnpack\n')
   print('| model.dtype | library | train img/s | x | eval img/s | x |')
   print('|---|---|---|---|---|---|')
   for dtype in FLAGS.dtypes:
     for lib in ('ynnpack', 'eigen'):
-      t, e = medians[(dtype, lib, 'train')], medians[(dtype, lib, 'eval')]
+      t, e = median[(dtype, lib, 'train')], median[(dtype, lib, 'eval')]
       print(f'| {dtype} | {lib} | {FLAGS.batch / t:.2f} | {base["train"] / t:.2f} | '
             f'{FLAGS.batch / e:.2f} | {base["eval"] / e:.2f} |')
 

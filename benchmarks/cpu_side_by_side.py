@@ -19,7 +19,6 @@ pytorch_reference_step.py measure it alone.
 import os
 import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -61,16 +60,10 @@ def main(argv):
   steps['theirs train'], steps['theirs eval'], info = ref_bench.build_reference(
       FLAGS.batch, FLAGS.num_classes, threads=os.cpu_count())
   order = ['ours train', 'theirs train', 'ours eval', 'theirs eval']
-  times = {k: [] for k in order}
-  for r in range(FLAGS.rounds + 1):
-    for k in order:
-      t0 = time.perf_counter()
-      steps[k]()
-      if r:  # Round 0 warms caches and allocators.
-        times[k].append(time.perf_counter() - t0)
-    if r:
-      print(f'round {r}: ' + ', '.join(f'{k} {FLAGS.batch / times[k][-1]:.2f}'
-                                       for k in order), flush=True)
+  times = ours_bench.interleave({k: steps[k] for k in order}, FLAGS.rounds)
+  for r in range(FLAGS.rounds):
+    print(f'round {r + 1}: ' + ', '.join(f'{k} {FLAGS.batch / times[k][r]:.2f}'
+                                         for k in order))
 
   print(f'\n{ours_bench.cpu_line()}\nISA: {FLAGS.isa}{" (emulated)" if FLAGS.isa != "native" else ""}, '
         f'batch {FLAGS.batch}, ours {FLAGS.ours_dtype} / theirs float32, {FLAGS.rounds} interleaved rounds, '

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # Imports jax but starts no backend, so XLA_FLAGS set later still apply.
+from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
 from concepthash_jax.models import clip  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -34,7 +35,7 @@ flags.DEFINE_enum('remat', 'dots', list(clip.REMAT_POLICIES),
                   'config.model.remat: activations kept for backward.')
 flags.DEFINE_bool('cpu_concurrency_scheduler', False,
                   'config.train.cpu_concurrency_scheduler (XLA:CPU).')
-flags.DEFINE_enum('cpu_matmul', 'auto', ['auto', 'ynnpack', 'eigen'],
+flags.DEFINE_enum('cpu_matmul', 'auto', list(xla_flags.CPU_MATMUL),
                   'config.train.cpu_matmul (XLA:CPU matmul library).')
 flags.DEFINE_string('child', None, 'Internal: run one dtype and print JSON.')
 
@@ -51,6 +52,22 @@ def cpu_line() -> str:
         flags_ = set(value.split())
   wanted = sorted(f for f in flags_ if f.startswith(('avx', 'amx', 'fma')))
   return f'{model}, {os.cpu_count()} cores, {" ".join(wanted)}'
+
+
+def interleave(fns: dict, rounds: int) -> dict:
+  """{name: [seconds per round]}: every fn timed once per round; round 0 warms up.
+
+  Interleaving puts measurements of different fns seconds apart, so a box whose speed
+  drifts from minute to minute still gives fair ratios (cpu_side_by_side, cpu_matmul).
+  """
+  times = {k: [] for k in fns}
+  for r in range(rounds + 1):
+    for k, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      if r:
+        times[k].append(time.perf_counter() - t0)
+  return times
 
 
 def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
@@ -116,7 +133,6 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
 def run_one(dtype: str) -> dict:
   """Measures one setting in this process."""
   import jax  # pylint: disable=g-import-not-at-top
-  from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
   from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
 
   config = cub.get_config()

@@ -35,6 +35,7 @@ from concepthash_jax import optim
 from concepthash_jax import run_files
 from concepthash_jax import sharding
 from concepthash_jax import train
+from concepthash_jax import xla_flags
 from concepthash_jax.data import folders
 from concepthash_jax.data import transforms
 from concepthash_jax.interop import hf
@@ -288,7 +289,7 @@ class ConceptHasher:
   @property
   def cpu_matmul(self) -> str:
     """The run's train.cpu_matmul, so encodes here match the run's own ('auto' before it)."""
-    return self.config.train.get('cpu_matmul', 'auto') if 'train' in self.config else 'auto'
+    return xla_flags.cpu_matmul_of(self.config)
 
   @property
   def nbit(self) -> int:

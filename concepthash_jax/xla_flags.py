@@ -7,6 +7,7 @@ honours for it): the train step and the encode step carry their choice themselve
 run, a later `ConceptHasher` in another process and any user script compute the same
 codes, whatever else the process did first.
 """
+import functools
 import os
 from typing import Optional
 
@@ -14,14 +15,32 @@ import jax
 import jax.numpy as jnp
 
 # XLA:CPU matrix-multiply library for `train.cpu_matmul`. XLA's default hands dots to
-# YNNPACK; turning YNN fusions off sends them to Eigen. Side by side (BENCHMARKS.md
-# "Matmul library"): on an Intel Xeon with AVX-512 (2 x 512-bit FMA, AMX), float32
+# YNNPACK; turning YNN fusions off sends them to Eigen. Side by side (BENCHMARKS.md, "CPU
+# train step and eval forward against the authors' step"): on an Intel Xeon with AVX-512 (2 x 512-bit FMA, AMX), float32
 # ran the ViT-B/32 train step 1.11x and the eval forward 1.20x faster on Eigen, while
 # bfloat16 needs YNNPACK (its bf16 kernels; Eigen's bf16 eval forward was 2.1x
 # slower); on an AMD Zen 4, YNNPACK already ran float32 at that CPU's peak. 'auto'
 # follows those figures.
 CPU_MATMUL = ('auto', 'ynnpack', 'eigen')
-_CPU_MATMUL_FLAGS = {'ynnpack': {}, 'eigen': {'xla_cpu_experimental_ynn_fusion_type': ''}}
+# jax.jit compiler_options of each library.
+CPU_MATMUL_OPTIONS = {'ynnpack': {}, 'eigen': {'xla_cpu_experimental_ynn_fusion_type': ''}}
+
+
+def cpu_matmul_of(config) -> str:
+  """A run's train.cpu_matmul; 'auto' for runs saved before the key existed."""
+  return config.train.get('cpu_matmul', 'auto') if 'train' in config else 'auto'
+
+
+@functools.lru_cache(maxsize=None)
+def _intel_avx512(cpuinfo: str) -> bool:
+  """Whether `cpuinfo` (/proc/cpuinfo) describes an Intel CPU with AVX-512F."""
+  try:
+    with open(cpuinfo) as f:
+      text = f.read(1 << 16)  # The first processor's block is enough.
+  except OSError:
+    return False  # Not Linux: keep XLA's default.
+  flags_line = next((l for l in text.splitlines() if l.startswith('flags')), '')
+  return 'GenuineIntel' in text and 'avx512f' in flags_line.split()
 
 
 def resolve_cpu_matmul(choice: str, dtype: str = 'float32',
@@ -33,14 +52,7 @@ def resolve_cpu_matmul(choice: str, dtype: str = 'float32',
     return choice
   if dtype != 'float32':
     return 'ynnpack'
-  try:
-    with open(cpuinfo) as f:
-      text = f.read(1 << 16)  # The first processor's block is enough.
-  except OSError:
-    return 'ynnpack'  # Not Linux: keep XLA's default.
-  flags_line = next((l for l in text.splitlines() if l.startswith('flags')), '')
-  intel_avx512 = 'GenuineIntel' in text and 'avx512f' in flags_line.split()
-  return 'eigen' if intel_avx512 else 'ynnpack'
+  return 'eigen' if _intel_avx512(cpuinfo) else 'ynnpack'
 
 
 def compiler_options(cpu_matmul: str = 'auto', dtype='float32') -> Optional[dict]:
@@ -52,22 +64,16 @@ def compiler_options(cpu_matmul: str = 'auto', dtype='float32') -> Optional[dict
   if jax.default_backend() != 'cpu':
     return None
   library = resolve_cpu_matmul(cpu_matmul, jnp.dtype(dtype).name)
-  return dict(_CPU_MATMUL_FLAGS[library]) or None
+  return dict(CPU_MATMUL_OPTIONS[library]) or None
 
 
-def configure_xla_flags(config=None) -> str:
+def configure_xla_flags(config) -> str:
   """Adds the XLA flags `config.train` asks for to XLA_FLAGS; returns them.
-
-  config None (tools that read a trained model rather than a config) takes the
-  defaults of `configs/base.py`.
 
   Call it before any JAX computation. Flags the user already set in XLA_FLAGS win.
   (jax.jit's compiler_options accepts the scheduler flag but XLA:CPU does not read it
   from there: the step's memory is unchanged; hence the environment.)
   """
-  if config is None:
-    from concepthash_jax.configs import base  # pylint: disable=g-import-not-at-top
-    config = base.get_config()
   wanted = {}
   if not config.train.cpu_concurrency_scheduler:
     wanted['xla_cpu_enable_concurrency_optimized_scheduler'] = 'false'

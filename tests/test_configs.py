@@ -175,7 +175,7 @@ def test_unimportable_loss_fn_is_an_error():
 def test_configure_xla_flags_adds_the_scheduler_flag_once_and_user_flags_win(
     monkeypatch):
   flag = '--xla_cpu_enable_concurrency_optimized_scheduler'
-  config = load('configs/synthetic.py', '--config.train.cpu_matmul=ynnpack')
+  config = load('configs/synthetic.py')
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
   assert xla_flags.configure_xla_flags(config) == f'{flag}=false'
   assert os.environ['XLA_FLAGS'] == (

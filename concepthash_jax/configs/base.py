@@ -115,8 +115,9 @@ def get_config():
   # by side; on few cores that buys no speed and +0.5-0.8 GB (BENCHMARKS.md). Only
   # read on the CPU backend.
   train.cpu_concurrency_scheduler = False
-  # XLA:CPU matmul library: 'auto' | 'ynnpack' | 'eigen' (train.CPU_MATMUL; 'auto' picks
-  # per CPU from side-by-side figures, BENCHMARKS.md). Only read on the CPU backend.
+  # XLA:CPU matmul library: 'auto' | 'ynnpack' | 'eigen' (xla_flags.CPU_MATMUL; 'auto'
+  # picks per CPU and dtype from side-by-side figures, BENCHMARKS.md). Only read on the
+  # CPU backend; encoding a trained run uses the run's own value.
   train.cpu_matmul = 'auto'
   train.max_steps = -1  # > 0 stops early (smoke tests, benchmarks).
   # Resume order: this workdir's newest checkpoint > resume > init > scratch.

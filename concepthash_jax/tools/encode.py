@@ -65,7 +65,7 @@ def encode_run(workdir: str, split: str, *, checkpoint: str = 'latest',
     return encoding.encode_split(
         model, variables, data_lib.build(config.data, name), config.data,
         keep=('codes', 'attention', 'keypoints'), mesh=mesh,
-        cpu_matmul=config.train.get('cpu_matmul', 'auto'))
+        cpu_matmul=xla_flags.cpu_matmul_of(config))
 
   database = encode('train')
   query = database if split == 'train' else encode(split)
@@ -75,7 +75,6 @@ def encode_run(workdir: str, split: str, *, checkpoint: str = 'latest',
 def main(argv):
   """Entry point."""
   del argv
-  xla_flags.configure_xla_flags()  # Before the first JAX computation.
   out = FLAGS.out or os.path.join(FLAGS.workdir, f'codes_{FLAGS.split}.npz')
   config, query, database = encode_run(
       FLAGS.workdir, FLAGS.split, checkpoint=FLAGS.checkpoint,

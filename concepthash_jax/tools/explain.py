@@ -190,7 +190,7 @@ def _encode(workdir, out_dir, *, checkpoint, data_root, max_images,
   keep = ('codes', 'attention', 'boxes', 'keypoints')
   encode = functools.partial(encoding.encode_split, model, variables,
                              data_cfg=config.data, max_images=max_images,
-                             mesh=mesh, cpu_matmul=config.train.get('cpu_matmul', 'auto'))
+                             mesh=mesh, cpu_matmul=xla_flags.cpu_matmul_of(config))
   family_of, family_names = data_core.families(train_ds)
   return _Inputs(
       config=config, model=model, variables=variables,
@@ -291,7 +291,6 @@ def main(argv):
   """Entry point."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  xla_flags.configure_xla_flags()  # Before the first JAX computation.
   classes = FLAGS.loc_classes
   if classes != 'auto':
     classes = [int(c) for c in classes.split(',') if c.strip()]

@@ -22,7 +22,6 @@ from flax import traverse_util
 
 from concepthash_jax import exporting
 from concepthash_jax import inference
-from concepthash_jax import xla_flags
 from concepthash_jax.interop import hf
 from concepthash_jax.models import concepthash
 from concepthash_jax.tools import cli
@@ -131,7 +130,6 @@ def import_official(official_path: str, like: str, out: str):
 def main(argv):
   """Entry point; user mistakes end in one sentence on stderr, exit code 2."""
   del argv
-  xla_flags.configure_xla_flags()  # Before the first JAX computation.
   try:
     if FLAGS.from_official:
       if not (FLAGS.like and FLAGS.out):

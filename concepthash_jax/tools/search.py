@@ -30,7 +30,6 @@ from concepthash_jax import exporting
 from concepthash_jax import index as index_lib
 from concepthash_jax import inference
 from concepthash_jax import retrieval_view
-from concepthash_jax import xla_flags
 from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
@@ -327,7 +326,6 @@ def _print_summary(queries, labels, precision, labelled, index, codes, k,
 def main(argv):
   """Entry point; user mistakes end in one sentence on stderr, exit code 2."""
   del argv
-  xla_flags.configure_xla_flags()  # Before the first JAX computation.
   try:
     search_and_explain(
         model=FLAGS.model, index_path=FLAGS.index, db_split=FLAGS.db_split,
