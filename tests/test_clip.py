@@ -141,7 +141,8 @@ def _adapted(params_plain, config, adapter_dim, rng=0):
   """Adapter-enabled vision params: fresh adapters, CLIP weights from params_plain."""
   module = hf.vision_module_from_config(config.vision_config, adapter_dim=adapter_dim)
   pixels = jnp.zeros((1, 32, 32, 3))
-  fresh = traverse_util.flatten_dict(module.init(jax.random.PRNGKey(rng), pixels)['params'])
+  init = jax.jit(module.init)  # Eager init of even this tiny tower takes ~10 s.
+  fresh = traverse_util.flatten_dict(init(jax.random.PRNGKey(rng), pixels)['params'])
   plain = traverse_util.flatten_dict(params_plain)
   assert set(plain) <= set(fresh)
   fresh.update(plain)
@@ -208,6 +209,29 @@ def test_extra_tokens_appended_after_positions_before_pre_layrnorm(tiny, golden)
   np.testing.assert_allclose(aux['hidden_states'][0][:, -2:], want, atol=1e-5)
   np.testing.assert_allclose(aux['hidden_states'][0][:, :-2],
                              golden['vision/hidden_states/0'], atol=TOL)
+
+
+def test_final_tokens_compute_cls_and_the_last_tokens_exactly(tiny, golden):
+  # ConceptHash reads only the concept tokens of the final layer; computing that layer
+  # for CLS and them alone must not change their values, the pooler or the attentions.
+  config, params_plain = tiny
+  module, params = _adapted(params_plain['vision_model'], config, adapter_dim=8, rng=5)
+  params = jax.tree.map(lambda p: p + 0.01, params)  # Non-zero adapters (up_proj is 0).
+  pixels = jnp.asarray(golden['pixel_values'].transpose(0, 2, 3, 1))
+  tokens = jax.random.normal(jax.random.PRNGKey(4), (3, 2, 48))
+  apply = jax.jit(lambda p, n: module.apply({'params': p}, pixels, tokens, final_tokens=n),
+                  static_argnums=1)
+  last, aux = apply(params, None)
+  kept = np.r_[0, last.shape[1] - 2:last.shape[1]]
+  last_n, aux_n = apply(params, 2)
+  assert last_n.shape == (3, 3, 48)
+  np.testing.assert_allclose(last_n, last[:, kept], atol=1e-5)
+  np.testing.assert_allclose(aux_n['pooler_output'], aux['pooler_output'], atol=1e-5)
+  np.testing.assert_allclose(aux_n['attentions'][-1], aux['attentions'][-1][:, :, kept],
+                             atol=1e-6)
+  for full, pruned in zip(aux['hidden_states'][:-1], aux_n['hidden_states'][:-1]):
+    np.testing.assert_array_equal(full, pruned)  # Earlier layers untouched.
+  # Gradients and remat: test_concepthash, on the whole model.
 
 
 def test_bfloat16_compute_keeps_float32_params(tiny, golden):

@@ -238,6 +238,10 @@ class ConceptHash(nn.Module):
   center_projection: str = 'mlp'  # 'mlp' (released) | 'linear' (paper).
   concept_embedding: str = 'separate'  # 'separate' E' (released) | 'shared' E (paper).
   dtype: Any = jnp.float32  # Vision-tower compute dtype; heads run in float32.
+  # The final ViT layer computes CLS and the concept tokens alone (False), the only
+  # outputs the heads read: the same codes for ~6 % less compute at ViT-B/32, M=4. True
+  # computes every token, as the authors' model does, for a full `last_attn` (parity).
+  full_final_layer: bool = False
 
   def __post_init__(self):
     super().__post_init__()
@@ -277,7 +281,9 @@ class ConceptHash(nn.Module):
     Returns:
       (codes (B, K) continuous codes b (binary code = sign), aux dict with 'codes' (B, K),
       'logits_cont' (B, C), 'logits_bin' (B, C), 'logits_concept' (M, B, C),
-      'hash_features' (B, M, D), 'last_attn' (B, H, T, T), 'concept_attn' (B, M, HW),
+      'hash_features' (B, M, D), 'last_attn' (B, H, 1 + M, T) last-layer attention of
+      CLS and the concept tokens over all T = 1 + HW + M tokens ((B, H, T, T), every
+      query, with full_final_layer), 'concept_attn' (B, M, HW),
       'class_centers' (C, K) class centers o_c).
     """
     batch = pixels.shape[0]
@@ -296,7 +302,8 @@ class ConceptHash(nn.Module):
         layer_norm_eps=self.layer_norm_eps, hidden_act=self.hidden_act,
         adapter_dim=self.adapter_dim, remat=self.remat, dtype=self.dtype,
         name='vision_model')(
-            pixels.astype(self.dtype), extra_tokens=tokens, train=train)
+            pixels.astype(self.dtype), extra_tokens=tokens, train=train,
+            final_tokens=None if self.full_final_layer else m)
     # Z_m: raw last-layer outputs at the concept tokens (no post-LN).
     hash_features = last_hidden[:, -m:].astype(jnp.float32)  # (B, M, D)
 
@@ -323,9 +330,9 @@ class ConceptHash(nn.Module):
     logits_concept = jnp.einsum('bmd,cd->mbc', _l2_normalize(hash_features + concept_embedding),
                                 _l2_normalize(classifier))
 
-    last_attn = vision_aux['attentions'][-1]  # (B, H, T, T), T = 1 + HW + M
+    last_attn = vision_aux['attentions'][-1]  # (B, H, 1 + M or T, T), T = 1 + HW + M
     tokens_total = last_attn.shape[-1]
-    concept_attn = last_attn[:, :, tokens_total - m:, 1:tokens_total - m].astype(
+    concept_attn = last_attn[:, :, -m:, 1:tokens_total - m].astype(
         jnp.float32).mean(1)  # (B, M, HW)
     aux = {
         'codes': codes,

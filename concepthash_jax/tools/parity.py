@@ -97,7 +97,8 @@ def build_official(golden, clip_config):
   """(model, variables, loss_fn (aux, labels) -> (loss, metrics)) for an official golden."""
   state = official_state_dict(golden)
   model_cfg, num_classes = model_config_from_state(state, golden)
-  model = models.build_model(model_cfg, clip_config, num_classes)
+  # Every token through the final layer, as the authors' model: out/last_attn is (B,H,T,T).
+  model = models.build_model(model_cfg, clip_config, num_classes).clone(full_final_layer=True)
   if 'hash_queries' in state and state['hash_queries'].shape[-1] != model.generator_width:
     raise ValueError(f'hash_queries width {state["hash_queries"].shape[-1]} != '
                      f'vision_config.projection_dim {model.generator_width}')
