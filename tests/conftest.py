@@ -1,7 +1,48 @@
 """Session-wide test settings."""
+import os
+import shutil
+import tempfile
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
 import pytest
 
+from concepthash_jax import xla_flags
+from concepthash_jax.configs import base
 from concepthash_jax.data import cache
+
+_XLA_CACHE_DIR = pytest.StashKey[str]()  # The session's compilation cache folder.
+
+
+def pytest_configure(config):
+  """XLA settings for this process and every subprocess, before any test module loads.
+
+  Before collection: modules copy os.environ for their subprocesses at import, and
+  XLA reads XLA_FLAGS once, when this process's backend starts.
+  """
+  # The XLA flags launch.py sets for the configs' defaults: in-process runs then
+  # compile the very programs launch.py subprocesses compile. The flag turns off
+  # XLA:CPU's concurrency scheduler, as every real run does: memory, not values
+  # (configs/base.py, BENCHMARKS.md). User flags win.
+  xla_flags.configure_xla_flags(base.get_config())
+  # One persistent compilation cache for the session and its subprocesses: many
+  # tests train the same tiny configs, here and in launch.py / tool subprocesses,
+  # and compiling their steps is most of a tiny run's time. The key covers the
+  # program, compile options, XLA flags, devices and jax version, so a hit is the
+  # executable a fresh compile would give. A fresh folder per session (cold, as
+  # CI is); programs from 0.2 s, as tools and restored runs compile the text
+  # encoder and encode steps (~0.3-1 s) again and again (JAX's default: 1 s).
+  folder = config.stash[_XLA_CACHE_DIR] = tempfile.mkdtemp(prefix='concepthash-xla-cache-')
+  for name, value in (('jax_compilation_cache_dir', folder),
+                      ('jax_persistent_cache_min_compile_time_secs', 0.2)):
+    os.environ[name.upper()] = str(value)
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()  # Whatever ran before uses the cache from now on.
+
+
+def pytest_unconfigure(config):
+  if _XLA_CACHE_DIR in config.stash:
+    shutil.rmtree(config.stash[_XLA_CACHE_DIR], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope='session')

@@ -35,11 +35,29 @@ METHOD_REF = re.compile(r'docs/method\.md((?:,? §\d+(?:\.\d+)?)+)')
 TINY_RUN = ['--config.train.max_steps=2'] + [f'--config.{k}={v}' for k, v in lib.TINY.items()]
 
 
+def _run_together(commands, cwd, env, timeout=300):
+  """Runs independent commands side by side; their CompletedProcess, in order.
+
+  Each is mostly imports and compiles on one core, so two or more overlap.
+  """
+  procs = [subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for args in commands]
+  results = []
+  try:
+    for args, proc in zip(commands, procs):
+      out, err = proc.communicate(timeout=timeout)
+      results.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  for result in results:
+    assert TORCH_NOTICE not in result.stdout + result.stderr, result.args
+  return results
+
+
 def _run(args, cwd, env, timeout=300):
-  result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-  assert TORCH_NOTICE not in result.stdout + result.stderr, args
-  return result
+  return _run_together([args], cwd, env, timeout)[0]
 
 
 @pytest.fixture(scope='module')
@@ -92,15 +110,12 @@ def venv(tmp_path_factory):
 
 def test_every_console_script_helps_and_exits_0(venv):
   bin_dir, env, work = venv
-  procs = {name: subprocess.Popen([str(bin_dir / f'concepthash-{name}'), '--help'],
-                                  cwd=work, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-           for name in SCRIPTS}
+  results = _run_together([[str(bin_dir / f'concepthash-{name}'), '--help']
+                           for name in SCRIPTS], work, env)
   helps = {}
-  for name, proc in procs.items():
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, (name, err[-2000:])
-    assert TORCH_NOTICE not in out + err, name
+  for name, result in zip(SCRIPTS, results):
+    out = result.stdout
+    assert result.returncode == 0, (name, result.stderr[-2000:])
     assert not GLUED.search(out) and not UNRESOLVED_SECTION.search(out), (name, out)
     helps[name] = out
   train_help = helps['train']
@@ -117,17 +132,18 @@ def test_every_console_script_helps_and_exits_0(venv):
 def test_train_by_config_name_and_parity_outside_the_checkout(venv):
   bin_dir, env, work = venv
   workdir = work / 'runs' / 'tiny'
-  train = _run([str(bin_dir / 'concepthash-train'), '--config=synthetic:nbit=8',
-                f'--workdir={workdir}', *TINY_RUN], work, env)
+  out = work / 'hf_ours.npz'
+  train, parity = _run_together([
+      [str(bin_dir / 'concepthash-train'), '--config=synthetic:nbit=8',
+       f'--workdir={workdir}', *TINY_RUN],
+      [str(bin_dir / 'concepthash-parity'), os.path.join(DATA, 'hf_clip_tiny.npz'),
+       '--clip', os.path.join(DATA, 'tiny_clip'), '--out', str(out)]], work, env)
   assert train.returncode == 0, train.stderr[-3000:]
   with open(workdir / 'results.json') as f:
     results = json.load(f)
   assert results['step'] == 2 and results['nbit'] == 8
   assert results['dataset'] == 'synthetic' and 0.0 <= results['map_at_r'] <= 1.0
 
-  out = work / 'hf_ours.npz'
-  parity = _run([str(bin_dir / 'concepthash-parity'), os.path.join(DATA, 'hf_clip_tiny.npz'),
-                 '--clip', os.path.join(DATA, 'tiny_clip'), '--out', str(out)], work, env)
   assert parity.returncode == 0, parity.stderr[-3000:]
   with np.load(os.path.join(DATA, 'hf_clip_tiny.npz')) as golden, np.load(out) as ours:
     assert set(ours.files) == {k for k in golden.files if k.startswith(('vision/', 'text/'))}

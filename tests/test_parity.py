@@ -7,6 +7,7 @@ The 1e-2 floor makes a gradient that is zero in exact arithmetic (e.g. grad/hash
 the code BatchNorm removes any per-concept constant shift, so both sides hold float32
 noise ~1e-6) count as 1e-5 absolute rather than as a relative error of noise.
 """
+import functools
 import os
 import subprocess
 import sys
@@ -168,8 +169,9 @@ def test_official_golden_of_other_sizes_runs_consistently(variant, clip):
   rng = np.random.default_rng(0)
   size = config.vision_config.image_size
   pixels = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
-  variables = concepthash.init_variables(
-      model, clip_params, jax.random.PRNGKey(2),
+  # Jitted: one compile, where eager init compiles each op of this variant's new shapes.
+  variables = jax.jit(functools.partial(concepthash.init_variables, model))(
+      clip_params, jax.random.PRNGKey(2),
       rng.normal(size=(num_classes, config.text_config.hidden_size)).astype(np.float32),
       jnp.asarray(pixels.transpose(0, 2, 3, 1)))
   # Break the zero-init symmetry of adapters so their gradients are non-trivial.

@@ -48,25 +48,26 @@ import train_testlib as lib  # pylint: disable=g-import-not-at-top,wrong-import-
 # Params after 6 steps agree to float32 reduction-order noise.
 RTOL, ATOL = 2e-4, 2e-5
 _DRIVER = textwrap.dedent('''
-    import json, sys
+    import sys
     sys.path[:0] = [{tests!r}, {root!r}]
     import jax
     import train_testlib as lib
     from concepthash_jax import sharding, train
     assert jax.device_count() == 8, jax.devices()
-    train.train_and_evaluate(lib.load_config(), {replicated!r})
-    sharding.FSDP_MIN_SIZE = 0  # Shard every divisible leaf of the tiny model.
-    train.train_and_evaluate(lib.load_config({{'train.fsdp': True}}), {fsdp!r})
+    if {fsdp!r}:
+      sharding.FSDP_MIN_SIZE = 0  # Shard every divisible leaf of the tiny model.
+    train.train_and_evaluate(lib.load_config({overrides!r}), {workdir!r})
 ''')
 
 
 @pytest.fixture(scope='module')
 def one_device(tmp_path_factory):
-  """The tiny run on this process's single CPU device."""
-  workdir = str(tmp_path_factory.mktemp('one_device'))
-  from concepthash_jax import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(lib.load_config(), workdir)
-  return workdir
+  """The tiny run on this process's single CPU device (read only here).
+
+  The session's shared run: the same config as the subprocess runs, already
+  trained when other modules used it first.
+  """
+  return lib.trained_tiny_run(tmp_path_factory)[0]
 
 
 def _losses(workdir):
@@ -88,12 +89,27 @@ def test_eight_devices_match_one_device_replicated_and_fsdp(one_device,
   replicated, fsdp = str(tmp_path / 'replicated'), str(tmp_path / 'fsdp')
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  script = _DRIVER.format(tests=os.path.dirname(__file__), root=ROOT,
-                          replicated=replicated, fsdp=fsdp)
-  run = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=400,
-                       check=False)
-  assert run.returncode == 0, run.stderr[-4000:]
+  # Independent runs, one process each, side by side: each is mostly compiles
+  # on one core. Output goes to files: a full pipe would stall a run.
+  procs = {}
+  try:
+    for workdir, overrides in ((replicated, {}), (fsdp, {'train.fsdp': True})):
+      script = _DRIVER.format(tests=os.path.dirname(__file__), root=ROOT,
+                              fsdp=bool(overrides), overrides=overrides,
+                              workdir=workdir)
+      with open(workdir + '.log', 'w') as log:
+        procs[workdir] = subprocess.Popen(
+            [sys.executable, '-c', script], cwd=ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT)
+    for workdir, proc in procs.items():
+      proc.wait(timeout=400)
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+  for workdir, proc in procs.items():
+    with open(workdir + '.log') as log:
+      assert proc.returncode == 0, log.read()[-4000:]
   assert len(_losses(replicated)) == 6
   _assert_close_runs(replicated, one_device)
   _assert_close_runs(fsdp, one_device)

@@ -326,14 +326,17 @@ def test_one_step_on_a_generated_cub_folder(tmp_path):
 
 def test_one_step_on_a_generated_cars_folder(tmp_path):
   root = tmp_path / 'stanford_cars'
-  names = ['AM General Hummer SUV 2000', 'Acura RL Sedan 2012']
-  train_rows = [(f'{i:05d}.jpg', i % 2 + 1) for i in range(8)]
-  test_rows = [(f'{i:05d}.jpg', i % 2 + 1) for i in range(2)]
+  # 3 classes, 9 train images: the CUB folder run's shapes and steps per epoch,
+  # so this run's train step is that one's compiled program (cached).
+  names = ['AM General Hummer SUV 2000', 'Acura RL Sedan 2012',
+           'Acura TL Sedan 2012']
+  train_rows = [(f'{i:05d}.jpg', i % 3 + 1) for i in range(9)]
+  test_rows = [(f'{i:05d}.jpg', i % 3 + 1) for i in range(3)]
   data_testlib.write_cars_mats(root, names, train_rows, test_rows)
   for folder, rows in (('cars_train', train_rows), ('cars_test', test_rows)):
     for k, (fname, _) in enumerate(rows):
       _image(str(root / folder / fname), 100 + k)
   results = _one_step('configs/cars.py', {'data.root': str(root)},
                       str(tmp_path / 'run'))
-  assert results['dataset'] == 'cars' and results['num_classes'] == 2
-  assert results['num_database'] == 8 and np.isfinite(results['loss'])
+  assert results['dataset'] == 'cars' and results['num_classes'] == 3
+  assert results['num_database'] == 9 and np.isfinite(results['loss'])
