@@ -71,13 +71,15 @@ def interleave(fns: dict, rounds: int) -> dict:
 
 
 def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
-               cpu_matmul: str = 'auto'):
+               cpu_matmul: str = 'auto', full_final_layer: bool = False):
   """The shipped train step and eval forward as closures: (train, eval, info).
 
   `train()` runs one step and returns its metrics, `eval()` one encode forward; both
   block until done. Call xla_flags.configure_xla_flags (or set XLA_FLAGS) before this.
   `cpu_matmul` (config train.cpu_matmul) goes with both compiles, so one process can
-  hold both libraries side by side.
+  hold both libraries side by side. `full_final_layer` runs the final ViT layer on every
+  token, as the authors' model does (ConceptHash.full_final_layer; default: CLS and the
+  concept tokens only).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -96,7 +98,8 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
   rng = np.random.default_rng(0)
   text = rng.normal(size=(num_classes,
                           clip_config.text_config.hidden_size)).astype('f4')
-  model = models.build_model(config.model, clip_config, num_classes)
+  model = models.build_model(config.model, clip_config, num_classes).clone(
+      full_final_layer=full_final_layer)
   mesh = sharding.create_mesh()
   steps_per_epoch = 5994 // batch
   tx = optim.make_optimizer(config.optim, steps_per_epoch)

@@ -1,0 +1,47 @@
+"""The final ViT layer on the concept tokens alone against every token, in one process.
+
+  python benchmarks/final_layer.py --rounds=3
+
+Builds the shipped train step and eval forward twice (configs/cub.py, random ViT-B/32
+weights, batch 32): once with ConceptHash's default (the final layer computes CLS and the
+M concept tokens only) and once with full_final_layer=True (every token, as the authors'
+model). The four run interleaved, so a box whose speed drifts still gives fair ratios;
+prints per-round seconds and the median speed-up of the default.
+"""
+import statistics
+
+from absl import app
+from absl import flags
+
+import train_step  # benchmarks/train_step.py
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('rounds', 3, 'Timed rounds (after one warm-up round).')  # --batch: train_step's.
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'config.model.dtype.')
+
+
+def main(argv):
+  del argv
+  from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
+  xla_flags.configure_xla_flags(cub.get_config())  # As launch.py: before the backend.
+  fns = {}
+  for full in (True, False):
+    train, evaluate, _ = train_step.build_ours(FLAGS.dtype, FLAGS.batch, 200, 'dots',
+                                               full_final_layer=full)
+    fns[('train', full)], fns[('eval', full)] = train, evaluate
+  times = train_step.interleave(fns, FLAGS.rounds)
+  print(train_step.cpu_line())
+  print(f'ViT-B/32, batch {FLAGS.batch}, {FLAGS.dtype}, model.remat=dots, '
+        f'{FLAGS.rounds} interleaved rounds\n')
+  print('| step | every token s | concept tokens s | speed-up (median) | range |')
+  print('|---|---|---|---|---|')
+  for kind in ('train', 'eval'):
+    full, alone = times[(kind, True)], times[(kind, False)]
+    ratios = [f / a for f, a in zip(full, alone)]
+    print(f'| {kind} | {statistics.median(full):.2f} | {statistics.median(alone):.2f} | '
+          f'{statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} |')
+
+
+if __name__ == '__main__':
+  app.run(main)
