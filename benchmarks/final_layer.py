@@ -16,7 +16,8 @@ from absl import flags
 import train_step  # benchmarks/train_step.py
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer('rounds', 3, 'Timed rounds (after one warm-up round).')  # --batch: train_step's.
+# --batch comes from train_step's flags.
+flags.DEFINE_integer('rounds', 3, 'Timed rounds (after one warm-up round).')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'config.model.dtype.')
 
 
