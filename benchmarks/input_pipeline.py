@@ -21,6 +21,7 @@ Rows of a round run interleaved (torchvision, ours, ...) so the box's load hits 
 alike; `uptime`'s 1-minute load is recorded before each row. Per core = img/s / workers.
 """
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -36,33 +37,39 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _write_jpeg(path, seed, index):
+  """One 500 x 375 JPEG: smooth colour regions plus sensor-like noise (photo-like size)."""
+  rng = np.random.default_rng([seed, index])
+  coarse = (rng.random((24, 32, 3)) * 255).astype(np.uint8)
+  pixels = np.asarray(Image.fromarray(coarse).resize(
+      (500, 375), Image.Resampling.BICUBIC)).astype(np.int16)
+  pixels += rng.integers(-10, 11, pixels.shape, dtype=np.int16)
+  Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
 def write_cub(root, num_images, seed=0, test_every=0):
-  """CUB_200_2011 layout with `num_images` 500 x 375 JPEGs.
+  """CUB_200_2011 layout with `num_images` 500 x 375 JPEGs, written on every core.
 
   All are in the train split, except every `test_every`-th (when > 0).
   """
   cub = os.path.join(root, 'CUB_200_2011')
   if os.path.exists(os.path.join(cub, 'classes.txt')):
     return cub
-  rng = np.random.default_rng(seed)
   lines = {'images.txt': [], 'image_class_labels.txt': [],
            'train_test_split.txt': []}
+  jobs = []
   for i in range(1, num_images + 1):
     label = 1 + i % 10
     path = f'{label:03d}.Bird_{label}/Bird_{i:04d}.jpg'
     os.makedirs(os.path.join(cub, 'images', os.path.dirname(path)),
                 exist_ok=True)
-    # Smooth colour regions plus sensor-like noise: photo-like JPEG sizes.
-    coarse = (rng.random((24, 32, 3)) * 255).astype(np.uint8)
-    pixels = np.asarray(Image.fromarray(coarse).resize(
-        (500, 375), Image.Resampling.BICUBIC)).astype(np.int16)
-    pixels += rng.integers(-10, 11, pixels.shape, dtype=np.int16)
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-        os.path.join(cub, 'images', path), quality=90)
+    jobs.append((os.path.join(cub, 'images', path), seed, i))
     lines['images.txt'].append(f'{i} {path}')
     lines['image_class_labels.txt'].append(f'{i} {label}')
     is_test = test_every and i % test_every == 0
     lines['train_test_split.txt'].append(f'{i} {0 if is_test else 1}')
+  with concurrent.futures.ProcessPoolExecutor() as pool:
+    list(pool.map(_write_jpeg, *zip(*jobs), chunksize=64))
   lines['classes.txt'] = [f'{c} {c:03d}.Bird_{c}' for c in range(1, 11)]
   for name, rows in lines.items():
     with open(os.path.join(cub, name), 'w') as f:

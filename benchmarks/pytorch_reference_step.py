@@ -201,15 +201,28 @@ def count(params):
   return sum(q.numel() for q in params)
 
 
-def build_reference(batch=32, num_classes=200, threads=2, lr=1e-3, wd=5e-5):
+# --precision: how the matmuls run. 'float32' is the released code (PyTorch's default:
+# no TF32); 'tf32' lets CUDA's float32 matmuls and convolutions use TF32 (what XLA:GPU
+# does for float32 at its default precision); 'bfloat16' runs the forward under
+# torch.autocast (not in the release: PyTorch's usual way to train in bf16).
+PRECISIONS = ('float32', 'tf32', 'bfloat16')
+
+
+def build_reference(batch=32, num_classes=200, threads=2, lr=1e-3, wd=5e-5,
+                    device='cpu', precision='float32'):
   """The authors' train step and eval step as closures over one model: (train, eval, info).
 
   `train()` runs one SGD step and returns the loss; `eval()` one no-grad forward + loss
-  (COOPTrainer.inference_one_batch). Shared by main() and cpu_side_by_side.py.
+  (COOPTrainer.inference_one_batch). Both end in `.item()`, which waits for the device.
+  Shared by main(), cpu_side_by_side.py and gpu_side_by_side.py.
   """
+  if precision not in PRECISIONS:
+    raise ValueError(f'precision {precision!r} is not one of {PRECISIONS}')
   torch.set_num_threads(threads)
+  torch.backends.cuda.matmul.allow_tf32 = precision == 'tf32'
+  torch.backends.cudnn.allow_tf32 = precision == 'tf32'
   torch.manual_seed(0)
-  model = ConceptHashTorch(num_classes=num_classes)
+  model = ConceptHashTorch(num_classes=num_classes).to(device)
   # As BaseTrainer.load_optimizer_and_scheduler: everything frozen, then trainables enabled.
   model.requires_grad_(False)
   trainable = model.trainable_parameters()
@@ -222,17 +235,23 @@ def build_reference(batch=32, num_classes=200, threads=2, lr=1e-3, wd=5e-5):
                                    for q in a.parameters()),
           'params_visual_projection': count(model.visual_projection.parameters()),
           'torch': torch.__version__, 'transformers': transformers.__version__,
-          'threads': torch.get_num_threads(), 'batch': batch}
+          'threads': torch.get_num_threads(), 'batch': batch, 'device': device,
+          'precision': precision}
 
   g = torch.Generator().manual_seed(0)
-  images = torch.randn(batch, 3, 224, 224, generator=g)
-  labels = torch.randint(0, num_classes, (batch,), generator=g)
+  images = torch.randn(batch, 3, 224, 224, generator=g).to(device)
+  labels = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+
+  def autocast():
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=precision == 'bfloat16')
 
   def train_step():
     model.train()
     opt.zero_grad()
-    _, out = model(images)
-    loss, losses = criterion(out, labels)
+    with autocast():
+      _, out = model(images)
+      loss, losses = criterion(out, labels)
     loss.backward()
     opt.step()
     loss.item()
@@ -243,7 +262,7 @@ def build_reference(batch=32, num_classes=200, threads=2, lr=1e-3, wd=5e-5):
 
   def eval_step():  # As COOPTrainer.inference_one_batch: forward + loss under no_grad.
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
       _, out = model(images)
       l, _ = criterion(out, labels)
       l.item()
@@ -264,10 +283,14 @@ def main():
   ap.add_argument('--eval_steps', type=int, default=8)
   ap.add_argument('--lr', type=float, default=1e-3)
   ap.add_argument('--wd', type=float, default=5e-5)  # Released sgd.yaml: 5e-4 (no cost effect).
+  ap.add_argument('--device', default='cpu', help='torch device: cpu, cuda')
+  ap.add_argument('--precision', default='float32', choices=PRECISIONS)
   args = ap.parse_args()
 
+  t0 = time.perf_counter()
   train_step, eval_step, info = build_reference(args.batch, args.num_classes, args.threads,
-                                                args.lr, args.wd)
+                                                args.lr, args.wd, args.device, args.precision)
+  setup_s = time.perf_counter() - t0
   for _ in range(args.warmup):
     train_step()
   t0 = time.perf_counter()
@@ -282,10 +305,13 @@ def main():
     eval_step()
   eval_ips = args.eval_steps * args.batch / (time.perf_counter() - t0)
   rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
+  device_gb = (torch.cuda.max_memory_allocated() / 2 ** 30
+               if torch.device(args.device).type == 'cuda' else 0.0)
 
   print(json.dumps({
       'train_img_s': round(train_ips, 3), 'eval_img_s': round(eval_ips, 3),
-      'peak_rss_gb': round(rss_gb, 3), 'steps': args.steps, 'eval_steps': args.eval_steps,
+      'peak_rss_gb': round(rss_gb, 3), 'peak_device_gb': round(device_gb, 3),
+      'setup_s': round(setup_s, 1), 'steps': args.steps, 'eval_steps': args.eval_steps,
       'loss': round(loss, 4), **info}))
 
 

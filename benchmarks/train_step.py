@@ -37,6 +37,10 @@ flags.DEFINE_bool('cpu_concurrency_scheduler', False,
                   'config.train.cpu_concurrency_scheduler (XLA:CPU).')
 flags.DEFINE_enum('cpu_matmul', 'auto', list(xla_flags.CPU_MATMUL),
                   'config.train.cpu_matmul (XLA:CPU matmul library).')
+# On GPUs XLA's default precision lets float32 products use TF32; 'highest' keeps them
+# float32 throughout (XLA:CPU computes float32 either way).
+flags.DEFINE_enum('matmul_precision', 'default', ['default', 'high', 'highest'],
+                  'jax_default_matmul_precision for float32 products.')
 flags.DEFINE_string('child', None, 'Internal: run one dtype and print JSON.')
 
 
@@ -71,7 +75,8 @@ def interleave(fns: dict, rounds: int) -> dict:
 
 
 def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
-               cpu_matmul: str = 'auto', full_final_layer: bool = False):
+               cpu_matmul: str = 'auto', full_final_layer: bool = False,
+               uint8_images: bool = False):
   """The shipped train step and eval forward as closures: (train, eval, info).
 
   `train()` runs one step and returns its metrics, `eval()` one encode forward; both
@@ -79,7 +84,8 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
   `cpu_matmul` (config train.cpu_matmul) goes with both compiles, so one process can
   hold both libraries side by side. `full_final_layer` runs the final ViT layer on every
   token, as the authors' model does (ConceptHash.full_final_layer; default: CLS and the
-  concept tokens only).
+  concept tokens only). `uint8_images` compiles the step for the uint8 batches that
+  `data.batches` ships (normalised inside the step), as training does.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -93,7 +99,9 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
   config.data.batch_size = batch
   config.model.remat = remat
   clip_config = hf.random_clip_config(config.model.random_clip)
+  t0 = time.perf_counter()
   clip_params = hf.init_clip_params(clip_config, jax.random.PRNGKey(0))
+  timings = {'clip_init_s': time.perf_counter() - t0}
   clip_params = {k: v for k, v in clip_params.items() if k != 'text_model'}
   rng = np.random.default_rng(0)
   text = rng.normal(size=(num_classes,
@@ -108,18 +116,25 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
       config, model, tx, clip_params, text, mesh)
   del clip_params
   size = config.data.image_size
-  images = rng.normal(size=(batch, size, size, 3)).astype('f4')
+  if uint8_images:
+    images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+  else:
+    images = rng.normal(size=(batch, size, size, 3)).astype('f4')
   labels = rng.integers(0, num_classes, batch).astype('i4')
   inputs = sharding.global_batch({'image': images, 'label': labels}, mesh)
   state = [init_fn()]  # A box: the step donates and replaces it.
   step_fn = train.jit_train_step(configuration.make_loss_fn(config.loss),
                                  model, tx, mask, schedule, shardings, mesh, cpu_matmul)
+  t0 = time.perf_counter()
   step_fn = step_fn.lower(state[0], inputs).compile()
+  timings['train_compile_s'] = time.perf_counter() - t0
   # The eval forward gets its own copy: the train step donates state's buffers.
   variables = jax.tree.map(lambda x: x.copy(),
                            {'params': state[0].params, **state[0].model_state})
   encode = encoding.jitted_encode_step(model, cpu_matmul)
+  t0 = time.perf_counter()
   encode = encode.lower(variables, inputs['image']).compile()
+  timings['eval_compile_s'] = time.perf_counter() - t0
 
   def train_step():
     state[0], metrics = step_fn(state[0], inputs)
@@ -130,7 +145,9 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
 
   train_step.compiled, eval_step.compiled = step_fn, encode  # For HLO and cost analysis.
   return train_step, eval_step, {'devices': jax.device_count(),
-                                 'backend': jax.default_backend()}
+                                 'backend': jax.default_backend(),
+                                 'config': config, 'mesh': mesh, 'state': state,
+                                 'step_fn': step_fn, **timings}
 
 
 def run_one(dtype: str) -> dict:
@@ -141,6 +158,7 @@ def run_one(dtype: str) -> dict:
   config = cub.get_config()
   config.train.cpu_concurrency_scheduler = FLAGS.cpu_concurrency_scheduler
   xla_flags.configure_xla_flags(config)  # As launch.py: before the backend starts.
+  jax.config.update('jax_default_matmul_precision', FLAGS.matmul_precision)
   t0 = time.perf_counter()
   train_step, eval_step, info = build_ours(dtype, FLAGS.batch, FLAGS.num_classes,
                                            FLAGS.remat, FLAGS.cpu_matmul)
@@ -164,7 +182,9 @@ def run_one(dtype: str) -> dict:
   return dict(dtype=dtype, train_img_s=train_ips, eval_img_s=eval_ips,
               peak_rss_gb=rss_gb, peak_device_gb=device_gb, compile_s=compile_s,
               loss=float(metrics['loss']), xla_flags=os.environ.get('XLA_FLAGS', ''),
-              **info)
+              matmul_precision=FLAGS.matmul_precision, jax=jax.__version__,
+              devices=info['devices'], backend=info['backend'],
+              **{k: v for k, v in info.items() if k.endswith('_s')})
 
 
 def main(argv):
@@ -180,7 +200,8 @@ def main(argv):
            f'--eval_steps={FLAGS.eval_steps}',
            f'--num_classes={FLAGS.num_classes}', f'--remat={FLAGS.remat}',
            f'--cpu_concurrency_scheduler={FLAGS.cpu_concurrency_scheduler}',
-           f'--cpu_matmul={FLAGS.cpu_matmul}']
+           f'--cpu_matmul={FLAGS.cpu_matmul}',
+           f'--matmul_precision={FLAGS.matmul_precision}']
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     line = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
     if out.returncode or not line:
@@ -192,6 +213,7 @@ def main(argv):
         f'{rows[0]["backend"]} x{rows[0]["devices"]}, {os.cpu_count()} cores, '
         f'model.remat={FLAGS.remat}, train.cpu_concurrency_scheduler='
         f'{FLAGS.cpu_concurrency_scheduler}, train.cpu_matmul={FLAGS.cpu_matmul}, '
+        f'matmul precision {FLAGS.matmul_precision}, '
         f'XLA_FLAGS of the first row: {rows[0]["xla_flags"]!r}\n')
   print('| dtype | train img/s | eval img/s | peak RSS GB | '
         'peak device GB | setup + compile s |')
