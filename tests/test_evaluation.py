@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+import train_testlib as lib
 from concepthash_jax import evaluation
 
 
@@ -383,19 +384,13 @@ def test_database_split_over_two_processes_gives_the_same_bits():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  procs = [subprocess.Popen(
-      [sys.executable, '-c', _PROCESS_DRIVER.format(
-          tests=tests, root=os.path.dirname(tests), port=port, process_id=i)],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  try:
-    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-  finally:
-    for proc in procs:
-      proc.kill()  # no-op once it has exited
-  for proc, out in zip(procs, outputs):
-    assert proc.returncode == 0 and out.strip().endswith('OK'), out[-3000:]
+  results = lib.run_together(
+      [[sys.executable, '-c', _PROCESS_DRIVER.format(
+          tests=tests, root=os.path.dirname(tests), port=port, process_id=i)]
+       for i in range(2)], env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
+  for result in results:
+    assert result.returncode == 0 and result.stdout.strip().endswith('OK'), (
+        result.stdout[-500:], result.stderr[-3000:])
 
 
 def test_curves_false_skips_only_the_radius_metrics():

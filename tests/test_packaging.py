@@ -36,21 +36,11 @@ TINY_RUN = ['--config.train.max_steps=2'] + [f'--config.{k}={v}' for k, v in lib
 
 
 def _run_together(commands, cwd, env, timeout=300):
-  """Runs independent commands side by side; their CompletedProcess, in order.
+  """lib.run_together, checking that none printed PyTorch's notice.
 
   Each is mostly imports and compiles on one core, so two or more overlap.
   """
-  procs = [subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for args in commands]
-  results = []
-  try:
-    for args, proc in zip(commands, procs):
-      out, err = proc.communicate(timeout=timeout)
-      results.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
+  results = lib.run_together(commands, cwd=cwd, env=env, timeout=timeout)
   for result in results:
     assert TORCH_NOTICE not in result.stdout + result.stderr, result.args
   return results

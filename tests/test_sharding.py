@@ -2,7 +2,6 @@
 import json
 import os
 import socket
-import subprocess
 import sys
 import textwrap
 
@@ -90,26 +89,15 @@ def test_eight_devices_match_one_device_replicated_and_fsdp(one_device,
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=8')
   # Independent runs, one process each, side by side: each is mostly compiles
-  # on one core. Output goes to files: a full pipe would stall a run.
-  procs = {}
-  try:
-    for workdir, overrides in ((replicated, {}), (fsdp, {'train.fsdp': True})):
-      script = _DRIVER.format(tests=os.path.dirname(__file__), root=ROOT,
-                              fsdp=bool(overrides), overrides=overrides,
-                              workdir=workdir)
-      with open(workdir + '.log', 'w') as log:
-        procs[workdir] = subprocess.Popen(
-            [sys.executable, '-c', script], cwd=ROOT, env=env, stdout=log,
-            stderr=subprocess.STDOUT)
-    for workdir, proc in procs.items():
-      proc.wait(timeout=400)
-  finally:
-    for proc in procs.values():
-      if proc.poll() is None:
-        proc.kill()
-  for workdir, proc in procs.items():
-    with open(workdir + '.log') as log:
-      assert proc.returncode == 0, log.read()[-4000:]
+  # on one core.
+  results = lib.run_together(
+      [[sys.executable, '-c', _DRIVER.format(
+          tests=os.path.dirname(__file__), root=ROOT, fsdp=bool(overrides),
+          overrides=overrides, workdir=workdir)]
+       for workdir, overrides in ((replicated, {}), (fsdp, {'train.fsdp': True}))],
+      cwd=ROOT, env=env, timeout=400)
+  for result in results:
+    assert result.returncode == 0, result.stderr[-4000:]
   assert len(_losses(replicated)) == 6
   _assert_close_runs(replicated, one_device)
   _assert_close_runs(fsdp, one_device)
@@ -125,28 +113,19 @@ def test_two_processes_train_together_like_one(one_device, tmp_path):
   """launch.py twice on localhost (CPU collectives): one run, split batches."""
   workdir = str(tmp_path / 'two_processes')
   port = _free_port()
-  procs = []
+  envs = []
   for process_id in range(2):
     env = dict(os.environ, JAX_PLATFORMS='cpu',
                JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
                JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(process_id))
     env.pop('XLA_FLAGS', None)  # One CPU device per process.
-    procs.append(subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, 'launch.py'),
-         f'--workdir={workdir}', *lib.flag_args()],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True))
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=400)[0])
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  for proc, out in zip(procs, outputs):
-    assert proc.returncode == 0, out[-4000:]
-  assert 'process 1/2, 1 local / 2 global devices' in outputs[1]
+    envs.append(env)
+  launch = [sys.executable, os.path.join(ROOT, 'launch.py'), f'--workdir={workdir}',
+            *lib.flag_args()]
+  runs = lib.run_together([launch, launch], cwd=ROOT, env=envs, timeout=400)
+  for run in runs:
+    assert run.returncode == 0, run.stderr[-4000:]
+  assert 'process 1/2, 1 local / 2 global devices' in runs[1].stdout + runs[1].stderr
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
   with open(os.path.join(one_device, 'results.json')) as f:

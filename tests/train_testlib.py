@@ -3,8 +3,12 @@
 The same overrides are used in-process (`load_config`) and on the command line
 of launch.py in subprocesses, so both paths train exactly the same run.
 """
+import contextlib
 import os
+import subprocess
 import sys
+import tempfile
+import time
 
 from absl import flags
 from ml_collections import config_flags
@@ -97,3 +101,86 @@ def trained_tiny_run(tmp_path_factory):
     train.train_and_evaluate(load_config(), str(workdir))
   with open(workdir / 'results.json') as f:
     return str(workdir), json.load(f)
+
+
+def _per_command(value, n):
+  """`value` once per command: a list as given (one each), anything else n times."""
+  if isinstance(value, list):
+    assert len(value) == n, (len(value), n)
+    return value
+  return [value] * n
+
+
+def _wait_until_done_or_failed(procs, deadline):
+  """Index of the first process that exited non-zero, or None.
+
+  Returns as soon as one fails (its peers may wait on it forever), when all
+  have exited, or at `deadline` (time.monotonic()) with some still running.
+  """
+  while True:
+    codes = [proc.poll() for proc in procs]
+    failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
+    if failed or None not in codes or time.monotonic() > deadline:
+      return failed[0] if failed else None
+    time.sleep(0.1)
+
+
+def run_together(commands, cwd=None, env=None, timeout=300, tail=1500):
+  """Runs `commands` side by side; a subprocess.CompletedProcess each, in order.
+
+  Independent runs are mostly imports and compiles on one core each, so they
+  overlap; the processes of one jax.distributed run must run together. Output
+  goes to temporary files, not pipes: a command that fills a pipe we do not
+  read yet stops until we do, and the peers of a distributed run with it.
+
+  Once one command exits non-zero, the others still running are killed (they
+  could wait on it until the timeout) and each of their stderr ends with a
+  note naming that command and its last `tail` characters of stderr: a test
+  that asserts on a killed one first still shows what went wrong.
+
+  Args:
+    commands: argument lists, one per process.
+    cwd: working directory of every command, or a list of one per command.
+    env: environment of every command, or a list of one per command.
+    timeout: seconds for all of them, from the start.
+    tail: characters of a failed command's stderr in the notes and errors.
+
+  Returns:
+    A CompletedProcess (returncode, text stdout and stderr) per command: each
+    caller asserts on them with its own messages.
+
+  Raises:
+    TimeoutError: some still ran after `timeout` seconds; all are killed first
+      and the message holds each one's stderr tail.
+  """
+  n = len(commands)
+  with contextlib.ExitStack() as files:
+    outs = [files.enter_context(tempfile.TemporaryFile()) for _ in range(n)]
+    errs = [files.enter_context(tempfile.TemporaryFile()) for _ in range(n)]
+    procs, killed = [], []
+    try:
+      for args, where, environ, out, err in zip(
+          commands, _per_command(cwd, n), _per_command(env, n), outs, errs):
+        procs.append(subprocess.Popen(args, cwd=where, env=environ, stdout=out, stderr=err))
+      failed = _wait_until_done_or_failed(procs, time.monotonic() + timeout)
+    finally:  # Also on an error or Ctrl-C: no process outlives the test.
+      for i, proc in enumerate(procs):
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait()
+          killed.append(i)
+    texts = []
+    for f in outs + errs:
+      f.seek(0)
+      texts.append(f.read().decode('utf-8', 'replace'))
+  stdouts, stderrs = texts[:n], texts[n:]
+  if killed and failed is None:
+    raise TimeoutError('\n'.join(
+        f'commands[{i}] still ran after {timeout} s; its stderr ends:\n'
+        f'{stderrs[i][-tail:]}' for i in killed))
+  for i in killed:
+    stderrs[i] += (f'\n[run_together: killed as commands[{failed}] exited with '
+                   f'{procs[failed].returncode}; its stderr ends:\n'
+                   f'{stderrs[failed][-tail:]}]')
+  return [subprocess.CompletedProcess(args, proc.returncode, out, err)
+          for args, proc, out, err in zip(commands, procs, stdouts, stderrs)]
