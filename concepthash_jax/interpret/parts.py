@@ -1,10 +1,10 @@
-"""Analysis of ConceptHash codes and concept attention (§4.2-4.3, App. B).
+"""Part localisation (Table 3) and which part each concept looks at.
 
-Pure functions: arrays in, arrays or dicts out, no file I/O; `figures.py`
-draws them, `report.py` writes the report, `tools/explain.py` runs the steps. Names: M -> `num_concepts`, K ->
-`nbit`, HW -> the patch grid (h x w), S -> side of the model input in pixels.
-Points are (x, y) pixel coordinates of the model input (after the test
-transform); keypoints are (x, y, visible).
+Scores concept attention locations (`attention.attention_locations`) against
+ground-truth part keypoints (x, y, visible) in pixel coordinates of the model
+input (after the test transform). Pure functions: arrays in, arrays or dicts
+out. Names: M -> `num_concepts`, P -> the number of parts, S -> side of the
+model input in pixels.
 
 Part localisation (Table 3) follows the protocol of Huang & Li, CVPR 2020 (the
 paper's ref. [27], `eval_interp.py`): each concept's attention map gives one
@@ -20,190 +20,15 @@ localises it best on the fit split (no regression). [27] locates a part by the
 centroid of its soft assignment map; concept attention comes from a softmax
 over all tokens, whose near-uniform floor pulls a centroid towards the image
 centre, so the tools default to the peak (both are available).
-"""
-from typing import Optional, Sequence
 
-import jax
-import jax.numpy as jnp
+`concept_part_hits` asks the other question: not how far a concept is from a
+part but which part (or the background) its attention peak is on.
+"""
+from typing import Sequence
+
 import numpy as np
 
-from concepthash_jax import encoding
-from concepthash_jax import evaluation
-
-
-# ------------------------------------------------------- attention maps
-
-
-def attention_grid(concept_attn, grid_shape: Optional[Sequence[int]] = None):
-  """Reshapes flat concept attention to the patch grid.
-
-  Args:
-    concept_attn: (N, M, HW) attention of concept queries over patch keys.
-    grid_shape: (h, w); default the square root of HW.
-
-  Returns:
-    (N, M, h, w) numpy float32.
-  """
-  attn = np.asarray(concept_attn, np.float32)
-  hw = attn.shape[-1]
-  if grid_shape is None:
-    side = int(round(hw ** 0.5))
-    if side * side != hw:
-      raise ValueError(f'{hw} patches are not a square grid; pass grid_shape')
-    grid_shape = (side, side)
-  h, w = grid_shape
-  if h * w != hw:
-    raise ValueError(f'grid_shape {grid_shape} does not hold {hw} patches')
-  return attn.reshape(attn.shape[:-1] + (h, w))
-
-
-def upsample_attention(maps, size: Sequence[int]):
-  """Bilinear upsampling of patch-grid maps to image size (half-pixel centres).
-
-  Args:
-    maps: (..., h, w) attention on the patch grid.
-    size: (H, W) target size in pixels.
-
-  Returns:
-    (..., H, W) numpy float32.
-  """
-  maps = jnp.asarray(maps, jnp.float32)
-  shape = maps.shape[:-2] + tuple(size)
-  return np.asarray(jax.image.resize(maps, shape, method='bilinear'))
-
-
-def normalise_for_display(maps):
-  """Min-max scales each (h, w) map to [0, 1] for colour mapping.
-
-  Args:
-    maps: (..., h, w).
-
-  Returns:
-    (..., h, w) float32 in [0, 1] (constant maps -> 0).
-  """
-  maps = np.asarray(maps, np.float32)
-  low = maps.min(axis=(-2, -1), keepdims=True)
-  span = maps.max(axis=(-2, -1), keepdims=True) - low
-  return np.where(span > 0, (maps - low) / np.where(span > 0, span, 1), 0.0)
-
-
-def patch_centres(grid_shape: Sequence[int], image_size: Sequence[int]):
-  """Pixel (x, y) of every patch centre, row-major like the HW axis.
-
-  Args:
-    grid_shape: (h, w) patches.
-    image_size: (H, W) pixels of the model input.
-
-  Returns:
-    (h*w, 2) float64.
-  """
-  h, w = grid_shape
-  height, width = image_size
-  ys, xs = np.meshgrid((np.arange(h) + 0.5) * height / h,
-                       (np.arange(w) + 0.5) * width / w, indexing='ij')
-  return np.stack([xs.ravel(), ys.ravel()], axis=-1)
-
-
-def attention_locations(concept_attn, image_size: Sequence[int], *,
-                        grid_shape: Optional[Sequence[int]] = None,
-                        method: str = 'peak'):
-  """One location per concept map: its peak patch or its attention centroid.
-
-  Args:
-    concept_attn: (N, M, HW).
-    image_size: (H, W) pixels of the model input.
-    grid_shape: (h, w); default square.
-    method: 'peak' (centre of the arg-max patch) or 'centroid' (attention-
-      weighted mean of patch centres, the "geometric centre" of [27]).
-
-  Returns:
-    (N, M, 2) float64 pixel (x, y).
-  """
-  grid = attention_grid(concept_attn, grid_shape)
-  flat = grid.reshape(grid.shape[:2] + (-1,)).astype(np.float64)
-  centres = patch_centres(grid.shape[-2:], image_size)  # (HW, 2)
-  if method == 'peak':
-    return centres[flat.argmax(-1)]
-  if method == 'centroid':
-    weights = flat / np.maximum(flat.sum(-1, keepdims=True), 1e-12)
-    return weights @ centres
-  raise ValueError(f"Unknown method {method!r}; valid: ['peak', 'centroid']")
-
-
-def concept_correlation(concept_attn, *, method: str = 'cosine'):
-  """Concept-by-concept similarity of attention maps, mean over images (Fig. 7).
-
-  'cosine' is the quantity L_csd penalises (Eq. 8): maps L2-normalised over
-  HW, so identical maps give 1. 'pearson' centres each map first.
-
-  Args:
-    concept_attn: (N, M, HW).
-    method: 'cosine' | 'pearson'.
-
-  Returns:
-    (M, M) float64.
-  """
-  attn = np.asarray(concept_attn, np.float64)
-  if method == 'pearson':
-    attn = attn - attn.mean(-1, keepdims=True)
-  elif method != 'cosine':
-    raise ValueError(f"Unknown method {method!r}; valid: ['cosine', 'pearson']")
-  unit = attn / np.maximum(np.linalg.norm(attn, axis=-1, keepdims=True), 1e-12)
-  return np.einsum('nmk,nlk->ml', unit, unit) / attn.shape[0]
-
-
-def correlation_summary(concept_attn) -> dict:
-  """Fig. 7: cosine (what L_csd penalises) and Pearson concept correlations.
-
-  On near-uniform maps (a random backbone) the cosine is close to 1 however
-  the peaks differ, so Pearson (maps centred first) is given beside it.
-
-  Returns:
-    {'matrix': (M, M) cosine, 'mean_off_diagonal', 'pearson': (M, M),
-    'pearson_mean_off_diagonal'} (off-diagonal means NaN for M = 1).
-  """
-  cosine = concept_correlation(concept_attn)
-  pearson = concept_correlation(concept_attn, method='pearson')
-  off_diag = ~np.eye(len(cosine), dtype=bool)
-
-  def off_mean(matrix):
-    return float(matrix[off_diag].mean()) if off_diag.any() else float('nan')
-  return {'matrix': cosine, 'mean_off_diagonal': off_mean(cosine),
-          'pearson': pearson, 'pearson_mean_off_diagonal': off_mean(pearson)}
-
-
-def crop_box(heatmap, *, threshold: float = 0.5, min_size: int = 8):
-  """Box around the hot region of one upsampled map (Fig. 3's crops).
-
-  Args:
-    heatmap: (H, W) attention at image resolution.
-    threshold: keep pixels above this fraction of the min-max range.
-    min_size: smallest side in pixels (grown around the peak, clipped).
-
-  Returns:
-    (x0, y0, x1, y1) ints, exclusive end.
-  """
-  heat = normalise_for_display(heatmap)
-  height, width = heat.shape
-  ys, xs = np.nonzero(heat >= threshold)
-  if not len(ys):  # A constant map has no hot region: keep the whole image.
-    return 0, 0, int(width), int(height)
-  y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-  py, px = np.unravel_index(np.argmax(heat), heat.shape)
-
-  def grow(lo, hi, peak, limit):
-    # Enlarge a too-small interval symmetrically around the peak.
-    size = min(max(hi - lo, min_size), limit)
-    if hi - lo >= size:
-      return lo, hi
-    lo = int(np.clip(peak - size // 2, 0, limit - size))
-    return lo, lo + size
-  x0, x1 = grow(x0, x1, px, width)
-  y0, y1 = grow(y0, y1, py, height)
-  return int(x0), int(y0), int(x1), int(y1)
-
-
-# ------------------------------------------------------ part localisation
+from concepthash_jax.interpret import attention
 
 
 def visible_mask(keypoints, image_size: Sequence[int]):
@@ -287,7 +112,8 @@ def part_localisation(fit_locations, fit_keypoints, eval_locations,
 
   Args:
     fit_locations: (N_fit, M, 2) pixel (x, y) per concept (see
-      `attention_locations`), split used to fit the regressor / assignment.
+      `attention.attention_locations`), split used to fit the regressor /
+      assignment.
     fit_keypoints: (N_fit, P, 3) ground-truth x, y, visible.
     eval_locations: (N_eval, M, 2).
     eval_keypoints: (N_eval, P, 3).
@@ -390,9 +216,9 @@ def localisation(train_enc, test_enc, *, image_size, method, classes=(),
   def run(fit_rows, eval_rows):
     out = {}
     for loc_method in ('peak', 'centroid'):
-      fit_loc = attention_locations(
+      fit_loc = attention.attention_locations(
           train_enc['concept_attn'][fit_rows], image_size, method=loc_method)
-      eval_loc = attention_locations(
+      eval_loc = attention.attention_locations(
           test_enc['concept_attn'][eval_rows], image_size, method=loc_method)
       for protocol in ('regression', 'best_concept'):
         out[f'{protocol}/{loc_method}'] = part_localisation(
@@ -443,7 +269,8 @@ def concept_part_hits(locations, keypoints, *, image_size: Sequence[int],
   Without boxes every location goes to its nearest part.
 
   Args:
-    locations: (N, M, 2) pixel (x, y) per concept (`attention_locations`).
+    locations: (N, M, 2) pixel (x, y) per concept
+      (`attention.attention_locations`).
     keypoints: (N, P, 3) x, y, visible.
     image_size: (H, W) of the model input.
     boxes: optional (N, 4) object boxes x, y, width, height.
@@ -516,246 +343,9 @@ def part_hits(concept_attn, keypoints, labels, *, image_size, part_names,
   Returns:
     `part_hit_summary` plus 'targets' (part names, then 'background').
   """
-  hits = concept_part_hits(attention_locations(concept_attn, image_size),
-                           keypoints, image_size=image_size, boxes=boxes)
+  hits = concept_part_hits(
+      attention.attention_locations(concept_attn, image_size), keypoints,
+      image_size=image_size, boxes=boxes)
   summary = part_hit_summary(hits, labels, len(part_names))
   summary['targets'] = list(part_names) + ['background']
   return summary
-
-
-# ------------------------------------------------------------- families
-
-
-def to_family_labels(labels, family_of):
-  """Maps class labels to family labels.
-
-  Args:
-    labels: (N,) int class ids or (N, C) multi-hot.
-    family_of: (C,) family id of each class.
-
-  Returns:
-    (N,) int64 family ids, or (N, F) multi-hot for multi-hot input.
-  """
-  labels, family_of = np.asarray(labels), np.asarray(family_of, np.int64)
-  if labels.ndim == 1:
-    return family_of[labels]
-  onehot = np.eye(family_of.max() + 1, dtype=np.int64)[family_of]  # (C, F)
-  return ((labels.astype(np.int64) @ onehot) > 0).astype(np.int64)
-
-
-def family_map_at_r(query_codes, query_labels, db_codes, db_labels, family_of,
-                    *, R: Optional[int] = None, ties: str = 'index') -> float:
-  """Family-level retrieval (Table 5): mAP@R with family labels as relevance.
-
-  Args:
-    query_codes: (Q, K) codes (value > 0 is bit 1).
-    query_labels: (Q,) class ids or (Q, C) multi-hot.
-    db_codes: (N, K).
-    db_labels: (N,) or (N, C).
-    family_of: (C,) family of each class.
-    R: cut-off (None = whole database, as the paper).
-    ties: Hamming tie rule of `evaluation.map_at_r`.
-
-  Returns:
-    mAP@R in [0, 1].
-  """
-  return float(evaluation.map_at_r(
-      query_codes, to_family_labels(query_labels, family_of), db_codes,
-      to_family_labels(db_labels, family_of), R=R, ties=ties))
-
-
-def retrieval_by_level(query, database, family_of, *, R: Optional[int] = None,
-                       ties: str = 'index') -> dict:
-  """Table 5: class-level and family-level mAP@R, each beside its chance level.
-
-  Args:
-    query, database: `encoding.encode_split` results ('codes', 'labels').
-    family_of: (C,) family of each class.
-    R, ties: as `evaluation.map_at_r`.
-
-  Returns:
-    {'class_map_at_r', 'class_chance'} and, when families group classes,
-    'num_families', 'family_map_at_r', 'family_chance'.
-  """
-  out = {'class_map_at_r': float(evaluation.map_at_r(
-      query['codes'], query['labels'], database['codes'], database['labels'],
-      R=R, ties=ties)),
-         'class_chance': encoding.chance_map_at_r(query['labels'],
-                                                  database['labels'])}
-  family_of = np.asarray(family_of, np.int64)
-  num_families = len(np.unique(family_of))
-  if num_families < len(family_of):
-    out['num_families'] = num_families
-    out['family_map_at_r'] = family_map_at_r(
-        query['codes'], query['labels'], database['codes'],
-        database['labels'], family_of, R=R, ties=ties)
-    out['family_chance'] = encoding.chance_map_at_r(
-        to_family_labels(query['labels'], family_of),
-        to_family_labels(database['labels'], family_of))
-  return out
-
-
-def top_families(family_of, k: int = 10):
-  """The k families with the most classes (Fig. 5 plots CUB's top 10).
-
-  Args:
-    family_of: (C,) family ids.
-    k: how many.
-
-  Returns:
-    (k',) family ids, most classes first (ties: lower id first), k' <= k.
-  """
-  counts = np.bincount(np.asarray(family_of, np.int64))
-  order = np.lexsort((np.arange(len(counts)), -counts))
-  return order[counts[order] > 0][:k]
-
-
-def family_similarity(centers, family_of) -> dict:
-  """Mean cosine between class centers of the same vs different families.
-
-  A number to go with Fig. 5's picture: language-guided centers should be
-  closer within a family than across families.
-
-  Args:
-    centers: (C, K) hash class centers.
-    family_of: (C,) family ids.
-
-  Returns:
-    {'within': float, 'between': float} (NaN when no such pair exists).
-  """
-  centers = np.asarray(centers, np.float64)
-  unit = centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True),
-                              1e-12)
-  sim = unit @ unit.T
-  fam = np.asarray(family_of)
-  same = fam[:, None] == fam[None, :]
-  off = ~np.eye(len(fam), dtype=bool)
-
-  def mean(mask):
-    return float(sim[mask].mean()) if mask.any() else float('nan')
-  return {'within': mean(same & off), 'between': mean(~same)}
-
-
-def tsne_embed(points, *, seed: int = 0, perplexity: Optional[float] = None):
-  """2-D t-SNE (scikit-learn) of L2-normalised points (cosine geometry).
-
-  Args:
-    points: (C, K), e.g. hash class centers o_c.
-    seed: random state.
-    perplexity: default min(30, (C - 1) / 3), valid for small C.
-
-  Returns:
-    (C, 2) float64.
-  """
-  from sklearn import manifold  # pylint: disable=g-import-not-at-top
-  points = np.asarray(points, np.float64)
-  if len(points) < 3:
-    raise ValueError(f't-SNE needs at least 3 points, got {len(points)}')
-  unit = points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True),
-                             1e-12)
-  if perplexity is None:
-    perplexity = max(1.0, min(30.0, (len(points) - 1) / 3.0))
-  return manifold.TSNE(n_components=2, perplexity=perplexity, init='pca',
-                       random_state=seed).fit_transform(unit)
-
-
-# ------------------------------------------------------------ sub-codes
-
-
-def subcode_values(codes, num_concepts: int):
-  """Integer value of every concept's sub-code (first bit most significant).
-
-  Args:
-    codes: (N, K) codes; a value > 0 is bit 1.
-    num_concepts: M (K must be divisible by M).
-
-  Returns:
-    (N, M) int64 in [0, 2^(K/M)).
-  """
-  codes = np.asarray(codes)
-  n, nbit = codes.shape
-  if nbit % num_concepts:
-    raise ValueError(f'nbit {nbit} is not divisible by {num_concepts} concepts')
-  bits = (codes > 0).reshape(n, num_concepts, nbit // num_concepts)
-  weights = 2 ** np.arange(bits.shape[-1] - 1, -1, -1, dtype=np.int64)
-  return (bits.astype(np.int64) * weights).sum(-1)
-
-
-def subcode_string(value: int, bits: int) -> str:
-  """'01'-style bit string of a sub-code value (first bit first)."""
-  return format(int(value), f'0{bits}b')
-
-
-def _gray_rank(bits: str) -> int:
-  """Position of a Gray-code word in the Gray sequence."""
-  rank, acc = 0, 0
-  for ch in bits:
-    acc ^= int(ch)
-    rank = rank * 2 + acc
-  return rank
-
-
-def subcode_layout(bits: int):
-  """Grid cell of every sub-code value, generalising Fig. 3's quadrants.
-
-  Fig. 3 (2 bits): 00 bottom-left, 01 top-left, 11 top-right, 10
-  bottom-right, i.e. the first bit picks the column and the second the row
-  from the bottom, so neighbouring cells differ in one bit. With more bits the
-  first ceil(b/2) bits pick the column and the rest the row, each in Gray
-  order, keeping that property.
-
-  Args:
-    bits: bits per sub-code (K/M).
-
-  Returns:
-    (rows, cols, {value: (row from top, col)}).
-  """
-  col_bits = (bits + 1) // 2
-  row_bits = bits - col_bits
-  rows, cols = 2 ** row_bits, 2 ** col_bits
-  cells = {}
-  for value in range(2 ** bits):
-    word = subcode_string(value, bits)
-    col = _gray_rank(word[:col_bits])
-    row = _gray_rank(word[col_bits:]) if row_bits else 0
-    cells[value] = (rows - 1 - row, col)
-  return rows, cols, cells
-
-
-def gallery_groups(values, scores=None, *, per_group: int = 4,
-                   max_groups: int = 16):
-  """Images grouped by one concept's sub-code value, best-scored first.
-
-  Args:
-    values: (N,) sub-code value of each image for one concept.
-    scores: (N,) ranking within a group (e.g. the concept's peak
-      attention); default image order.
-    per_group: images kept per value.
-    max_groups: keep the most populous values only (long sub-codes have
-      more values than a figure can hold).
-
-  Returns:
-    {value: (n,) int indices}, at most max_groups values, largest first.
-  """
-  values = np.asarray(values)
-  scores = (-np.arange(len(values), dtype=np.float64) if scores is None
-            else np.asarray(scores, np.float64))
-  uniq, counts = np.unique(values, return_counts=True)
-  keep = uniq[np.lexsort((uniq, -counts))][:max_groups]
-  groups = {}
-  for value in keep:
-    idx = np.nonzero(values == value)[0]
-    order = np.argsort(-scores[idx], kind='stable')
-    groups[int(value)] = idx[order][:per_group]
-  return groups
-
-
-# -------------------------------------------------------------- display
-
-
-def pick_display(labels, n):
-  """Up to n test rows, one per class first, so the panel shows variety."""
-  labels = np.asarray(labels)
-  _, first = np.unique(labels, return_index=True)
-  rest = np.setdiff1d(np.arange(len(labels)), first)
-  return np.concatenate([np.sort(first), rest])[:n]
