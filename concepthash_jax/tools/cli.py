@@ -20,6 +20,10 @@ _NOT_CONFIGS = ('__init__', 'common')
 _HELP_ARGS = ('-h', '-?', '--help', '--helpshort', '-help', '-helpshort')
 _HELPFULL_ARGS = ('--helpfull', '-helpfull')
 
+# `define_run_flags` defines flags for the tool that calls it: absl then files
+# them under that tool's module (its --help block), not under this one.
+flags.disclaim_key_flags()
+
 
 def config_names() -> list:
   """Names of the installed config files ('base', 'cub', ...), sorted."""
@@ -67,6 +71,24 @@ def resolve_config_args(argv: Sequence[str]) -> list:
     if arg in ('--config', '-config') and i + 1 < len(out):
       out[i + 1] = resolve_config(out[i + 1])
   return out
+
+
+def define_run_flags(*, data_root: bool = True) -> None:
+  """Defines --workdir and --checkpoint, the trained run a tool reads.
+
+  The tools that restore a run (encode, explain, export) name it alike; each
+  calls this from its own `define_flags` and marks --workdir required where it
+  is (export can read an official state dict instead).
+
+  Args:
+    data_root: also --data_root, to find a dataset moved since training.
+  """
+  flags.DEFINE_string('workdir', None, 'Run directory written by launch.py.')
+  flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
+                    'Which checkpoint: the final one or the best by mAP@R.')
+  if data_root:
+    flags.DEFINE_string('data_root', None, 'Override config.data.root '
+                        '(dataset moved since training).')
 
 
 def help_text(doc: str, flag_names: Sequence[str], full: bool = False) -> str:

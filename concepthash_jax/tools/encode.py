@@ -32,14 +32,10 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Defines the CLI flags; only when run as a program, so that importing
   this module (tests, other tools) does not claim names like --workdir."""
-  flags.DEFINE_string('workdir', None, 'Run directory written by launch.py.')
+  cli.define_run_flags()
   flags.DEFINE_enum('split', 'test', ['train', 'test'], 'Split to encode.')
   flags.DEFINE_string('out', None,
                       'Output .npz (default WORKDIR/codes_SPLIT.npz).')
-  flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
-                    'Which checkpoint: the final one or the best by mAP@R.')
-  flags.DEFINE_string('data_root', None,
-                      'Override config.data.root (dataset moved since training).')
   flags.mark_flag_as_required('workdir')
 
 def encode_run(workdir: str, split: str, *, checkpoint: str = 'latest',

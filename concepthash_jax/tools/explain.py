@@ -265,13 +265,8 @@ def _run_summary(workdir, inp: _Inputs) -> dict:
 
 def define_flags():
   """Command-line flags, defined only when run as a program."""
-  flags.DEFINE_string('workdir', None, 'Run directory written by launch.py.')
+  cli.define_run_flags()
   flags.DEFINE_string('out', None, 'Output folder (default WORKDIR/explain).')
-  flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
-                    'Which checkpoint: the final one or the best by mAP@R.')
-  flags.DEFINE_string('data_root', None,
-                      'Override config.data.root (dataset moved since '
-                      'training).')
   flags.DEFINE_integer('num_images', 8, 'Test images in attention_maps.png.')
   flags.DEFINE_integer('per_group', 4, 'Crops per sub-code value in a gallery.')
   flags.DEFINE_integer('gallery_pool', 512,

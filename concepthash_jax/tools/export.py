@@ -31,10 +31,8 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Defines the CLI flags (only when run as a program)."""
-  flags.DEFINE_string('workdir', None, 'Run directory written by launch.py.')
+  cli.define_run_flags(data_root=False)
   flags.DEFINE_string('out', None, 'Export directory to write.')
-  flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'],
-                    'Which checkpoint of --workdir.')
   flags.DEFINE_bool('trained_only', False,
                     'Store only the trained parameters; the frozen CLIP comes '
                     'from --base_clip when loading.')
