@@ -83,7 +83,11 @@ def select_tokens(x, tokens: Optional[int], axis: int = 1):
   if tokens is None:
     return x
   size = x.shape[axis]
-  return jnp.take(x, np.r_[0, size - tokens:size], axis=axis)
+  # Two static slices, not a gather: their gradient is a pad, where a gather's is
+  # a scatter-add, which XLA:CPU runs as a loop.
+  return jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis),
+                          jax.lax.slice_in_dim(x, size - tokens, size, axis=axis)],
+                         axis=axis)
 
 
 class CLIPAttention(nn.Module):
