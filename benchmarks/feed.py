@@ -7,10 +7,11 @@ Writes `--images` CUB-sized JPEGs (input_pipeline.write_cub), compiles the shipp
 step for the uint8 batches `data.batches` ships (configs/cub.py, random ViT-B/32
 weights), builds the first-stage cache once (timed), then for every worker setting:
   step alone      the compiled step on one batch already on the device: the ceiling;
-  pipeline alone  data.batches (train transform, released augmentation) on the host,
-                  nothing else;
-  fed             the training loop's own feed (train._train_batches: data.batches ->
-                  sharding.global_batch) into the step, as train_and_evaluate runs it.
+  pipeline alone  data.train_batches (train transform, released augmentation; one
+                  iterator for all the epochs, as training) on the host, nothing else;
+  fed             the training loop's own feed (train._train_batches:
+                  data.train_batches -> sharding.global_batch) into the step, as
+                  train_and_evaluate runs it.
 busy = fed / step alone: the share of the step's rate that the pipeline lets through
 (1.0: the accelerator never waits for data).
 """
@@ -63,10 +64,9 @@ def main(argv):
   timed = FLAGS.epochs * per_epoch * FLAGS.batch
 
   def pipeline_alone():
-    for epoch in range(FLAGS.epochs):
-      for _ in data.batches(ds, config.data, train=True, batch_size=FLAGS.batch,
-                            seed=0, epoch=epoch, drop_remainder=True):
-        pass
+    for _ in data.train_batches(ds, config.data, batch_size=FLAGS.batch, seed=0,
+                                start_step=0, stop_step=FLAGS.epochs * per_epoch):
+      pass
 
   def step_alone():
     for _ in range(FLAGS.epochs * per_epoch):
@@ -75,8 +75,7 @@ def main(argv):
 
   def fed():
     for batch in train._train_batches(ds, config, mesh, start_step=0,  # pylint: disable=protected-access
-                                      stop_step=FLAGS.epochs * per_epoch,
-                                      steps_per_epoch=per_epoch):
+                                      stop_step=FLAGS.epochs * per_epoch):
       state[0], metrics = step_fn(state[0], batch)
     jax.block_until_ready(metrics)
 
@@ -89,7 +88,9 @@ def main(argv):
   for worker_type in FLAGS.worker_types:
     for workers in (int(w) for w in FLAGS.workers):
       config.data.update(dict(num_workers=workers, worker_type=worker_type))
-      fed()  # Warm-up: worker start-up, page cache, the step's first runs.
+      # Warm-up: page cache, the step's first runs. Each timed figure still
+      # includes one worker start-up, as a run does.
+      fed()
       row = dict(worker_type=worker_type, workers=workers,
                  pipeline_img_s=rate(pipeline_alone, timed),
                  step_img_s=rate(step_alone, timed), fed_img_s=rate(fed, timed))

@@ -3,6 +3,8 @@
   python benchmarks/input_pipeline.py                      # 2 rounds, 2 and 1 workers
   python benchmarks/input_pipeline.py --rounds=1 --workers=2 --images=320
   python benchmarks/input_pipeline.py --map_check     # mAP@R with / without the cache
+  python benchmarks/input_pipeline.py --torchvision=false --uncached=false --transforms=train \
+      --workers=2 --epochs=3 --worker_types=thread,process --iterators=run,epoch
 
 Writes `--images` CUB-sized JPEGs (500 x 375, textured, quality 90) in the official
 CUB_200_2011 layout, then times one epoch of batch 32 per row, after a warm-up epoch,
@@ -15,8 +17,13 @@ each row in its own process:
                default /work/venv-torch/bin/python: torch, torchvision, pillow, numpy);
                torch is not a dependency of this project.
   ours         data.batches on data.source=folders, uint8 batches (normalised inside
-               the jitted step, not on the host), thread workers; with the first-stage
-               cache (built before the warm-up, its build time reported) and without.
+               the jitted step, not on the host), thread workers (`--worker_types`);
+               with the first-stage cache (built before the warm-up, its build time
+               reported) and without. `--epochs=N` times N epochs per row, including
+               worker start-up: for the train transform through one
+               data.train_batches iterator (`--iterators=run`, as train.py) or one
+               data.batches iterator per epoch (`epoch`, as train.py did before
+               train_batches), so process workers start once or N times.
 Rows of a round run interleaved (torchvision, ours, ...) so the box's load hits both
 alike; `uptime`'s 1-minute load is recorded before each row. Per core = img/s / workers.
 """
@@ -135,19 +142,26 @@ def run_ours(args):
   ds = data.build(cfg, 'train')
   train = args.transform == 'train'
 
+  def count(stream):
+    return sum(int(batch['mask'].sum()) for batch in stream)
+
   def epoch(number):
-    count = 0
-    for batch in data.batches(ds, cfg, train=train, batch_size=args.batch,
-                              seed=0, epoch=number, drop_remainder=train):
-      count += int(batch['mask'].sum())
-    return count
+    return count(data.batches(ds, cfg, train=train, batch_size=args.batch,
+                              seed=0, epoch=number, drop_remainder=train))
 
   start = time.perf_counter()
   epoch(0)  # Warm-up; builds the cache when it does not exist yet.
   warmup_s = time.perf_counter() - start
   start = time.perf_counter()
-  count = epoch(1)
-  return dict(img_s=count / (time.perf_counter() - start), warmup_s=warmup_s)
+  if train and args.iterators == 'run':  # Epochs 1..N from one iterator.
+    per_epoch = data.num_batches(len(ds), batch_size=args.batch,
+                                 process_count=1, drop_remainder=True)
+    images = count(data.train_batches(
+        ds, cfg, batch_size=args.batch, seed=0, start_step=per_epoch,
+        stop_step=(1 + args.epochs) * per_epoch))
+  else:
+    images = sum(epoch(number) for number in range(1, 1 + args.epochs))
+  return dict(img_s=images / (time.perf_counter() - start), warmup_s=warmup_s)
 
 
 def map_check(args):
@@ -234,6 +248,15 @@ def main():
   parser.add_argument('--rounds', type=int, default=2)
   parser.add_argument('--uncached', default='true',
                       help='also time ours without the cache')
+  parser.add_argument('--torchvision', default='true',
+                      help='also time torchvision (the ratio column needs it)')
+  parser.add_argument('--epochs', type=int, default=1,
+                      help='timed epochs per row (worker start-up included)')
+  parser.add_argument('--worker_types', default='thread',
+                      help='data.worker_type settings of the ours rows')
+  parser.add_argument('--iterators', default='run',
+                      help="ours' train iterators: 'run' (one for all the timed "
+                      "epochs, as train.py), 'epoch' (one per epoch)")
   parser.add_argument('--data', default='', help='folder for the JPEGs '
                       '(default: a temporary folder)')
   parser.add_argument('--torch_python', default='/work/venv-torch/bin/python')
@@ -260,7 +283,8 @@ def main():
   write_cub(args.data, args.images)
   model, simd = cpu()
   print(f'{args.images} JPEGs 500x375 in {args.data}; batch {args.batch}; '
-        f'{os.cpu_count()} cores: {model}; SIMD flags: {simd}\n')
+        f'{args.epochs} timed epoch(s) per row; {os.cpu_count()} cores: '
+        f'{model}; SIMD flags: {simd}\n')
   # The cache is built once per transform, outside the timed rows.
   for transform in args.transforms.split(','):
     info = child(args, 'ours', transform=transform, workers=2, cache='true')
@@ -272,9 +296,19 @@ def main():
   for round_ in range(1, args.rounds + 1):
     for transform in args.transforms.split(','):
       for workers in (int(w) for w in args.workers.split(',')):
-        rows = [('torchvision', dict()), ('ours, cache', dict(cache='true'))]
-        if args.uncached == 'true':
-          rows.append(('ours, no cache', dict(cache='false')))
+        rows = ([('torchvision', dict())] if args.torchvision == 'true'
+                else [])
+        for worker_type in args.worker_types.split(','):
+          # One iterator per epoch is the only way for the test transform.
+          for iterators in (args.iterators.split(',') if transform == 'train'
+                            and args.epochs > 1 else ['epoch']):
+            ours = dict(worker_type=worker_type, iterators=iterators,
+                        epochs=args.epochs)
+            name = ', '.join(['ours', worker_type] + (
+                [f'{iterators} iterators'] if args.epochs > 1 else []))
+            rows.append((f'{name}, cache', dict(ours, cache='true')))
+            if args.uncached == 'true':
+              rows.append((f'{name}, no cache', dict(ours, cache='false')))
         results = {}
         for name, extra in rows:
           before = load()
@@ -282,12 +316,13 @@ def main():
           results[name] = child(args, which, transform=transform,
                                 workers=workers, **extra)
           ratio = (f'{results[name]["img_s"] / results["torchvision"]["img_s"]:.2f}x'
-                   if name != 'torchvision' else '')
+                   if name != 'torchvision' and 'torchvision' in results else '')
           print(f'| {round_} | {transform} | {workers} | {name} | '
                 f'{results[name]["img_s"]:.1f} | '
                 f'{results[name]["img_s"] / workers:.1f} | {ratio} | '
                 f'{before:.2f} |', flush=True)
-  print(f'\ntorchvision side: {results["torchvision"]["version"]}')
+  if 'torchvision' in results:
+    print(f'\ntorchvision side: {results["torchvision"]["version"]}')
 
 
 if __name__ == '__main__':

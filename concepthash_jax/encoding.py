@@ -127,6 +127,7 @@ def encode_split(model, variables, ds, data_cfg, *, keep=('codes',),
       part['images'] = part['images'][:images_wanted - num_display]
       num_display += len(part['images'])
     parts.append(part)
+  batches.close()  # Stops its workers now: max_images may stop it early.
   if not parts:
     raise ValueError(f'encode_split got no batches: the {ds.split} split is '
                      'empty')

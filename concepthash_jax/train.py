@@ -12,7 +12,6 @@ on fold_in(rng, step), so a run resumed from any checkpoint ends bit-identical
 to an uninterrupted one.
 """
 import functools
-import itertools
 import json
 import math
 import os
@@ -258,27 +257,25 @@ def _check_finite(step: int, logged: dict, ckpt):
 
 
 def _train_batches(train_ds, config, mesh, *, start_step: int,
-                   stop_step: int, steps_per_epoch: int):
+                   stop_step: int):
   """Global train batches for steps start_step + 1 .. stop_step.
 
-  Order depends on (seed, epoch) only; resuming mid-epoch skips the steps
-  already done, so the run sees exactly the same batches.
+  One pipeline for all of them (`data.train_batches`), so its workers start
+  once per run. Order depends on (seed, epoch) only; resuming mid-epoch
+  starts at the next step's batch, so the run sees exactly the same batches.
+  Closing this generator (the loop ends, raises or stops on SIGTERM) closes
+  the pipeline and stops its workers.
   """
   local_bs = config.data.batch_size // jax.process_count()
-  step = start_step
-  while step < stop_step:
-    epoch = step // steps_per_epoch
-    epoch_batches = itertools.islice(
-        data_lib.batches(train_ds, config.data, train=True,
-                         batch_size=local_bs, seed=config.seed, epoch=epoch,
-                         drop_remainder=True),
-        step - epoch * steps_per_epoch, steps_per_epoch)
-    for batch in epoch_batches:
+  local = data_lib.train_batches(train_ds, config.data, batch_size=local_bs,
+                                 seed=config.seed, start_step=start_step,
+                                 stop_step=stop_step)
+  try:
+    for batch in local:
       yield sharding.global_batch(
           {'image': batch['image'], 'label': batch['label']}, mesh)
-      step += 1
-      if step == stop_step:
-        return
+  finally:
+    local.close()
 
 
 def build_results(config, *, step: int, steps_per_epoch: int,
@@ -439,10 +436,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   run = _Run(config, workdir)
   step, per_epoch = run.start_step, run.steps_per_epoch
+  feed = _train_batches(run.train_ds, config, run.mesh, start_step=step,
+                        stop_step=run.stop_step)
   try:
-    for batch in _train_batches(run.train_ds, config, run.mesh,
-                                start_step=step, stop_step=run.stop_step,
-                                steps_per_epoch=per_epoch):
+    for batch in feed:
       run.state, metrics = run.train_step(run.state, batch)
       step += 1
       run.log.add_step(metrics)
@@ -462,6 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       run.evaluate_and_save(step)
     run.flush(step)
   finally:
+    feed.close()  # Stops the data workers now, not at garbage collection.
     run.close()
 
   results = build_results(

@@ -1,5 +1,6 @@
 """Tests for concepthash_jax.data: sources (synthetic, folders, tfds) and the batch pipeline."""
 import io
+import multiprocessing
 import os
 
 import numpy as np
@@ -572,6 +573,34 @@ def test_batches_identical_for_any_worker_count():
   for workers, kind in ((2, 'thread'), (3, 'thread'), (2, 'process')):
     cfg.num_workers, cfg.worker_type = workers, kind
     _assert_same_batches(reference, _collect(ds, cfg, **kwargs))
+
+
+def _worker_pids():
+  return {p.pid for p in multiprocessing.active_children()}
+
+
+@pytest.mark.parametrize('workers,kind', [(0, 'thread'), (2, 'thread'),
+                                          (2, 'process')])
+def test_run_iterator_equals_the_epochs_batches_and_starts_workers_once(
+    workers, kind):
+  cfg = _small_synthetic(train_per_class=2, test_per_class=1)
+  ds = data.build(cfg, 'train')  # 24 images: 4 steps of 5 per epoch.
+  kwargs = dict(batch_size=5, seed=3)
+  per_epoch = [b for epoch in range(3) for b in _collect(
+      ds, cfg, train=True, epoch=epoch, drop_remainder=True, **kwargs)]
+  cfg.num_workers, cfg.worker_type = workers, kind
+  before = _worker_pids()
+  # Steps 3..10: from mid epoch 0, through epoch 1, to mid epoch 2.
+  run = data.train_batches(ds, cfg, start_step=2, stop_step=10, **kwargs)
+  got, started = [], set()
+  for batch in run:
+    got.append(batch)
+    started |= _worker_pids() - before
+  run.close()
+  _assert_same_batches(per_epoch[2:10], got)
+  # One set of workers for all three epochs, gone once closed.
+  assert len(started) == (workers if kind == 'process' else 0)
+  assert not _worker_pids() - before
 
 
 def test_train_batches_shuffle_per_epoch_and_augment():

@@ -72,8 +72,11 @@ def get_config():
   data.batch_size = 32  # Global train batch (paper: 32).
   data.eval_batch_size = 128  # Global batch for encoding the query/database splits.
   data.num_workers = 2  # Parallel decode/augment workers (0 = in-process).
-  # 'thread' (grain thread pool: PIL/numpy release the GIL) | 'process' (grain
-  # mp_prefetch: worth it only with many cores; each worker re-imports).
+  # 'thread' (grain thread pool; the per-image Python work holds the GIL, so
+  # 16 threads on 16 cores feed about what 2 do on 2) | 'process' (grain
+  # mp_prefetch; what scales past a few cores). Training starts its workers
+  # once per run (a process takes seconds: it imports this package anew),
+  # encoding once per split it encodes.
   data.worker_type = 'thread'
   # Decode + resize once: the train Resize / test Resize+CenterCrop output is cached as
   # uint8 on disk and reused by every epoch and run (rebuilt when files change).

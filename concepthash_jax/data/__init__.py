@@ -2,8 +2,11 @@
 
   train = data.build(config.data, 'train')   # the retrieval database too
   test = data.build(config.data, 'test')     # the queries
-  for batch in data.batches(train, config.data, train=True, batch_size=32,
-                            seed=0, epoch=0, drop_remainder=True): ...
+  for batch in data.batches(test, config.data, train=False, batch_size=32,
+                            seed=0, epoch=0, drop_remainder=False): ...
+  # Training: steps 1..1000 across epochs, workers started once.
+  for batch in data.train_batches(train, config.data, batch_size=32, seed=0,
+                                  start_step=0, stop_step=1000): ...
 
 Sources (config `data.source`, the `SOURCES` registry): 'synthetic' (built
 in, offline), 'tfds' (`data.tfds_name` through tfds.data_source) and 'folders'
@@ -20,6 +23,7 @@ from concepthash_jax.data.core import CorruptImageError
 from concepthash_jax.data.core import Dataset
 from concepthash_jax.data.pipeline import batches
 from concepthash_jax.data.pipeline import num_batches
+from concepthash_jax.data.pipeline import train_batches
 
 SPLITS = core.SPLITS
 # data.source -> the module whose `build(data_cfg, split, *, process_index,

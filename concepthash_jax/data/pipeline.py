@@ -1,16 +1,26 @@
 """Batches for training and encoding: order, sharding, padding, parallel decode with grain.
 
+`batches` yields one epoch (encoding, figures); `train_batches` yields the
+steps of a whole run, across epoch boundaries, from one grain pipeline, so its
+worker threads or processes start once per run rather than once per epoch
+(process workers take seconds to start: each imports this package anew).
+Both are views of one sequence: element i of a run is (epoch, dataset index)
+of global step start_step + i // batch_size.
+
 Determinism: the epoch's order is a permutation drawn from (seed, epoch), and
 each image's augmentation uses its own generator seeded by (seed, epoch,
 dataset index). Neither depends on which process or worker decodes the image,
-so the batches are identical for any `data.num_workers` and any
-`data.worker_type`.
+nor on where an iterator starts, so the batches are identical for any
+`data.num_workers`, any `data.worker_type`, one iterator per epoch or one per
+run, and a run resumed mid-epoch.
 
 Multi-process: a global batch is `batch_size * process_count` consecutive
 positions of the epoch's order; process p reads positions
 [p * batch_size, (p + 1) * batch_size) of each global batch, so the hosts'
 batches are disjoint and, stacked in process order, form the global batch.
 """
+import gc
+
 from absl import flags
 import grain
 import numpy as np
@@ -19,7 +29,8 @@ from concepthash_jax.data import cache as cache_lib
 from concepthash_jax.data import transforms
 
 _PAD = -1  # 'index' (and 'label') of padding rows.
-# data.worker_type: decode in threads (PIL releases the GIL) or processes.
+# data.worker_type: decode in threads (the per-image Python work holds the GIL,
+# so they stop scaling after a few cores) or processes (scale with cores).
 WORKER_TYPES = ('thread', 'process')
 
 
@@ -67,15 +78,73 @@ def process_positions(order, *, batch_size, process_index, process_count,
   return batches[:, process_index].reshape(-1)
 
 
+class _Elements:
+  """(epoch, dataset index) of this process's elements of steps [start, stop).
+
+  A lazy sequence (the grain source): element i is row i % B of the batch of
+  global step start_step + i // B (0-based), which lies in epoch
+  step // steps_per_epoch. An epoch's positions are drawn when first asked
+  for and kept with the previous epoch's (prefetching straddles a boundary),
+  so a run of many epochs holds, and pickles to each worker, two epochs at
+  most. The dict of them is replaced whole, never changed in place, so
+  thread workers read it without a lock.
+  """
+
+  def __init__(self, num_images, *, shuffle, seed, batch_size, process_index,
+               process_count, drop_remainder, start_step, stop_step):
+    self.num_images = num_images
+    self.shuffle = shuffle
+    self.seed = seed
+    self.batch_size = batch_size
+    self.process_index = process_index
+    self.process_count = process_count
+    self.drop_remainder = drop_remainder
+    self.start_step = start_step
+    self.num_steps = max(0, stop_step - start_step)
+    self.steps_per_epoch = num_batches(
+        num_images, batch_size=batch_size, process_count=process_count,
+        drop_remainder=drop_remainder)
+    self._epochs = {}  # epoch -> process_positions of that epoch.
+
+  def __len__(self):
+    return self.num_steps * self.batch_size
+
+  def __getitem__(self, i):
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    step, row = divmod(i, self.batch_size)
+    epoch, batch = divmod(self.start_step + step, self.steps_per_epoch)
+    return epoch, int(self._positions(epoch)[batch * self.batch_size + row])
+
+  def _positions(self, epoch):
+    """This process's positions of `epoch` (batch-major, -1 padding)."""
+    known = self._epochs  # One read: another thread may replace the dict.
+    if epoch not in known:
+      order = epoch_order(self.num_images, shuffle=self.shuffle,
+                          seed=self.seed, epoch=epoch)
+      known = {e: p for e, p in known.items() if e == epoch - 1}
+      known[epoch] = process_positions(
+          order, batch_size=self.batch_size,
+          process_index=self.process_index,
+          process_count=self.process_count,
+          drop_remainder=self.drop_remainder)
+      self._epochs = known
+    return known[epoch]
+
+
 class _Example:
-  """Loads and augments one dataset index (picklable for workers).
+  """Loads and augments one (epoch, dataset index) element (picklable).
+
+  The epoch travels with the element, not with this object, so one pipeline
+  can span epochs: the augmentation is seeded by (seed, epoch, index) either
+  way.
 
   With a first-stage cache the image comes from it and only the rest of the
   transform runs (`Compose.finish`); the annotations come from the dataset's
   arrays, so nothing is decoded. Both ways give the same uint8 pixels.
   """
 
-  def __init__(self, dataset, transform, *, seed, epoch, train, image_size,
+  def __init__(self, dataset, transform, *, seed, train, image_size,
                cache=None, display=False):
     self.display = display  # Also emit the uint8 image under 'display'.
     self.dataset = dataset
@@ -83,14 +152,13 @@ class _Example:
     self.cache = cache
     self.first, self.rest = transform.split()
     self.seed = seed
-    self.epoch = epoch
     self.train = train
     self.image_size = image_size
     self.num_parts = len(dataset.part_names)
     self.has_boxes = dataset.has_boxes
 
-  def __call__(self, index):
-    index = int(index)
+  def __call__(self, element):
+    epoch, index = element
     if index == _PAD:
       example = {
           'image': np.zeros((self.image_size, self.image_size, 3), np.uint8),
@@ -107,7 +175,7 @@ class _Example:
     record = (self._annotations(index) if self.cache is not None
               else self.dataset[index])
     # Augmentation randomness is a function of the image, not of the worker.
-    rng = (np.random.default_rng([self.seed, self.epoch, index, 1])
+    rng = (np.random.default_rng([self.seed, epoch, index, 1])
            if self.train else None)
     points = record.get('keypoints') if self.num_parts else None
     if self.has_boxes:
@@ -165,7 +233,7 @@ def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
     dataset: a `data.build` dataset (its process_index / process_count pick
       this process's slice of every global batch).
     data_cfg: config `data` (image_size, resize_size, train_augment,
-      num_workers, worker_type).
+      num_workers, worker_type, cache, cache_dir).
     train: shuffle + train augmentation (True) or index order + test
       transform (False).
     batch_size: per-process batch size B.
@@ -179,6 +247,9 @@ def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
   (data/cache.py; built on first use) when `data.cache` is on and the
   source has files; the pixels are the same either way.
 
+  Its workers live as long as the iterator: training, which runs many
+  epochs, uses `train_batches` so that they start once.
+
   Returns:
     An iterator of dicts of numpy arrays: 'image' uint8 (B, S, S, 3) pixels
     (`transforms.to_model_input` normalises them inside the jitted step),
@@ -186,33 +257,75 @@ def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
     (False and label = index = -1 on padding rows), 'keypoints' float32
     (B, P, 3) in the transformed image's pixels when the dataset has parts,
     and 'box' float32 (B, 4) x, y, w, h in the same frame when it has boxes
-    (not clipped to the crop), and 'display' when asked.
+    (not clipped to the crop), and 'display' when asked. Its close() stops
+    the workers now rather than when it is garbage-collected.
   """
+  per_epoch = num_batches(len(dataset), batch_size=batch_size,
+                          process_count=dataset.process_count,
+                          drop_remainder=drop_remainder)
+  return _step_batches(dataset, data_cfg, train=train, batch_size=batch_size,
+                       seed=seed, drop_remainder=drop_remainder,
+                       start_step=epoch * per_epoch,
+                       stop_step=(epoch + 1) * per_epoch, display=display)
+
+
+def train_batches(dataset, data_cfg, *, batch_size, seed, start_step,
+                  stop_step):
+  """This process's train batches of global steps start_step + 1 .. stop_step.
+
+  One pipeline over all the epochs these steps span: its thread pool or
+  worker processes start once, not once per epoch (an epoch of CUB at batch
+  256 is about 3 s of H200 time, no more than process workers can take to
+  start). Batch k is the one `batches(train=True, drop_remainder=True)`
+  yields for the same (seed, epoch, step in epoch), bit for bit, also when
+  start_step is inside an epoch (a resumed run).
+
+  Args:
+    dataset: the train split from `data.build`.
+    data_cfg: config `data`, as for `batches`.
+    batch_size: per-process batch size B.
+    seed: run seed.
+    start_step: optimizer steps already done; the first batch is step
+      start_step + 1's.
+    stop_step: the last step's number.
+
+  Returns:
+    An iterator of `batches`' dicts, stop_step - start_step of them; close()
+    stops its workers (call it when training ends or is interrupted).
+  """
+  return _step_batches(dataset, data_cfg, train=True, batch_size=batch_size,
+                       seed=seed, drop_remainder=True, start_step=start_step,
+                       stop_step=stop_step)
+
+
+def _step_batches(dataset, data_cfg, *, train, batch_size, seed,
+                  drop_remainder, start_step, stop_step, display=False):
+  """Batches of the 0-based global steps [start_step, stop_step) (`batches`)."""
   if data_cfg.worker_type not in WORKER_TYPES:
     raise ValueError(f'Unknown data.worker_type {data_cfg.worker_type!r}; '
                      f'valid: {list(WORKER_TYPES)}')
   if batch_size <= 0:
     raise ValueError(f'batch_size must be > 0, got {batch_size}')
-  order = epoch_order(len(dataset), shuffle=train, seed=seed, epoch=epoch)
-  positions = process_positions(
-      order, batch_size=batch_size, process_index=dataset.process_index,
-      process_count=dataset.process_count, drop_remainder=drop_remainder)
+  elements = _Elements(
+      len(dataset), shuffle=train, seed=seed, batch_size=batch_size,
+      process_index=dataset.process_index,
+      process_count=dataset.process_count, drop_remainder=drop_remainder,
+      start_step=start_step, stop_step=stop_step)
   transform = make_transform(data_cfg, train=train)
   first_stage = None
   if data_cfg.cache:
     first_stage = cache_lib.first_stage_cache(
         dataset, transform.split()[0], cache_dir=data_cfg.cache_dir,
         num_workers=data_cfg.num_workers)
-  load = _Example(dataset, transform, seed=seed, epoch=epoch, train=train,
+  load = _Example(dataset, transform, seed=seed, train=train,
                   image_size=data_cfg.image_size, cache=first_stage,
                   display=display)
-  ds = grain.MapDataset.source(positions).map(load)
+  ds = grain.MapDataset.source(elements).map(load)
   num_workers = data_cfg.num_workers
   if num_workers <= 0:  # In-process, no threads: the cheapest for tiny images.
     ds = ds.batch(batch_size)
     return (ds[i] for i in range(len(ds)))
   if data_cfg.worker_type == 'thread':
-    # PIL and numpy release the GIL in decode/resize, so threads scale.
     return iter(ds.to_iter_dataset(grain.ReadOptions(
         num_threads=num_workers, prefetch_buffer_size=2 * batch_size)).batch(
             batch_size))
@@ -220,9 +333,43 @@ def batches(dataset, data_cfg, *, train, batch_size, seed, epoch,
   # notebooks) they are unparsed, so take their defaults.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+  # Whole batches are made in the workers (only they cross the process
+  # boundary, through shared memory); worker w makes batches w, w + W, ...
   ds = ds.batch(batch_size).to_iter_dataset(grain.ReadOptions(num_threads=0))
-  return iter(ds.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=num_workers)))
+  return _ProcessBatches(iter(ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers))))
+
+
+class _ProcessBatches:
+  """grain's multi-process iterator, cleaned up when exhausted or closed.
+
+  grain keeps each worker's last batch alive in a reference cycle (the frame
+  that held it is in the traceback of the StopIteration that ended the
+  worker's stream), so its shared memory stays linked until the garbage
+  collector runs; at exit the resource tracker reports it as leaked. Closing
+  stops the workers and collects that garbage.
+  """
+
+  def __init__(self, iterator):
+    self._iterator = iterator
+    self._closed = False
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    try:
+      return next(self._iterator)
+    except StopIteration:
+      self.close()
+      raise
+
+  def close(self):
+    """Stops the worker processes and unlinks the shared memory left over."""
+    if not self._closed:
+      self._closed = True
+      self._iterator.close()
+      gc.collect()
 
 
 def num_batches(num_images, *, batch_size, process_count, drop_remainder):
