@@ -26,6 +26,8 @@ import sys
 from absl import app
 from absl import flags
 
+import child  # benchmarks/child.py: run_json
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 FLAGS = flags.FLAGS
@@ -44,28 +46,18 @@ PAIRINGS = {
 }
 
 
-def run_json(cmd: list, prefix: str = '') -> dict:
-  """Runs one row's process; returns the JSON on its last line that starts with prefix."""
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  lines = [l for l in out.stdout.splitlines() if l.startswith(prefix + '{')]
-  if out.returncode or not lines:
-    raise RuntimeError(f'{" ".join(cmd)} failed (rc {out.returncode}):\n'
-                       f'{out.stderr[-3000:]}')
-  return json.loads(lines[-1][len(prefix):])
-
-
 def ours(dtype: str, precision: str, batch: int) -> dict:
-  return run_json([sys.executable, os.path.join(HERE, 'train_step.py'),
-                   f'--child={dtype}', f'--batch={batch}', f'--steps={FLAGS.steps}',
-                   f'--eval_steps={FLAGS.steps}', f'--matmul_precision={precision}'],
-                  prefix='RESULT ')
+  return child.run_json([sys.executable, os.path.join(HERE, 'train_step.py'),
+                         f'--child={dtype}', f'--batch={batch}', f'--steps={FLAGS.steps}',
+                         f'--eval_steps={FLAGS.steps}', f'--matmul_precision={precision}'])
 
 
 def theirs(precision: str, batch: int) -> dict:
-  return run_json([sys.executable, os.path.join(HERE, 'pytorch_reference_step.py'),
-                   f'--device={FLAGS.device}', f'--precision={precision}',
-                   f'--batch={batch}', '--warmup=5', f'--steps={FLAGS.steps}',
-                   '--eval_warmup=3', f'--eval_steps={FLAGS.steps}'])
+  # The authors' step prints bare JSON (its own command-line output), no prefix.
+  return child.run_json([sys.executable, os.path.join(HERE, 'pytorch_reference_step.py'),
+                         f'--device={FLAGS.device}', f'--precision={precision}',
+                         f'--batch={batch}', '--warmup=5', f'--steps={FLAGS.steps}',
+                         '--eval_warmup=3', f'--eval_steps={FLAGS.steps}'], prefix='')
 
 
 def device_name() -> str:

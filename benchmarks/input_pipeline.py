@@ -29,15 +29,15 @@ alike; `uptime`'s 1-minute load is recorded before each row. Per core = img/s / 
 """
 import argparse
 import concurrent.futures
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
+
+import child  # benchmarks/child.py: run_json, print_json
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -226,17 +226,12 @@ def cpu():
   return model, ' '.join(simd)
 
 
-def child(args, which, **overrides):
+def run_row(args, which, **overrides):
   """Runs one row in its own process; returns its result dict."""
   python = args.torch_python if which == 'torchvision' else sys.executable
   options = dict(data=args.data, batch=args.batch, **overrides)
-  cmd = [python, os.path.abspath(__file__), f'--child={which}'] + [
-      f'--{k}={v}' for k, v in options.items()]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  lines = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
-  if out.returncode or not lines:
-    raise RuntimeError(f'{which} {overrides} failed:\n{out.stderr[-3000:]}')
-  return json.loads(lines[-1][len('RESULT '):])
+  return child.run_json([python, os.path.abspath(__file__), f'--child={which}'] + [
+      f'--{k}={v}' for k, v in options.items()])
 
 
 def main():
@@ -273,7 +268,7 @@ def main():
     args.workers = int(args.workers)
     args.cache = args.cache == 'true'
     run = run_torchvision if args.child == 'torchvision' else run_ours
-    print('RESULT ' + json.dumps(run(args)), flush=True)
+    child.print_json(run(args))
     return
 
   args.data = args.data or tempfile.mkdtemp(prefix='input_pipeline_')
@@ -287,7 +282,7 @@ def main():
         f'{model}; SIMD flags: {simd}\n')
   # The cache is built once per transform, outside the timed rows.
   for transform in args.transforms.split(','):
-    info = child(args, 'ours', transform=transform, workers=2, cache='true')
+    info = run_row(args, 'ours', transform=transform, workers=2, cache='true')
     print(f'cache build + warm-up epoch, {transform}: {info["warmup_s"]:.1f} s '
           f'(2 workers)')
   print('\n| round | transform | workers | pipeline | img/s | img/s per core | '
@@ -313,8 +308,8 @@ def main():
         for name, extra in rows:
           before = load()
           which = 'torchvision' if name == 'torchvision' else 'ours'
-          results[name] = child(args, which, transform=transform,
-                                workers=workers, **extra)
+          results[name] = run_row(args, which, transform=transform,
+                                  workers=workers, **extra)
           ratio = (f'{results[name]["img_s"] / results["torchvision"]["img_s"]:.2f}x'
                    if name != 'torchvision' and 'torchvision' in results else '')
           print(f'| {round_} | {transform} | {workers} | {name} | '

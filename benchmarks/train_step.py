@@ -8,15 +8,15 @@ uses the real path: configs/cub.py with random B/32 weights
 (model.clip='random'), train.create_train_state and train.jit_train_step for
 training, encoding.jitted_encode_step for the eval forward. Prints a markdown table.
 """
-import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
 from absl import app
 from absl import flags
+
+import child  # benchmarks/child.py: run_json, print_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -191,7 +191,7 @@ def main(argv):
   """Runs every dtype in a subprocess and prints the table."""
   del argv
   if FLAGS.child:
-    print('RESULT ' + json.dumps(run_one(FLAGS.child)), flush=True)
+    child.print_json(run_one(FLAGS.child))
     return
   rows = []
   for dtype in FLAGS.dtypes:
@@ -202,11 +202,7 @@ def main(argv):
            f'--cpu_concurrency_scheduler={FLAGS.cpu_concurrency_scheduler}',
            f'--cpu_matmul={FLAGS.cpu_matmul}',
            f'--matmul_precision={FLAGS.matmul_precision}']
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    line = [l for l in out.stdout.splitlines() if l.startswith('RESULT ')]
-    if out.returncode or not line:
-      raise RuntimeError(f'{dtype} run failed:\n{out.stderr[-3000:]}')
-    rows.append(json.loads(line[0][len('RESULT '):]))
+    rows.append(child.run_json(cmd))
   print(cpu_line())
   print(f'ViT-B/32 ConceptHash (M=4, 64 bits, {FLAGS.num_classes} classes), '
         f'batch {FLAGS.batch}, 224 px, random weights, '

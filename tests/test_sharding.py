@@ -53,9 +53,10 @@ _DRIVER = textwrap.dedent('''
     import train_testlib as lib
     from concepthash_jax import sharding, train
     assert jax.device_count() == 8, jax.devices()
-    if {fsdp!r}:
+    config = lib.load_config({overrides!r})
+    if config.train.fsdp:
       sharding.FSDP_MIN_SIZE = 0  # Shard every divisible leaf of the tiny model.
-    train.train_and_evaluate(lib.load_config({overrides!r}), {workdir!r})
+    train.train_and_evaluate(config, {workdir!r})
 ''')
 
 
@@ -92,8 +93,8 @@ def test_eight_devices_match_one_device_replicated_and_fsdp(one_device,
   # on one core.
   results = lib.run_together(
       [[sys.executable, '-c', _DRIVER.format(
-          tests=os.path.dirname(__file__), root=ROOT, fsdp=bool(overrides),
-          overrides=overrides, workdir=workdir)]
+          tests=os.path.dirname(__file__), root=ROOT, overrides=overrides,
+          workdir=workdir)]
        for workdir, overrides in ((replicated, {}), (fsdp, {'train.fsdp': True}))],
       cwd=ROOT, env=env, timeout=400)
   for result in results:
