@@ -122,7 +122,9 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
     images = rng.normal(size=(batch, size, size, 3)).astype('f4')
   labels = rng.integers(0, num_classes, batch).astype('i4')
   inputs = sharding.global_batch({'image': images, 'label': labels}, mesh)
-  state = [init_fn()]  # A box: the step donates and replaces it.
+  t0 = time.perf_counter()
+  state = [jax.block_until_ready(init_fn())]  # A box: the step donates and replaces it.
+  timings['state_init_s'] = time.perf_counter() - t0
   step_fn = train.jit_train_step(configuration.make_loss_fn(config.loss),
                                  model, tx, mask, schedule, shardings, mesh, cpu_matmul)
   t0 = time.perf_counter()

@@ -43,6 +43,8 @@ HARMLESS = {
     'train.fsdp': 'placement of the same arrays',
     'train.cpu_concurrency_scheduler': 'XLA scheduling, same values',
     'train.cpu_matmul': 'XLA:CPU matmul library, same values up to float rounding',
+    'train.compilation_cache': 'where compiled programs are kept, same programs',
+    'train.compilation_cache_dir': 'where compiled programs are kept, same programs',
     'train.resume': 'ignored once the workdir has a checkpoint',
     'train.init': 'ignored once the workdir has a checkpoint',
     'eval.every_epochs': 'evaluation frequency',

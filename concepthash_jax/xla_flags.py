@@ -1,18 +1,23 @@
-"""XLA:CPU settings that `config.train` chooses.
+"""Process-wide XLA settings that `config.train` chooses.
 
-Two ways in. The scheduler flag goes through XLA_FLAGS, which XLA reads once, when its
+Three ways in. The scheduler flag goes through XLA_FLAGS, which XLA reads once, when its
 first backend starts, so the command-line tools call `configure_xla_flags(config)` first
 thing. The matmul library goes with each compile (`compiler_options`, which XLA:CPU
 honours for it): the train step and the encode step carry their choice themselves, so a
 run, a later `ConceptHasher` in another process and any user script compute the same
-codes, whatever else the process did first.
+codes, whatever else the process did first. The persistent compilation cache
+(`configure_compilation_cache`) is JAX's, pointed at a folder by the command-line tools.
 """
 import functools
 import os
 from typing import Optional
 
+from absl import logging
 import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 import jax.numpy as jnp
+
+from concepthash_jax import errors
 
 # XLA:CPU matrix-multiply library for `train.cpu_matmul`. XLA's default hands dots to
 # YNNPACK; turning YNN fusions off sends them to Eigen. Side by side (BENCHMARKS.md, "CPU
@@ -82,3 +87,96 @@ def configure_xla_flags(config) -> str:
   if added:
     os.environ['XLA_FLAGS'] = ' '.join([current, *added]).strip()
   return ' '.join(added)
+
+
+# ------------------------------------------------------------- compilation cache
+
+# The persistent compilation cache (`train.compilation_cache`): every program that took
+# JAX at least `jax_persistent_cache_min_compile_time_secs` (1 s by default) to compile
+# is written to disk, keyed by the program, its compile options, the XLA flags, the
+# devices and the jax version, so a later process (a resumed or repeated run, the
+# encode / explain / search tools) loads the executable a fresh compile would give
+# instead of compiling again. ViT-B/32 on 2 CPU cores: setup and both compiles 38.3 s
+# cold, 13.4 s warm (BENCHMARKS.md, "Start-up"). On GPUs JAX also keeps XLA's
+# autotuning results there.
+# Beyond this size the least recently used entries go (the ViT-B/32 train, eval and init
+# programs take 3.3 MB on the CPU).
+COMPILATION_CACHE_MAX_BYTES = 4 << 30
+# The environment variables by which a user chooses JAX's cache themselves; theirs wins.
+_USER_CACHE_ENV = ('JAX_COMPILATION_CACHE_DIR', 'JAX_ENABLE_COMPILATION_CACHE')
+_configured_dir = None  # The folder configure_compilation_cache set, if any.
+
+
+def compilation_cache_dir(config=None) -> Optional[str]:
+  """The folder `config.train` asks to cache compiled programs in; None = off.
+
+  Args:
+    config: a run config, or None (a tool with no config of its own): the default.
+
+  Returns:
+    train.compilation_cache_dir, '' meaning $XDG_CACHE_HOME/concepthash_jax/xla
+    (~/.cache/concepthash_jax/xla); None when train.compilation_cache is False.
+  """
+  train = config.train if config is not None and 'train' in config else {}
+  if not train.get('compilation_cache', True):
+    return None
+  from concepthash_jax.data import cache  # pylint: disable=g-import-not-at-top
+  folder = train.get('compilation_cache_dir', '')
+  return os.path.expanduser(folder) if folder else os.path.join(cache.default_dir(), 'xla')
+
+
+def _user_chose_cache() -> bool:
+  """Whether the user set JAX's cache themselves (environment or jax.config)."""
+  current = jax.config.jax_compilation_cache_dir
+  return (any(name in os.environ for name in _USER_CACHE_ENV)
+          or not jax.config.jax_enable_compilation_cache
+          or bool(current and current != _configured_dir))
+
+
+def configure_compilation_cache(config=None) -> Optional[str]:
+  """Points JAX's persistent compilation cache at `config`'s folder; returns it.
+
+  A user's own choice wins (JAX_COMPILATION_CACHE_DIR, JAX_ENABLE_COMPILATION_CACHE, or
+  jax.config set before the call): then nothing changes and None is returned, as it is
+  when train.compilation_cache is False. Safe after earlier compiles (the cache is
+  reset, so the next compile uses the folder).
+
+  Args:
+    config: the run config, or None for the default folder.
+
+  Returns:
+    The folder in use, or None.
+
+  Raises:
+    errors.ConfigError: train.compilation_cache_dir was given and cannot be created or
+      written. (The default folder that cannot be only logs a warning: the cache saves
+      time, a run does not need it.)
+  """
+  global _configured_dir
+  folder = compilation_cache_dir(config)
+  if _user_chose_cache():
+    return None
+  if folder is not None:
+    try:
+      os.makedirs(folder, exist_ok=True)
+      if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f'no write permission on {folder}')
+    except OSError as e:
+      explicit = config is not None and config.train.get('compilation_cache_dir', '')
+      if explicit:
+        raise errors.ConfigError(
+            f'config.train.compilation_cache_dir={explicit!r} cannot hold the compilation '
+            f'cache ({e}); give a writable folder, or turn the cache off with '
+            '--config.train.compilation_cache=False.') from None
+      logging.warning('No compilation cache (%s); every process compiles afresh.', e)
+      folder = None
+  if folder == _configured_dir:
+    return folder
+  jax.config.update('jax_compilation_cache_dir', folder)
+  if folder is not None and jax.config.jax_compilation_cache_max_size == -1:
+    jax.config.update('jax_compilation_cache_max_size', COMPILATION_CACHE_MAX_BYTES)
+  jax_cache.reset_cache()  # A process that compiled already switches at its next compile.
+  _configured_dir = folder
+  if folder is not None:
+    logging.info('Compilation cache: %s', folder)
+  return folder

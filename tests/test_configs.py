@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # The checkout's package when it is not installed.
 
 from concepthash_jax import configuration  # pylint: disable=g-import-not-at-top
+from concepthash_jax import errors  # pylint: disable=g-import-not-at-top
 from concepthash_jax import models  # pylint: disable=g-import-not-at-top
 from concepthash_jax import optim  # pylint: disable=g-import-not-at-top
 from concepthash_jax import run_files  # pylint: disable=g-import-not-at-top
@@ -222,6 +223,37 @@ def test_cpu_matmul_is_a_compile_option_and_auto_follows_the_cpu(monkeypatch, tm
     xla_flags.resolve_cpu_matmul('mkl')
   with pytest.raises(ValueError, match='train.cpu_matmul'):
     configuration.validate_config(load('configs/synthetic.py', '--config.train.cpu_matmul=mkl'))
+
+
+def test_compilation_cache_folder_follows_the_config_and_user_settings_win(
+    monkeypatch, tmp_path):
+  config = load('configs/synthetic.py')
+  from concepthash_jax.data import cache  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(cache, 'default_dir', lambda: str(tmp_path / 'user_cache'))
+  default = str(tmp_path / 'user_cache' / 'xla')  # Beside the image caches.
+  assert xla_flags.compilation_cache_dir(config) == default
+  assert xla_flags.compilation_cache_dir(None) == default  # Tools without a config.
+  config.train.compilation_cache_dir = str(tmp_path / 'mine')
+  assert xla_flags.compilation_cache_dir(config) == str(tmp_path / 'mine')
+  config.train.compilation_cache = False
+  assert xla_flags.compilation_cache_dir(config) is None
+  # This session's cache (conftest) is the user's choice: left as it is.
+  session = jax.config.jax_compilation_cache_dir
+  config.train.compilation_cache = True
+  assert xla_flags.configure_compilation_cache(config) is None
+  assert jax.config.jax_compilation_cache_dir == session
+  assert not os.path.exists(tmp_path / 'mine')
+  # An explicit folder that cannot be one: one sentence naming the key and the ways on.
+  monkeypatch.setattr(xla_flags, '_user_chose_cache', lambda: False)
+  (tmp_path / 'a_file').write_text('')
+  config.train.compilation_cache_dir = str(tmp_path / 'a_file' / 'xla')
+  with pytest.raises(errors.ConfigError,
+                     match=r"config\.train\.compilation_cache_dir='.*a_file/xla' cannot hold "
+                     r'the compilation cache .*--config\.train\.compilation_cache=False'):
+    xla_flags.configure_compilation_cache(config)
+  # The default folder that cannot be one: no cache, no error.
+  monkeypatch.setattr(cache, 'default_dir', lambda: str(tmp_path / 'a_file'))
+  assert xla_flags.configure_compilation_cache(None) is None
 
 
 def test_every_choice_list_is_the_owning_modules_own():

@@ -36,7 +36,8 @@ TINY_RUN = ['--config.train.max_steps=2'] + [f'--config.{k}={v}' for k, v in lib
 
 
 def _run_together(commands, cwd, env, timeout=300):
-  """lib.run_together, checking that none printed PyTorch's notice.
+  """lib.run_together (env: one, or a list of one per command), checking that none
+  printed PyTorch's notice.
 
   Each is mostly imports and compiles on one core, so two or more overlap.
   """
@@ -119,20 +120,30 @@ def test_every_console_script_helps_and_exits_0(venv):
   assert 'docs/method.md §6.2' in helps['parity']
 
 
-def test_train_by_config_name_and_parity_outside_the_checkout(venv):
+def test_train_by_config_name_caching_its_programs_and_parity_outside_the_checkout(venv):
   bin_dir, env, work = venv
   workdir = work / 'runs' / 'tiny'
   out = work / 'hf_ours.npz'
+  # As a user's first run: no JAX cache of their own (not the session's), the default
+  # folder under XDG_CACHE_HOME; every program cached, however quick its compile.
+  user_cache = work / 'user_cache'
+  train_env = {k: v for k, v in env.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  train_env.update(XDG_CACHE_HOME=str(user_cache),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   train, parity = _run_together([
       [str(bin_dir / 'concepthash-train'), '--config=synthetic:nbit=8',
        f'--workdir={workdir}', *TINY_RUN],
       [str(bin_dir / 'concepthash-parity'), os.path.join(DATA, 'hf_clip_tiny.npz'),
-       '--clip', os.path.join(DATA, 'tiny_clip'), '--out', str(out)]], work, env)
+       '--clip', os.path.join(DATA, 'tiny_clip'), '--out', str(out)]], work,
+      [train_env, env])
   assert train.returncode == 0, train.stderr[-3000:]
   with open(workdir / 'results.json') as f:
     results = json.load(f)
   assert results['step'] == 2 and results['nbit'] == 8
   assert results['dataset'] == 'synthetic' and 0.0 <= results['map_at_r'] <= 1.0
+  cached = os.listdir(user_cache / 'concepthash_jax' / 'xla')
+  for program in ('jit_train_step-', 'jit__init_state-', 'jit_encode_step-'):
+    assert any(n.startswith(program) and n.endswith('-cache') for n in cached), cached
 
   assert parity.returncode == 0, parity.stderr[-3000:]
   with np.load(os.path.join(DATA, 'hf_clip_tiny.npz')) as golden, np.load(out) as ours:

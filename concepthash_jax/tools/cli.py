@@ -10,8 +10,11 @@ from typing import Callable, Optional, Sequence
 
 from absl import app
 from absl import flags
+import ml_collections
 
 from concepthash_jax import configs as configs_pkg
+from concepthash_jax import errors
+from concepthash_jax import xla_flags
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(configs_pkg.__file__))
 # Modules of the config folder that are not a config of their own.
@@ -131,4 +134,17 @@ def run(main: Callable, doc: str,
   if full or any(a in _HELP_ARGS for a in args):
     sys.stdout.write(help_text(doc, sorted(ours), full=full))
     sys.exit(0)
-  app.run(main, flags_parser=flags_parser)
+
+  def main_with_cache(argv):
+    # Before the tool's first compile: a tool with a --config (train, ablate) caches
+    # where its config says, the others in the default folder.
+    config = flags.FLAGS['config'].value if 'config' in flags.FLAGS else None
+    try:
+      xla_flags.configure_compilation_cache(
+          config if isinstance(config, ml_collections.ConfigDict) else None)
+    except errors.UserError as e:
+      sys.stderr.write(f'FATAL: {e}\n')
+      sys.exit(errors.EXIT_USER_ERROR)
+    return main(argv)
+
+  app.run(main_with_cache, flags_parser=flags_parser)
