@@ -9,7 +9,9 @@ codes, whatever else the process did first. The persistent compilation cache
 (`configure_compilation_cache`) is JAX's, pointed at a folder by the command-line tools.
 """
 import functools
+import hashlib
 import os
+import platform
 from typing import Optional
 
 from absl import logging
@@ -37,15 +39,24 @@ def cpu_matmul_of(config) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _intel_avx512(cpuinfo: str) -> bool:
-  """Whether `cpuinfo` (/proc/cpuinfo) describes an Intel CPU with AVX-512F."""
+def _first_cpu(cpuinfo: str) -> dict:
+  """The fields of the first processor in `cpuinfo` (/proc/cpuinfo); {} off Linux."""
   try:
     with open(cpuinfo) as f:
       text = f.read(1 << 16)  # The first processor's block is enough.
   except OSError:
-    return False  # Not Linux: keep XLA's default.
-  flags_line = next((l for l in text.splitlines() if l.startswith('flags')), '')
-  return 'GenuineIntel' in text and 'avx512f' in flags_line.split()
+    return {}
+  fields = {}
+  for line in text.split('\n\n', 1)[0].splitlines():
+    key, _, value = line.partition(':')
+    fields[key.strip()] = value.strip()
+  return fields
+
+
+def _intel_avx512(cpuinfo: str) -> bool:
+  """Whether `cpuinfo` describes an Intel CPU with AVX-512F (False off Linux)."""
+  cpu = _first_cpu(cpuinfo)
+  return cpu.get('vendor_id') == 'GenuineIntel' and 'avx512f' in cpu.get('flags', '').split()
 
 
 def resolve_cpu_matmul(choice: str, dtype: str = 'float32',
@@ -96,15 +107,31 @@ def configure_xla_flags(config) -> str:
 # is written to disk, keyed by the program, its compile options, the XLA flags, the
 # devices and the jax version, so a later process (a resumed or repeated run, the
 # encode / explain / search tools) loads the executable a fresh compile would give
-# instead of compiling again. ViT-B/32 on 2 CPU cores: setup and both compiles 38.3 s
-# cold, 13.4 s warm (BENCHMARKS.md, "Start-up"). On GPUs JAX also keeps XLA's
-# autotuning results there.
+# instead of compiling again. ViT-B/32 on 2 CPU cores: first step done 62.7 s after
+# the process started cold, 24-28 s warm (BENCHMARKS.md, "Start-up"). On GPUs JAX also
+# keeps XLA's autotuning results there.
 # Beyond this size the least recently used entries go (the ViT-B/32 train, eval and init
 # programs take 3.3 MB on the CPU).
 COMPILATION_CACHE_MAX_BYTES = 4 << 30
 # The environment variables by which a user chooses JAX's cache themselves; theirs wins.
 _USER_CACHE_ENV = ('JAX_COMPILATION_CACHE_DIR', 'JAX_ENABLE_COMPILATION_CACHE')
 _configured_dir = None  # The folder configure_compilation_cache set, if any.
+
+
+def host_key(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """This machine's kind and JAX build, as a folder name: '<arch>-<12 hex digits>'.
+
+  XLA:CPU compiles for the CPU it runs on. In a cache folder shared by different
+  machines (a home directory on a cluster), a program compiled on a CPU with more
+  instructions is rejected elsewhere and compiled again, and one compiled with fewer
+  loads and runs slower, so each kind of machine (CPU model and flags) and each JAX
+  build keeps its own subfolder.
+  """
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  cpu = _first_cpu(cpuinfo)
+  described = '|'.join([platform.machine(), cpu.get('model name', platform.processor()),
+                        cpu.get('flags', ''), jax.__version__, jaxlib.__version__])
+  return f'{platform.machine()}-{hashlib.sha256(described.encode()).hexdigest()[:12]}'
 
 
 def compilation_cache_dir(config=None) -> Optional[str]:
@@ -114,15 +141,17 @@ def compilation_cache_dir(config=None) -> Optional[str]:
     config: a run config, or None (a tool with no config of its own): the default.
 
   Returns:
-    train.compilation_cache_dir, '' meaning $XDG_CACHE_HOME/concepthash_jax/xla
-    (~/.cache/concepthash_jax/xla); None when train.compilation_cache is False.
+    train.compilation_cache_dir ('' meaning $XDG_CACHE_HOME/concepthash_jax/xla, i.e.
+    ~/.cache/concepthash_jax/xla), in it this machine's subfolder (`host_key`); None
+    when train.compilation_cache is False.
   """
   train = config.train if config is not None and 'train' in config else {}
   if not train.get('compilation_cache', True):
     return None
   from concepthash_jax.data import cache  # pylint: disable=g-import-not-at-top
   folder = train.get('compilation_cache_dir', '')
-  return os.path.expanduser(folder) if folder else os.path.join(cache.default_dir(), 'xla')
+  folder = os.path.expanduser(folder) if folder else os.path.join(cache.default_dir(), 'xla')
+  return os.path.join(folder, host_key())
 
 
 def _user_chose_cache() -> bool:

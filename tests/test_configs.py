@@ -1,5 +1,6 @@
 """Config files: all load, validate, build a model shape; bad input fails clearly."""
 import os
+import re
 import subprocess
 import sys
 
@@ -230,11 +231,20 @@ def test_compilation_cache_folder_follows_the_config_and_user_settings_win(
   config = load('configs/synthetic.py')
   from concepthash_jax.data import cache  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(cache, 'default_dir', lambda: str(tmp_path / 'user_cache'))
-  default = str(tmp_path / 'user_cache' / 'xla')  # Beside the image caches.
+  # Beside the image caches, one subfolder per kind of machine and JAX build.
+  default = str(tmp_path / 'user_cache' / 'xla' / xla_flags.host_key())
   assert xla_flags.compilation_cache_dir(config) == default
   assert xla_flags.compilation_cache_dir(None) == default  # Tools without a config.
   config.train.compilation_cache_dir = str(tmp_path / 'mine')
-  assert xla_flags.compilation_cache_dir(config) == str(tmp_path / 'mine')
+  assert xla_flags.compilation_cache_dir(config) == str(tmp_path / 'mine' / xla_flags.host_key())
+  cpus = []
+  for flags_ in ('fma avx2', 'fma avx2 avx512f'):
+    cpus.append(tmp_path / f'cpuinfo_{len(cpus)}')
+    cpus[-1].write_text(f'processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags_}\n\n'
+                        'processor\t: 1\nflags\t\t: other\n')
+  keys = [xla_flags.host_key(str(cpu)) for cpu in cpus]
+  assert keys[0] != keys[1] and keys[0] == xla_flags.host_key(str(cpus[0]))
+  assert re.fullmatch(r'\w+-[0-9a-f]{12}', keys[0]), keys
   config.train.compilation_cache = False
   assert xla_flags.compilation_cache_dir(config) is None
   # This session's cache (conftest) is the user's choice: left as it is.

@@ -124,8 +124,9 @@ def get_config():
   train.cpu_matmul = 'auto'
   # Compiled programs kept on disk (JAX's persistent compilation cache), so a resumed or
   # repeated run and the tools start without compiling again (ViT-B/32 on 2 CPU cores:
-  # 38 s -> 13 s to the first step; BENCHMARKS.md). The folder is shared by every run
-  # ('' = $XDG_CACHE_HOME/concepthash_jax/xla); JAX_COMPILATION_CACHE_DIR, when set, wins.
+  # first step 63 s -> 24-28 s after start; BENCHMARKS.md). The folder is shared by every
+  # run ('' = $XDG_CACHE_HOME/concepthash_jax/xla), one subfolder per kind of machine
+  # (xla_flags.host_key); JAX_COMPILATION_CACHE_DIR, when set, wins.
   train.compilation_cache = True
   train.compilation_cache_dir = ''
   train.max_steps = -1  # > 0 stops early (smoke tests, benchmarks).
