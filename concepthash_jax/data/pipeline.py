@@ -395,8 +395,12 @@ def _unlink_now(array):
     array: a value of a batch from grain's process workers.
   """
   # grain's `unlink_on_del()` sets `_unlink_on_del` on the arrays it opens
-  # here: this process is the one to unlink them.
-  if isinstance(array, grain_mp.SharedMemoryArray) and array._unlink_on_del:  # pylint: disable=protected-access
+  # here: this process is the one to unlink them. Private to grain, so read
+  # with a default: should a grain release rename it, batches still work and
+  # grain's own (late) unlinking is back; the shared-memory test in
+  # tests/test_data.py then fails and says so.
+  if (isinstance(array, grain_mp.SharedMemoryArray)
+      and getattr(array, '_unlink_on_del', False)):
     array.shm.unlink()
     # Else grain's __del__ unlinks it again: the FileNotFoundError would end
     # its deleter task before the task frees its slot of the deleter's queue.
@@ -414,7 +418,8 @@ def _wait_for_grain_unlinks(timeout_s=60):
     timeout_s: give up after this long (a stuck deleter must not hang the
       caller's shutdown).
   """
-  pool = grain_mp.SharedMemoryArray._del_thread_pool  # pylint: disable=protected-access
+  # Private to grain, read with a default as in _unlink_now.
+  pool = getattr(grain_mp.SharedMemoryArray, '_del_thread_pool', None)
   if pool is None:  # No process iterator has started: nothing is queued.
     return
   try:
