@@ -23,6 +23,7 @@ import gc
 
 from absl import flags
 import grain
+from grain import multiprocessing as grain_mp
 import numpy as np
 
 from concepthash_jax.data import cache as cache_lib
@@ -341,13 +342,22 @@ def _step_batches(dataset, data_cfg, *, train, batch_size, seed,
 
 
 class _ProcessBatches:
-  """grain's multi-process iterator, cleaned up when exhausted or closed.
+  """grain's multi-process iterator, its shared memory unlinked as it goes.
 
-  grain keeps each worker's last batch alive in a reference cycle (the frame
-  that held it is in the traceback of the StopIteration that ended the
-  worker's stream), so its shared memory stays linked until the garbage
-  collector runs; at exit the resource tracker reports it as leaked. Closing
-  stops the workers and collects that garbage.
+  Process workers hand each batch over in POSIX shared memory: its arrays are
+  grain `SharedMemoryArray`s that unlink their segment when collected, and
+  not then but through grain's deleter thread pool (`enable_async_del`).
+  multiprocessing's exit handler terminates that pool before the process
+  ends, dropping the requests still queued, and arrays alive then (batches
+  the caller keeps, or ones in reference cycles) are never unlinked: the
+  resource tracker reports them as leaked and unlinks them itself.
+
+  So each batch's segments are unlinked as it arrives. A POSIX segment keeps
+  its memory while it is mapped, so the arrays stay valid, with no copy;
+  unlinking only removes the name (in /dev/shm) and the tracker's record. The
+  memory goes with the arrays or the process. Batches that never reach us,
+  prefetched in grain's buffers, go to the deleter when grain is closed, and
+  `close` waits for it.
   """
 
   def __init__(self, iterator):
@@ -359,17 +369,63 @@ class _ProcessBatches:
 
   def __next__(self):
     try:
-      return next(self._iterator)
+      batch = next(self._iterator)
     except StopIteration:
       self.close()
       raise
+    for array in batch.values():
+      _unlink_now(array)
+    return batch
 
   def close(self):
     """Stops the worker processes and unlinks the shared memory left over."""
     if not self._closed:
       self._closed = True
-      self._iterator.close()
+      self._iterator.close()  # Drops the batches in grain's prefetch buffers.
+      # A batch that grain's prefetch thread held when its worker's stream
+      # ended stays in a cycle through the StopIteration's traceback.
       gc.collect()
+      _wait_for_grain_unlinks()
+
+
+def _unlink_now(array):
+  """Unlinks the segment behind a batch array from grain; the array stays valid.
+
+  Args:
+    array: a value of a batch from grain's process workers.
+  """
+  # grain's `unlink_on_del()` sets `_unlink_on_del` on the arrays it opens
+  # here: this process is the one to unlink them. Private to grain, so read
+  # with a default: should a grain release rename it, batches still work and
+  # grain's own (late) unlinking is back; the shared-memory test in
+  # tests/test_data.py then fails and says so.
+  if (isinstance(array, grain_mp.SharedMemoryArray)
+      and getattr(array, '_unlink_on_del', False)):
+    array.shm.unlink()
+    # Else grain's __del__ unlinks it again: the FileNotFoundError would end
+    # its deleter task before the task frees its slot of the deleter's queue.
+    array._unlink_on_del = False  # pylint: disable=protected-access
+
+
+def _wait_for_grain_unlinks(timeout_s=60):
+  """Returns once grain's deleter has run the requests queued before the call.
+
+  grain makes its deleter pool with one thread (`enable_async_del(1)`), which
+  runs requests in order: once a no-op queued after them has run, so have
+  they.
+
+  Args:
+    timeout_s: give up after this long (a stuck deleter must not hang the
+      caller's shutdown).
+  """
+  # Private to grain, read with a default as in _unlink_now.
+  pool = getattr(grain_mp.SharedMemoryArray, '_del_thread_pool', None)
+  if pool is None:  # No process iterator has started: nothing is queued.
+    return
+  try:
+    pool.apply_async(lambda: None).wait(timeout_s)
+  except ValueError:  # Already terminated (interpreter exit): nothing runs.
+    pass
 
 
 def num_batches(num_images, *, batch_size, process_count, drop_remainder):
