@@ -150,7 +150,10 @@ def compilation_cache_dir(config=None) -> Optional[str]:
     return None
   from concepthash_jax.data import cache  # pylint: disable=g-import-not-at-top
   folder = train.get('compilation_cache_dir', '')
-  folder = os.path.expanduser(folder) if folder else os.path.join(cache.default_dir(), 'xla')
+  if not folder:
+    folder = os.path.join(cache.default_dir(), 'xla')
+  elif '://' not in folder:
+    folder = os.path.expanduser(folder)
   return os.path.join(folder, host_key())
 
 
@@ -185,7 +188,10 @@ def configure_compilation_cache(config=None) -> Optional[str]:
   folder = compilation_cache_dir(config)
   if _user_chose_cache():
     return None
-  if folder is not None:
+  # A remote folder (gs://..., what a multi-host pod shares, since only JAX's process 0
+  # writes entries) is JAX's to reach; a local one is checked here, where a bad path
+  # can still be named.
+  if folder is not None and '://' not in folder:
     try:
       os.makedirs(folder, exist_ok=True)
       if not os.access(folder, os.W_OK | os.X_OK):

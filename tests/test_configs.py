@@ -237,6 +237,8 @@ def test_compilation_cache_folder_follows_the_config_and_user_settings_win(
   assert xla_flags.compilation_cache_dir(None) == default  # Tools without a config.
   config.train.compilation_cache_dir = str(tmp_path / 'mine')
   assert xla_flags.compilation_cache_dir(config) == str(tmp_path / 'mine' / xla_flags.host_key())
+  config.train.compilation_cache_dir = 'gs://bucket/xla'  # JAX's to reach: as given.
+  assert xla_flags.compilation_cache_dir(config) == 'gs://bucket/xla/' + xla_flags.host_key()
   cpus = []
   for flags_ in ('fma avx2', 'fma avx2 avx512f'):
     cpus.append(tmp_path / f'cpuinfo_{len(cpus)}')
