@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+import table  # benchmarks/table.py: print_table
 import train_step  # benchmarks/train_step.py: cpu_line; defines --batch, --cpu_matmul
 
 FLAGS = flags.FLAGS
@@ -110,11 +111,10 @@ def main(argv):
   print(train_step.cpu_line())
   print(f'batch {FLAGS.batch}, {HEADS} heads x {HEAD_DIM}, {FLAGS.tokens} tokens, float32, '
         f'train.cpu_matmul={FLAGS.cpu_matmul}, {FLAGS.rounds} interleaved rounds\n')
-  print('| attention core | forward ms | forward + gradient ms |')
-  print('|---|---|---|')
-  for name in fns:
-    print(f'| {name} | {statistics.median(times[(name, 0)]):.1f} | '
-          f'{statistics.median(times[(name, 1)]):.1f} |')
+  table.print_table(
+      ['attention core', 'forward ms', 'forward + gradient ms'],
+      [(name, f'{statistics.median(times[(name, 0)]):.1f}',
+        f'{statistics.median(times[(name, 1)]):.1f}') for name in fns])
 
 
 if __name__ == '__main__':

@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
+import table  # pylint: disable=g-import-not-at-top,wrong-import-position
 # train_step defines --batch, --num_classes, --remat and --dtypes (step mode's
 # config.model.dtype values); it starts no backend on import.
 import train_step as step_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -63,8 +64,8 @@ def shapes_table():
     torch = None
   rng = np.random.default_rng(0)
   cols = list(LIBRARIES) + (['PyTorch'] if torch else [])
-  print('| product | ' + ' | '.join(f'{c} GFLOP/s' for c in cols) + ' |')
-  print('|---|' + '---|' * len(cols))
+  # Each row prints as soon as its product is timed.
+  table.print_header(['product'] + [f'{c} GFLOP/s' for c in cols])
   for name, ls, rs, (lc, rc) in SHAPES:
     a, b = rng.normal(size=ls).astype('f4'), rng.normal(size=rs).astype('f4')
     ja, jb = jax.numpy.asarray(a), jax.numpy.asarray(b)
@@ -80,7 +81,7 @@ def shapes_table():
       fns['PyTorch'] = lambda: torch.matmul(tl, tr)
     median = medians(fns, FLAGS.rounds)
     flop = 2 * np.prod(ls) * rs[1 - rc]
-    print(f'| {name} | ' + ' | '.join(f'{flop / median[c] / 1e9:.0f}' for c in cols) + ' |')
+    table.print_row([name] + [f'{flop / median[c] / 1e9:.0f}' for c in cols])
 
 
 def step_table():
@@ -96,13 +97,13 @@ def step_table():
   base = {s: median[(FLAGS.dtypes[0], 'ynnpack', s)] for s in ('train', 'eval')}
   print(f'batch {FLAGS.batch}, {FLAGS.rounds} interleaved rounds; x = against '
         f'{FLAGS.dtypes[0]} ynnpack\n')
-  print('| model.dtype | library | train img/s | x | eval img/s | x |')
-  print('|---|---|---|---|---|---|')
+  rows = []
   for dtype in FLAGS.dtypes:
     for lib in ('ynnpack', 'eigen'):
       t, e = median[(dtype, lib, 'train')], median[(dtype, lib, 'eval')]
-      print(f'| {dtype} | {lib} | {FLAGS.batch / t:.2f} | {base["train"] / t:.2f} | '
-            f'{FLAGS.batch / e:.2f} | {base["eval"] / e:.2f} |')
+      rows.append((dtype, lib, f'{FLAGS.batch / t:.2f}', f'{base["train"] / t:.2f}',
+                   f'{FLAGS.batch / e:.2f}', f'{base["eval"] / e:.2f}'))
+  table.print_table(['model.dtype', 'library', 'train img/s', 'x', 'eval img/s', 'x'], rows)
 
 
 def main(argv):

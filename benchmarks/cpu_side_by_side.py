@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 # imports jax without starting a backend, so the XLA_FLAGS set in main() still apply.
 import train_step as ours_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytorch_reference_step as ref_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+import table  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('rounds', 6, 'Timed rounds (after one warm-up round).')
@@ -69,14 +70,15 @@ def main(argv):
         f'batch {FLAGS.batch}, ours {FLAGS.ours_dtype} / theirs float32, {FLAGS.rounds} interleaved rounds, '
         f'torch {info["torch"]} ({info["threads"]} threads), model.remat={FLAGS.remat}, '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}\n')
-  print('| step | ours img/s | authors\' PyTorch img/s | ratio (median) | ratio range |')
-  print('|---|---|---|---|---|')
+  rows = []
   for step in ('train', 'eval'):
     ours, theirs = times[f'ours {step}'], times[f'theirs {step}']
     ratios = [t / o for o, t in zip(ours, theirs)]
-    print(f'| {step} | {FLAGS.batch / statistics.median(ours):.2f} | '
-          f'{FLAGS.batch / statistics.median(theirs):.2f} | '
-          f'{statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} |')
+    rows.append((step, f'{FLAGS.batch / statistics.median(ours):.2f}',
+                 f'{FLAGS.batch / statistics.median(theirs):.2f}',
+                 f'{statistics.median(ratios):.3f}', f'{min(ratios):.3f}-{max(ratios):.3f}'))
+  table.print_table(['step', 'ours img/s', "authors' PyTorch img/s", 'ratio (median)',
+                     'ratio range'], rows)
 
 
 if __name__ == '__main__':

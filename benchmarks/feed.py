@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 
 import input_pipeline  # benchmarks/input_pipeline.py: write_cub
+import table  # benchmarks/table.py: print_table
 import train_step  # benchmarks/train_step.py: build_ours, cpu_line
 
 FLAGS = flags.FLAGS
@@ -106,12 +107,12 @@ def main(argv):
   print(f'\n{train_step.cpu_line()}; {jax.devices()[0].device_kind} x{jax.device_count()}; '
         f'{FLAGS.images} JPEGs 500x375, batch {FLAGS.batch}, model.dtype={FLAGS.dtype}, '
         f'{FLAGS.epochs} epochs ({timed} images) per figure, cache on\n')
-  print('| worker type | workers | pipeline alone img/s | step alone img/s | fed img/s | '
-        'busy |')
-  print('|---|---|---|---|---|---|')
-  for r in rows:
-    print(f'| {r["worker_type"]} | {r["workers"]} | {r["pipeline_img_s"]:.0f} | '
-          f'{r["step_img_s"]:.0f} | {r["fed_img_s"]:.0f} | {r["busy"]:.2f} |')
+  table.print_table(
+      ['worker type', 'workers', 'pipeline alone img/s', 'step alone img/s', 'fed img/s',
+       'busy'],
+      [(r['worker_type'], r['workers'], f'{r["pipeline_img_s"]:.0f}',
+        f'{r["step_img_s"]:.0f}', f'{r["fed_img_s"]:.0f}', f'{r["busy"]:.2f}')
+       for r in rows])
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ import statistics
 from absl import app
 from absl import flags
 
+import table  # benchmarks/table.py: print_table
 import train_step  # benchmarks/train_step.py
 
 FLAGS = flags.FLAGS
@@ -35,13 +36,14 @@ def main(argv):
   print(train_step.cpu_line())
   print(f'ViT-B/32, batch {FLAGS.batch}, {FLAGS.dtype}, model.remat=dots, '
         f'{FLAGS.rounds} interleaved rounds\n')
-  print('| step | every token s | concept tokens s | speed-up (median) | range |')
-  print('|---|---|---|---|---|')
+  rows = []
   for kind in ('train', 'eval'):
     full, alone = times[(kind, True)], times[(kind, False)]
     ratios = [f / a for f, a in zip(full, alone)]
-    print(f'| {kind} | {statistics.median(full):.2f} | {statistics.median(alone):.2f} | '
-          f'{statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} |')
+    rows.append((kind, f'{statistics.median(full):.2f}', f'{statistics.median(alone):.2f}',
+                 f'{statistics.median(ratios):.3f}', f'{min(ratios):.3f}-{max(ratios):.3f}'))
+  table.print_table(['step', 'every token s', 'concept tokens s', 'speed-up (median)',
+                     'range'], rows)
 
 
 if __name__ == '__main__':

@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 
 import child  # benchmarks/child.py: run_json
+import table  # benchmarks/table.py: print_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,16 +94,17 @@ def main(argv):
         f'{first["ours"]["backend"]} x{first["ours"]["devices"]}, model.remat=dots; '
         f'theirs: torch {first["theirs"]["torch"]}, transformers '
         f'{first["theirs"]["transformers"]}; {FLAGS.steps} timed steps per row\n')
-  print('| batch | precision | ours train img/s | theirs train img/s | train ratio | '
-        'ours eval img/s | theirs eval img/s | eval ratio | ours / theirs peak GPU GB |')
-  print('|---|---|---|---|---|---|---|---|---|')
+  cells = []
   for r in rows:
     o, t = r['ours'], r['theirs']
-    print(f'| {r["batch"]} | {r["pairing"]} | {o["train_img_s"]:.0f} | '
-          f'{t["train_img_s"]:.0f} | {o["train_img_s"] / t["train_img_s"]:.2f} | '
-          f'{o["eval_img_s"]:.0f} | {t["eval_img_s"]:.0f} | '
-          f'{o["eval_img_s"] / t["eval_img_s"]:.2f} | '
-          f'{o["peak_device_gb"]:.2f} / {t["peak_device_gb"]:.2f} |')
+    cells.append((r['batch'], r['pairing'], f'{o["train_img_s"]:.0f}',
+                  f'{t["train_img_s"]:.0f}', f'{o["train_img_s"] / t["train_img_s"]:.2f}',
+                  f'{o["eval_img_s"]:.0f}', f'{t["eval_img_s"]:.0f}',
+                  f'{o["eval_img_s"] / t["eval_img_s"]:.2f}',
+                  f'{o["peak_device_gb"]:.2f} / {t["peak_device_gb"]:.2f}'))
+  table.print_table(['batch', 'precision', 'ours train img/s', 'theirs train img/s',
+                     'train ratio', 'ours eval img/s', 'theirs eval img/s', 'eval ratio',
+                     'ours / theirs peak GPU GB'], cells)
 
 
 if __name__ == '__main__':

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 import child  # benchmarks/child.py: run_json, print_json
+import table  # benchmarks/table.py: print_header, print_row
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -285,9 +286,10 @@ def main():
     info = run_row(args, 'ours', transform=transform, workers=2, cache='true')
     print(f'cache build + warm-up epoch, {transform}: {info["warmup_s"]:.1f} s '
           f'(2 workers)')
-  print('\n| round | transform | workers | pipeline | img/s | img/s per core | '
-        'ours / torchvision | load (1 min) |')
-  print('|---|---|---|---|---|---|---|---|')
+  # Each row prints as soon as it is timed.
+  print()
+  table.print_header(['round', 'transform', 'workers', 'pipeline', 'img/s', 'img/s per core',
+                      'ours / torchvision', 'load (1 min)'])
   for round_ in range(1, args.rounds + 1):
     for transform in args.transforms.split(','):
       for workers in (int(w) for w in args.workers.split(',')):
@@ -312,10 +314,10 @@ def main():
                                   workers=workers, **extra)
           ratio = (f'{results[name]["img_s"] / results["torchvision"]["img_s"]:.2f}x'
                    if name != 'torchvision' and 'torchvision' in results else '')
-          print(f'| {round_} | {transform} | {workers} | {name} | '
-                f'{results[name]["img_s"]:.1f} | '
-                f'{results[name]["img_s"] / workers:.1f} | {ratio} | '
-                f'{before:.2f} |', flush=True)
+          table.print_row([round_, transform, workers, name,
+                           f'{results[name]["img_s"]:.1f}',
+                           f'{results[name]["img_s"] / workers:.1f}', ratio,
+                           f'{before:.2f}'])
   if 'torchvision' in results:
     print(f'\ntorchvision side: {results["torchvision"]["version"]}')
 

@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 
 import child  # benchmarks/child.py: run_json, print_json
+import table  # benchmarks/table.py: print_table
 import train_step  # benchmarks/train_step.py: build_ours, cpu_line; defines --batch
 
 FLAGS = flags.FLAGS
@@ -73,12 +74,11 @@ def main(argv):
   print(train_step.cpu_line())
   print(f'ViT-B/32 ConceptHash, batch {FLAGS.batch}, {FLAGS.dtype}, random weights, '
         f'{rows[0]["backend"]}; cache folder at the end: {cache_mb:.1f} MB\n')
-  print('| run | CLIP init s | state init s | train compile s | eval compile s | '
-        'first step s | whole process s |')
-  print('|---|---|---|---|---|---|---|')
-  for r in rows:
-    print(f'| {r["run"]} | ' + ' | '.join(f'{r[k]:.1f}' for k in PARTS)
-          + f' | {r["first_step_s"]:.1f} | {r["process_s"]:.1f} |')
+  table.print_table(
+      ['run', 'CLIP init s', 'state init s', 'train compile s', 'eval compile s',
+       'first step s', 'whole process s'],
+      [[r['run']] + [f'{r[k]:.1f}' for k in PARTS]
+       + [f'{r["first_step_s"]:.1f}', f'{r["process_s"]:.1f}'] for r in rows])
 
 
 if __name__ == '__main__':

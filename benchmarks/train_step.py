@@ -17,6 +17,7 @@ from absl import app
 from absl import flags
 
 import child  # benchmarks/child.py: run_json, print_json
+import table  # benchmarks/table.py: print_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -213,13 +214,13 @@ def main(argv):
         f'{FLAGS.cpu_concurrency_scheduler}, train.cpu_matmul={FLAGS.cpu_matmul}, '
         f'matmul precision {FLAGS.matmul_precision}, '
         f'XLA_FLAGS of the first row: {rows[0]["xla_flags"]!r}\n')
-  print('| dtype | train img/s | eval img/s | peak RSS GB | '
-        'peak device GB | setup + compile s |')
-  print('|---|---|---|---|---|---|')
-  for r in rows:
-    device_gb = f'{r["peak_device_gb"]:.2f}' if r['peak_device_gb'] else '-'
-    print(f'| {r["dtype"]} | {r["train_img_s"]:.2f} | {r["eval_img_s"]:.2f} | '
-          f'{r["peak_rss_gb"]:.2f} | {device_gb} | {r["compile_s"]:.1f} |')
+  table.print_table(
+      ['dtype', 'train img/s', 'eval img/s', 'peak RSS GB', 'peak device GB',
+       'setup + compile s'],
+      [(r['dtype'], f'{r["train_img_s"]:.2f}', f'{r["eval_img_s"]:.2f}',
+        f'{r["peak_rss_gb"]:.2f}',
+        f'{r["peak_device_gb"]:.2f}' if r['peak_device_gb'] else '-',
+        f'{r["compile_s"]:.1f}') for r in rows])
 
 
 if __name__ == '__main__':
