@@ -67,8 +67,9 @@ def main(argv):
       # Interpreter start, imports, every part, the first step and the exit.
       rows[-1]['process_s'] = time.perf_counter() - t0
       rows[-1]['run'] = 'cold' if not run else f'warm {run}'
-    cache_mb = sum(os.path.getsize(os.path.join(cache_dir, n))
-                   for n in os.listdir(cache_dir)) / 2**20
+    # The programs sit in the machine's subfolder (xla_flags.host_key).
+    cache_mb = sum(os.path.getsize(os.path.join(where, n))
+                   for where, _, names in os.walk(cache_dir) for n in names) / 2**20
   finally:
     shutil.rmtree(cache_dir, ignore_errors=True)
   print(train_step.cpu_line())
