@@ -185,9 +185,9 @@ def configure_compilation_cache(config=None) -> Optional[str]:
       time, a run does not need it.)
   """
   global _configured_dir
-  folder = compilation_cache_dir(config)
   if _user_chose_cache():
     return None
+  folder = compilation_cache_dir(config)
   # A remote folder (gs://..., what a multi-host pod shares, since only JAX's process 0
   # writes entries) is JAX's to reach; a local one is checked here, where a bad path
   # can still be named.
