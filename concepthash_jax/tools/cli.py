@@ -111,6 +111,12 @@ def help_text(doc: str, flag_names: Sequence[str], full: bool = False) -> str:
   return f'{doc.strip()}\n\nflags:\n{flag_str}\n'
 
 
+def exit_user_error(error):
+  """Prints the message alone (the traceback of a user mistake is noise); exits 2."""
+  sys.stderr.write(f'FATAL: {error}\n')
+  sys.exit(errors.EXIT_USER_ERROR)
+
+
 def run(main: Callable, doc: str,
         define_flags: Optional[Callable[[], None]] = None,
         flags_parser: Callable = app.parse_flags_with_usage) -> None:
@@ -143,8 +149,7 @@ def run(main: Callable, doc: str,
       xla_flags.configure_compilation_cache(
           config if isinstance(config, ml_collections.ConfigDict) else None)
     except errors.UserError as e:
-      sys.stderr.write(f'FATAL: {e}\n')
-      sys.exit(errors.EXIT_USER_ERROR)
+      exit_user_error(e)
     return main(argv)
 
   app.run(main_with_cache, flags_parser=flags_parser)

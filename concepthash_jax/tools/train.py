@@ -132,7 +132,7 @@ def main(argv):
   try:
     configuration.validate_config(FLAGS.config)
   except ValueError as e:  # validate_config raises only for config values.
-    _exit_user_error(e)
+    cli.exit_user_error(e)
   xla_flags.configure_xla_flags(FLAGS.config)  # Before the first JAX computation.
   distributed = FLAGS.distributed
   if distributed is None:
@@ -152,15 +152,9 @@ def main(argv):
   try:
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except errors.UserError as e:
-    _exit_user_error(e)
+    cli.exit_user_error(e)
   if results.get('preempted'):
     sys.exit(errors.EXIT_PREEMPTED)  # A scheduler must not read it as done.
-
-
-def _exit_user_error(error):
-  """Prints the message alone (the traceback of a user mistake is noise)."""
-  sys.stderr.write(f'FATAL: {error}\n')
-  sys.exit(errors.EXIT_USER_ERROR)
 
 
 def run():
