@@ -1,4 +1,4 @@
-"""Tests for models/clip.py and models/adapter.py: HF parity, interpolation, adapters."""
+"""Tests for models/clip.py, adapter.py and layer_norm.py: HF parity, interpolation, adapters."""
 import math
 import os
 
@@ -6,12 +6,14 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
+import flax.linen as nn
 import pytest
 
 from concepthash_jax.interop import hf
 from concepthash_jax.configs import base
 from concepthash_jax.models import clip
 from concepthash_jax.models import dots
+from concepthash_jax.models import layer_norm
 from concepthash_jax.models.adapter import Adapter
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
@@ -318,3 +320,73 @@ def test_bf16_weight_matmul_backward_multiplies_in_bf16_and_sums_in_float32():
   found = list(products(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w).jaxpr))
   assert len(found) == 3  # Forward, dx, dw.
   assert all(ins == [jnp.bfloat16] * 2 and out == jnp.float32 for ins, out in found), found
+
+
+def _both_layer_norms(x, dtype=None):
+  """(ours, flax's) LayerNorm with the same random scale and bias, and those variables."""
+  ours, theirs = layer_norm.LayerNorm(1e-5, dtype=dtype), nn.LayerNorm(1e-5, dtype=dtype)
+  rng = np.random.default_rng(3)
+  variables = {'params': {'scale': jnp.asarray(rng.normal(size=x.shape[-1]), jnp.float32),
+                          'bias': jnp.asarray(rng.normal(size=x.shape[-1]), jnp.float32)}}
+  shapes = lambda m: jax.tree.map(jnp.shape, m.init(jax.random.PRNGKey(0), x))
+  assert shapes(ours) == shapes(theirs)  # Same tree: checkpoints load unchanged.
+  return ours, theirs, variables
+
+
+@pytest.mark.parametrize('plain_sums', [False, True], ids=['cpu_products', 'plain_sums'])
+def test_layer_norm_matches_flax_forward_and_gradients(plain_sums, monkeypatch):
+  # plain_sums: the branch GPUs and TPUs take, here on the CPU.
+  monkeypatch.setattr(layer_norm, '_plain_sums', lambda: plain_sums)
+  rng = np.random.default_rng(2)
+  # Rows offset from zero, as a residual stream is, and wider than 32 (XLA:CPU rewrites
+  # longer reductions; ours must agree with flax's either way).
+  x = jnp.asarray(rng.normal(size=(3, 7, 96)) * 2 + rng.normal(size=(3, 7, 1)) * 3,
+                  jnp.float32)
+  grad = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  ours, theirs, variables = _both_layer_norms(x)
+  np.testing.assert_allclose(ours.apply(variables, x), theirs.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  grads = [jax.vjp(m.apply, variables, x)[1](grad) for m in (ours, theirs)]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # And both against float64 by hand.
+  x64, g64 = np.asarray(x, np.float64), np.asarray(grad, np.float64)
+  scale = np.asarray(variables['params']['scale'], np.float64)
+  normed = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(ours.apply(variables, x), normed * scale
+                             + np.asarray(variables['params']['bias']), atol=1e-5)
+  (d_params, dx) = grads[0]
+  np.testing.assert_allclose(d_params['params']['bias'], g64.sum((0, 1)), rtol=1e-5)
+  np.testing.assert_allclose(d_params['params']['scale'], (g64 * normed).sum((0, 1)),
+                             rtol=1e-4, atol=1e-4)
+  gn = g64 * scale
+  dx64 = (gn - gn.mean(-1, keepdims=True) - normed * (gn * normed).mean(-1, keepdims=True)
+          ) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(dx, dx64, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_norm_in_bfloat16_matches_flax_and_keeps_float32_params():
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, 64)) + 1.5, jnp.bfloat16)
+  ours, theirs, variables = _both_layer_norms(x, dtype=jnp.bfloat16)
+  out, ref = ours.apply(variables, x), theirs.apply(variables, x)
+  assert out.dtype == ref.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                             rtol=2 ** -7, atol=2 ** -7)
+  d_params, dx = jax.grad(lambda v, x: jnp.sum(ours.apply(v, x).astype(jnp.float32) ** 2),
+                          argnums=(0, 1))(variables, x)
+  assert dx.dtype == jnp.bfloat16
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(d_params))
+
+
+def test_layer_norm_sums_escape_the_cpu_reduce_window_rewrite():
+  # The reason models/layer_norm.py exists: on XLA:CPU, flax's layer norm gradient has
+  # its long sums rewritten into reduce-windows (a pass over the activation each); ours
+  # has none. If flax's stops showing any, XLA dropped the rewrite: measure again
+  # (benchmarks/layer_norm.py) before keeping the hand-written gradient.
+  x = jnp.ones((4, 6, 64), jnp.float32)
+  ours, theirs, variables = _both_layer_norms(x)
+  def windows(module):
+    step = jax.jit(lambda v, x: jax.vjp(module.apply, v, x)[1](x))
+    return step.lower(variables, x).compile().as_text().count('reduce-window(')
+  assert windows(theirs) > 0
+  assert windows(ours) == 0

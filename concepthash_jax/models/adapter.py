@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from concepthash_jax.models.dots import dot_general_f32_accumulate
+from concepthash_jax.models.layer_norm import LayerNorm
 
 # torch.nn.Linear's default weight init (kaiming_uniform with a=sqrt(5)) is
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) = variance scaling 1/3, fan_in, uniform.
@@ -24,7 +25,7 @@ class Adapter(nn.Module):
   def __call__(self, x, *, train: bool = False):
     """Adapter output, same shape as x (B, T, D)."""
     width = x.shape[-1]
-    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+    y = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                      name='adapter_layer_norm')(x)
     y = nn.Dense(self.bottleneck, dtype=self.dtype, kernel_init=torch_linear_kernel_init,
                  bias_init=nn.initializers.zeros, name='down_proj',

@@ -16,6 +16,7 @@ import flax.linen as nn
 
 from concepthash_jax.models import dots
 from concepthash_jax.models.adapter import Adapter
+from concepthash_jax.models.layer_norm import LayerNorm
 
 
 def activation(name: str):
@@ -168,7 +169,7 @@ class CLIPEncoderLayer(nn.Module):
       return Adapter(self.adapter_dim, self.adapter_dropout, dtype=self.dtype,
                      name=name)(y, train=train)
 
-    ln = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
+    ln = lambda name: LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
     attn, probs = CLIPAttention(self.num_heads, self.attention_dropout, dtype=self.dtype,
                                 name='self_attn')(ln('layer_norm1')(x), mask, train=train,
                                                   tokens=tokens)
@@ -305,11 +306,11 @@ class CLIPVisionTransformer(nn.Module):
                              dtype=self.dtype, name='embeddings')(pixel_values)
     if extra_tokens is not None:
       x = jnp.concatenate([x, extra_tokens.astype(self.dtype)], axis=1)
-    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='pre_layrnorm')(x)
+    x = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='pre_layrnorm')(x)
     x, hidden_states, attentions = CLIPEncoder(
         self.num_layers, _layer_kwargs(self), self.remat, name='encoder')(
             x, train=train, final_tokens=final_tokens)
-    pooled = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
+    pooled = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                           name='post_layernorm')(x[:, 0])
     return x, {'pooler_output': pooled, 'hidden_states': hidden_states,
                'attentions': attentions}
@@ -400,7 +401,7 @@ class CLIPTextTransformer(nn.Module):
       mask = mask & (attention_mask[:, None, None, :] > 0)
     x, hidden_states, attentions = CLIPEncoder(
         self.num_layers, _layer_kwargs(self), self.remat, name='encoder')(x, mask, train=train)
-    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='final_layer_norm')(x)
+    x = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='final_layer_norm')(x)
     pooled = x[jnp.arange(batch), eos_positions(input_ids, eos_token_id)]
     return x, {'pooler_output': pooled, 'hidden_states': hidden_states,
                'attentions': attentions}

@@ -25,6 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from concepthash_jax.models.clip import CLIPVisionTransformer
+from concepthash_jax.models.layer_norm import LayerNorm
 
 CONCEPT_TOKENS = ('generated', 'learned')
 CODE_NORMS = ('batchnorm', 'none')
@@ -111,7 +112,7 @@ class ConceptTokenGenerator(nn.Module):
     """Returns the concept tokens V (M, D)."""
     queries = self.param('queries', nn.initializers.normal(1.0),
                          (self.num_concepts, self.width))
-    ln = lambda name: nn.LayerNorm(epsilon=1e-5, name=name)  # torch LayerNorm eps.
+    ln = lambda name: LayerNorm(epsilon=1e-5, name=name)  # torch LayerNorm eps.
     # Pre-norm on the residual path only, as the released `hash_attention` block.
     x = ln('norm1')(queries) + GeneratorAttention(
         self.num_heads, self.dropout, name='self_attn')(queries, train=train)
