@@ -22,7 +22,7 @@ from absl import flags
 import numpy as np
 
 import table  # benchmarks/table.py: print_table
-import train_step  # benchmarks/train_step.py: cpu_line; defines --batch, --cpu_matmul
+import train_step  # cpu_line, torch_forward_backward; defines --batch, --cpu_matmul
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('rounds', 7, 'Timed rounds (after one warm-up round).')
@@ -84,14 +84,8 @@ def theirs(q, k, v, g):
     out = torch.bmm(probs, heads(vt)).view(b, HEADS, t, HEAD_DIM)
     return out.transpose(1, 2).reshape(b, t, width)
 
-  def forward():
-    with torch.no_grad():
-      core()
-
-  def backward():
-    torch.autograd.grad(core(), (qt, kt, vt), gt)
-
-  return {f'PyTorch {torch.__version__}, HF eager attention': (forward, backward)}
+  return {f'PyTorch {torch.__version__}, HF eager attention':
+              train_step.torch_forward_backward(core, (qt, kt, vt), gt)}
 
 
 def main(argv):

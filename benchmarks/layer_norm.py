@@ -18,7 +18,7 @@ from absl import flags
 import numpy as np
 
 import table  # benchmarks/table.py: print_table
-import train_step  # benchmarks/train_step.py: build_ours, interleave, cpu_line; --batch
+import train_step  # build_ours, interleave, torch_forward_backward; defines --batch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('rounds', 12, 'Timed rounds (after one warm-up round).')
@@ -63,15 +63,8 @@ def pytorch(x, scale, bias, grad) -> dict:
   xt, st, bt = (torch.tensor(a, requires_grad=True) for a in (x, scale, bias))
   gt = torch.tensor(grad)
   norm = lambda: torch.nn.functional.layer_norm(xt, xt.shape[-1:], st, bt, 1e-5)
-
-  def forward():
-    with torch.no_grad():
-      norm()
-
-  def backward():
-    torch.autograd.grad(norm(), (xt, st, bt), gt)
-
-  return {f'PyTorch {torch.__version__}, F.layer_norm': (forward, backward)}
+  return {f'PyTorch {torch.__version__}, F.layer_norm':
+              train_step.torch_forward_backward(norm, (xt, st, bt), gt)}
 
 
 def alone() -> None:

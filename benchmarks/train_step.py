@@ -59,6 +59,26 @@ def cpu_line() -> str:
   return f'{model}, {os.cpu_count()} cores, {" ".join(wanted)}'
 
 
+def torch_forward_backward(compute, inputs, grad) -> tuple:
+  """(forward, forward + backward) closures timing a PyTorch computation.
+
+  Args:
+    compute: () -> tensor, the computation on `inputs` (tensors with requires_grad).
+    inputs: the tensors the backward differentiates with respect to.
+    grad: the output's cotangent.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def forward():
+    with torch.no_grad():
+      compute()
+
+  def backward():
+    torch.autograd.grad(compute(), inputs, grad)
+
+  return forward, backward
+
+
 def interleave(fns: dict, rounds: int) -> dict:
   """{name: [seconds per round]}: every fn timed once per round; round 0 warms up.
 
