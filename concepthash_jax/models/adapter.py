@@ -26,7 +26,7 @@ class Adapter(nn.Module):
     """Adapter output, same shape as x (B, T, D)."""
     width = x.shape[-1]
     y = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
-                     name='adapter_layer_norm')(x)
+                  name='adapter_layer_norm')(x)
     y = nn.Dense(self.bottleneck, dtype=self.dtype, kernel_init=torch_linear_kernel_init,
                  bias_init=nn.initializers.zeros, name='down_proj',
                  dot_general=dot_general_f32_accumulate)(y)

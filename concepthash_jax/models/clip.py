@@ -311,7 +311,7 @@ class CLIPVisionTransformer(nn.Module):
         self.num_layers, _layer_kwargs(self), self.remat, name='encoder')(
             x, train=train, final_tokens=final_tokens)
     pooled = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
-                          name='post_layernorm')(x[:, 0])
+                       name='post_layernorm')(x[:, 0])
     return x, {'pooler_output': pooled, 'hidden_states': hidden_states,
                'attentions': attentions}
 
