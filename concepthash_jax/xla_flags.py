@@ -33,9 +33,14 @@ CPU_MATMUL = ('auto', 'ynnpack', 'eigen')
 CPU_MATMUL_OPTIONS = {'ynnpack': {}, 'eigen': {'xla_cpu_experimental_ynn_fusion_type': ''}}
 
 
+def _train_section(config):
+  """config.train, or {} for no config (a tool without one) or one without it."""
+  return config.train if config is not None and 'train' in config else {}
+
+
 def cpu_matmul_of(config) -> str:
   """A run's train.cpu_matmul; 'auto' for runs saved before the key existed."""
-  return config.train.get('cpu_matmul', 'auto') if 'train' in config else 'auto'
+  return _train_section(config).get('cpu_matmul', 'auto')
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,7 +116,8 @@ def configure_xla_flags(config) -> str:
 # the process started cold, 24-28 s warm (BENCHMARKS.md, "Start-up"). On GPUs JAX also
 # keeps XLA's autotuning results there.
 # Beyond this size the least recently used entries go (the ViT-B/32 train, eval and init
-# programs take 3.3 MB on the CPU).
+# programs take 3.3 MB on the CPU). JAX's size cap locks the folder with the filelock
+# package, hence its place in setup.cfg.
 COMPILATION_CACHE_MAX_BYTES = 4 << 30
 # The environment variables by which a user chooses JAX's cache themselves; theirs wins.
 _USER_CACHE_ENV = ('JAX_COMPILATION_CACHE_DIR', 'JAX_ENABLE_COMPILATION_CACHE')
@@ -145,7 +151,7 @@ def compilation_cache_dir(config=None) -> Optional[str]:
     ~/.cache/concepthash_jax/xla), in it this machine's subfolder (`host_key`); None
     when train.compilation_cache is False.
   """
-  train = config.train if config is not None and 'train' in config else {}
+  train = _train_section(config)
   if not train.get('compilation_cache', True):
     return None
   from concepthash_jax.data import cache  # pylint: disable=g-import-not-at-top
@@ -197,7 +203,7 @@ def configure_compilation_cache(config=None) -> Optional[str]:
       if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(f'no write permission on {folder}')
     except OSError as e:
-      explicit = config is not None and config.train.get('compilation_cache_dir', '')
+      explicit = _train_section(config).get('compilation_cache_dir', '')
       if explicit:
         raise errors.ConfigError(
             f'config.train.compilation_cache_dir={explicit!r} cannot hold the compilation '
