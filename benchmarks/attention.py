@@ -22,7 +22,7 @@ from absl import flags
 import numpy as np
 
 import table  # benchmarks/table.py: print_table
-import train_step  # cpu_line, torch_forward_backward; defines --batch, --cpu_matmul
+import train_step  # cpu_line, {jax,torch}_forward_backward; defines --batch, --cpu_matmul
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('rounds', 7, 'Timed rounds (after one warm-up round).')
@@ -35,7 +35,6 @@ def ours(q, k, v, g) -> dict:
   """{variant: (forward fn, forward + vjp fn)}, each blocking until done."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
 
   b, t, width = q.shape
   split = lambda y: y.reshape(b, t, HEADS, HEAD_DIM)
@@ -53,17 +52,11 @@ def ours(q, k, v, g) -> dict:
   def library(q, k, v):
     return jax.nn.dot_product_attention(split(q), split(k), split(v)).reshape(b, t, width)
 
-  options = xla_flags.compiler_options(FLAGS.cpu_matmul)
-  args = [jnp.asarray(a) for a in (q, k, v, g)]
-  fns = {}
-  for name, core in (('ours, shipped einsums', shipped), ('ours, heads first', heads_first),
-                     ('ours, jax.nn.dot_product_attention', library)):
-    forward = jax.jit(core, compiler_options=options)
-    backward = jax.jit(lambda q, k, v, g, core=core: jax.vjp(core, q, k, v)[1](g),
-                       compiler_options=options)
-    fns[name] = (lambda f=forward: jax.block_until_ready(f(*args[:3])),
-                 lambda f=backward: jax.block_until_ready(f(*args)))
-  return fns
+  args = [jnp.asarray(a) for a in (q, k, v)]
+  return {name: train_step.jax_forward_backward(core, args, jnp.asarray(g), FLAGS.cpu_matmul)
+          for name, core in (('ours, shipped einsums', shipped),
+                             ('ours, heads first', heads_first),
+                             ('ours, jax.nn.dot_product_attention', library))}
 
 
 def theirs(q, k, v, g):

@@ -18,7 +18,7 @@ from absl import flags
 import numpy as np
 
 import table  # benchmarks/table.py: print_table
-import train_step  # build_ours, interleave, torch_forward_backward; defines --batch
+import train_step  # build_ours, interleave, {jax,torch}_forward_backward; --batch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('rounds', 12, 'Timed rounds (after one warm-up round).')
@@ -33,24 +33,16 @@ MODEL_MODULES = ('concepthash_jax.models.clip', 'concepthash_jax.models.adapter'
 
 def ours_and_flax(x, scale, bias, grad) -> dict:
   """{variant: (forward fn, forward + vjp fn)}, each blocking until done."""
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
   from concepthash_jax.models import layer_norm  # pylint: disable=g-import-not-at-top
 
   variables = {'params': {'scale': jnp.asarray(scale), 'bias': jnp.asarray(bias)}}
-  x, grad = jnp.asarray(x), jnp.asarray(grad)
-  options = xla_flags.compiler_options(FLAGS.cpu_matmul)
-  fns = {}
-  for name, module in (('ours (models/layer_norm.py)', layer_norm.LayerNorm(1e-5)),
-                       ('flax.linen.LayerNorm', nn.LayerNorm(1e-5))):
-    forward = jax.jit(module.apply, compiler_options=options)
-    backward = jax.jit(lambda v, x, g, m=module: jax.vjp(m.apply, v, x)[1](g),
-                       compiler_options=options)
-    fns[name] = (lambda f=forward: jax.block_until_ready(f(variables, x)),
-                 lambda f=backward: jax.block_until_ready(f(variables, x, grad)))
-  return fns
+  args = (variables, jnp.asarray(x))
+  return {name: train_step.jax_forward_backward(module.apply, args, jnp.asarray(grad),
+                                                FLAGS.cpu_matmul)
+          for name, module in (('ours (models/layer_norm.py)', layer_norm.LayerNorm(1e-5)),
+                               ('flax.linen.LayerNorm', nn.LayerNorm(1e-5)))}
 
 
 def pytorch(x, scale, bias, grad) -> dict:

@@ -59,6 +59,24 @@ def cpu_line() -> str:
   return f'{model}, {os.cpu_count()} cores, {" ".join(wanted)}'
 
 
+def jax_forward_backward(fn, args, grad, cpu_matmul: str = 'auto') -> tuple:
+  """(forward, forward + VJP) closures timing `fn(*args)` jitted, each blocking until done.
+
+  Args:
+    fn: the JAX function.
+    args: its arguments; the VJP is taken with respect to all of them.
+    grad: the output's cotangent.
+    cpu_matmul: train.cpu_matmul, whose compiler options both compiles get.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  options = xla_flags.compiler_options(cpu_matmul)
+  forward = jax.jit(fn, compiler_options=options)
+  backward = jax.jit(lambda args, grad: jax.vjp(fn, *args)[1](grad), compiler_options=options)
+  return (lambda: jax.block_until_ready(forward(*args)),
+          lambda: jax.block_until_ready(backward(args, grad)))
+
+
 def torch_forward_backward(compute, inputs, grad) -> tuple:
   """(forward, forward + backward) closures timing a PyTorch computation.
 
