@@ -115,7 +115,7 @@ def interleave(fns: dict, rounds: int) -> dict:
 
 def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
                cpu_matmul: str = 'auto', full_final_layer: bool = False,
-               uint8_images: bool = False):
+               uint8_images: bool = False, devices=None):
   """The shipped train step and eval forward as closures: (train, eval, info).
 
   `train()` runs one step and returns its metrics, `eval()` one encode forward; both
@@ -124,7 +124,8 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
   hold both libraries side by side. `full_final_layer` runs the final ViT layer on every
   token, as the authors' model does (ConceptHash.full_final_layer; default: CLS and the
   concept tokens only). `uint8_images` compiles the step for the uint8 batches that
-  `data.batches` ships (normalised inside the step), as training does.
+  `data.batches` ships (normalised inside the step), as training does. `devices`: the
+  mesh's devices (default: all, as training takes them).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -147,7 +148,7 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
                           clip_config.text_config.hidden_size)).astype('f4')
   model = models.build_model(config.model, clip_config, num_classes).clone(
       full_final_layer=full_final_layer)
-  mesh = sharding.create_mesh()
+  mesh = sharding.create_mesh(devices)
   steps_per_epoch = 5994 // batch
   tx = optim.make_optimizer(config.optim, steps_per_epoch)
   schedule = optim.make_schedule(config.optim, steps_per_epoch)
