@@ -33,15 +33,13 @@ def main(argv):
                                                full_final_layer=full)
     fns[('train', full)], fns[('eval', full)] = train, evaluate
   times = train_step.interleave(fns, FLAGS.rounds)
-  print(train_step.cpu_line())
-  print(f'ViT-B/32, batch {FLAGS.batch}, {FLAGS.dtype}, model.remat=dots, '
-        f'{FLAGS.rounds} interleaved rounds\n')
+  train_step.print_step_heading(f'{FLAGS.dtype}, model.remat=dots, '
+                                f'{FLAGS.rounds} interleaved rounds')
   rows = []
   for kind in ('train', 'eval'):
     full, alone = times[(kind, True)], times[(kind, False)]
-    ratios = [f / a for f, a in zip(full, alone)]
     rows.append((kind, f'{statistics.median(full):.2f}', f'{statistics.median(alone):.2f}',
-                 f'{statistics.median(ratios):.3f}', f'{min(ratios):.3f}-{max(ratios):.3f}'))
+                 *train_step.speed_up(full, alone)))
   table.print_table(['step', 'every token s', 'concept tokens s', 'speed-up (median)',
                      'range'], rows)
 

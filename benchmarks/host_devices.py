@@ -54,17 +54,14 @@ def main(argv):
     memory[('train', n)] = planned_gb(train.compiled, n)
     memory[('eval', n)] = planned_gb(evaluate.compiled, n)
   times = train_step.interleave(fns, FLAGS.rounds)
-  print(train_step.cpu_line())
-  print(f'ViT-B/32, batch {FLAGS.batch}, float32, model.remat=dots, train.cpu_matmul=auto, '
-        f'{FLAGS.rounds} interleaved rounds\n')
+  train_step.print_step_heading(f'float32, model.remat=dots, train.cpu_matmul=auto, '
+                                f'{FLAGS.rounds} interleaved rounds')
   rows = []
   for kind in ('train', 'eval'):
-    base = times[(kind, sizes[0])]
     for n in sizes:
-      ratios = [b / t for b, t in zip(base, times[(kind, n)])]
       rows.append((kind, n, f'{FLAGS.batch / statistics.median(times[(kind, n)]):.2f}',
-                   f'{statistics.median(ratios):.3f}',
-                   f'{min(ratios):.2f}-{max(ratios):.2f}', f'{memory[(kind, n)]:.2f}'))
+                   *train_step.speed_up(times[(kind, sizes[0])], times[(kind, n)]),
+                   f'{memory[(kind, n)]:.2f}'))
   table.print_table(['step', 'devices', 'img/s (median)', f'speed-up over {sizes[0]}',
                      'range', 'XLA planned GB'], rows)
 

@@ -110,18 +110,18 @@ def step() -> None:
     losses[name] = float(train()['loss'])  # The first step, before the timed rounds.
     fns[('train', name)], fns[('eval', name)] = train, evaluate
   times = train_step.interleave(fns, FLAGS.rounds)
-  print(train_step.cpu_line())
-  print(f'ViT-B/32, batch {FLAGS.batch}, float32, model.remat=dots, train.cpu_matmul='
-        f'{FLAGS.cpu_matmul}, {FLAGS.rounds} interleaved rounds; first-step loss '
-        + ', '.join(f'{k} {v:.6f}' for k, v in losses.items()) + '\n')
+  train_step.print_step_heading(
+      f'float32, model.remat=dots, train.cpu_matmul={FLAGS.cpu_matmul}, {FLAGS.rounds} '
+      'interleaved rounds; first-step loss ' + ', '.join(f'{k} {v:.6f}'
+                                                         for k, v in losses.items()))
   rows = []
   for kind in ('train', 'eval'):
     base, ours = times[(kind, 'flax.linen.LayerNorm')], times[(kind, 'ours')]
-    ratios = [b / o for b, o in zip(base, ours)]
     rows.append((kind, f'{FLAGS.batch / statistics.median(base):.2f}',
                  f'{FLAGS.batch / statistics.median(ours):.2f}',
-                 f'**{statistics.median(ratios):.3f}** ({min(ratios):.2f}-{max(ratios):.2f})'))
-  table.print_table(['step', 'flax LayerNorm img/s', 'ours img/s', 'speed-up (range)'], rows)
+                 *train_step.speed_up(base, ours)))
+  table.print_table(['step', 'flax LayerNorm img/s', 'ours img/s', 'speed-up (median)',
+                     'range'], rows)
 
 
 def main(argv):

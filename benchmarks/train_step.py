@@ -10,6 +10,7 @@ training, encoding.jitted_encode_step for the eval forward. Prints a markdown ta
 """
 import os
 import resource
+import statistics
 import sys
 import time
 
@@ -111,6 +112,23 @@ def interleave(fns: dict, rounds: int) -> dict:
       if r:
         times[k].append(time.perf_counter() - t0)
   return times
+
+
+def print_step_heading(details: str) -> None:
+  """The CPU line and the setup line above a table of the shipped step's variants."""
+  print(cpu_line())
+  print(f'ViT-B/32, batch {FLAGS.batch}, {details}\n')
+
+
+def speed_up(base: list, other: list) -> tuple:
+  """('median', 'min-max') of the per-round ratios base / other: other's speed-up.
+
+  Args:
+    base, other: seconds per round from one `interleave`, so round i of each ran
+      seconds apart.
+  """
+  ratios = [b / o for b, o in zip(base, other)]
+  return f'{statistics.median(ratios):.3f}', f'{min(ratios):.2f}-{max(ratios):.2f}'
 
 
 def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
