@@ -15,6 +15,12 @@ with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2 and MKL_ENABLE_INSTRUCTIO
 (MKL runs PyTorch's fp32 matmuls and ignores the oneDNN cap). Label such figures emulated.
 Peak memory is not reported (one process holds both); train_step.py and
 pytorch_reference_step.py measure it alone.
+
+The train step runs at --batch. The eval forward runs at every batch in --eval_batches,
+on both sides. Two of them are the batches each code base ships for encoding a dataset:
+the authors' test and database loaders take their config.batch_size (32), ours
+data.eval_batch_size (128). When both are listed, a last row compares each side at its
+own batch, in images per second: what a user of either code base gets.
 """
 import os
 import statistics
@@ -38,6 +44,8 @@ flags.DEFINE_integer('rounds', 6, 'Timed rounds (after one warm-up round).')
 flags.DEFINE_enum('isa', 'native', ['native', 'AVX2'], 'Instruction-set cap, both sides.')
 flags.DEFINE_enum('ours_dtype', 'float32', ['float32', 'bfloat16'],
                   'Ours: config.model.dtype (the authors\' step stays float32).')
+flags.DEFINE_list('eval_batches', ['32', '128'],
+                  'Batch sizes of the eval forward, each timed on both sides.')
 
 # Environment each side reads once, when its library initialises.
 ISA_ENV = {'AVX2': {'ATEN_CPU_CAPABILITY': 'avx2', 'ONEDNN_MAX_CPU_ISA': 'AVX2',
@@ -55,30 +63,41 @@ def main(argv):
   from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
   xla_flags.configure_xla_flags(cub.get_config())
 
-  steps = {}
-  steps['ours train'], steps['ours eval'], _ = ours_bench.build_ours(
+  eval_batches = [int(b) for b in FLAGS.eval_batches]
+  steps, batches = {}, {}
+  steps['ours train'], _, ours_info = ours_bench.build_ours(
       FLAGS.ours_dtype, FLAGS.batch, FLAGS.num_classes, FLAGS.remat)
-  steps['theirs train'], steps['theirs eval'], info = ref_bench.build_reference(
+  steps['theirs train'], _, info = ref_bench.build_reference(
       FLAGS.batch, FLAGS.num_classes, threads=os.cpu_count())
-  order = ['ours train', 'theirs train', 'ours eval', 'theirs eval']
-  times = ours_bench.interleave({k: steps[k] for k in order}, FLAGS.rounds)
+  batches['ours train'] = batches['theirs train'] = FLAGS.batch
+  for b in eval_batches:
+    steps[f'ours eval {b}'] = ours_info['eval_at'](b)
+    steps[f'theirs eval {b}'] = info['eval_at'](b)
+    batches[f'ours eval {b}'] = batches[f'theirs eval {b}'] = b
+  times = ours_bench.interleave(steps, FLAGS.rounds)
+  # Images per second, per round.
+  speed = {k: [batches[k] / t for t in v] for k, v in times.items()}
   for r in range(FLAGS.rounds):
-    print(f'round {r + 1}: ' + ', '.join(f'{k} {FLAGS.batch / times[k][r]:.2f}'
-                                         for k in order))
+    print(f'round {r + 1}: ' + ', '.join(f'{k} {speed[k][r]:.2f}' for k in steps))
 
   print(f'\n{ours_bench.cpu_line()}\nISA: {FLAGS.isa}{" (emulated)" if FLAGS.isa != "native" else ""}, '
-        f'batch {FLAGS.batch}, ours {FLAGS.ours_dtype} / theirs float32, {FLAGS.rounds} interleaved rounds, '
+        f'ours {FLAGS.ours_dtype} / theirs float32, {FLAGS.rounds} interleaved rounds, '
         f'torch {info["torch"]} ({info["threads"]} threads), model.remat={FLAGS.remat}, '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}\n')
+  pairs = [('train', FLAGS.batch, 'ours train', 'theirs train')]
+  pairs += [('eval', b, f'ours eval {b}', f'theirs eval {b}') for b in eval_batches]
+  shipped = (cub.get_config().data.eval_batch_size, ref_bench.RELEASED_EVAL_BATCH)
+  if shipped[0] != shipped[1] and set(shipped) <= set(eval_batches):
+    pairs.append(('eval, each at its shipped batch', f'{shipped[0]} / {shipped[1]}',
+                  f'ours eval {shipped[0]}', f'theirs eval {shipped[1]}'))
   rows = []
-  for step in ('train', 'eval'):
-    ours, theirs = times[f'ours {step}'], times[f'theirs {step}']
-    ratios = [t / o for o, t in zip(ours, theirs)]
-    rows.append((step, f'{FLAGS.batch / statistics.median(ours):.2f}',
-                 f'{FLAGS.batch / statistics.median(theirs):.2f}',
+  for step, batch, ours, theirs in pairs:
+    ratios = [o / t for o, t in zip(speed[ours], speed[theirs])]
+    rows.append((step, batch, f'{statistics.median(speed[ours]):.2f}',
+                 f'{statistics.median(speed[theirs]):.2f}',
                  f'{statistics.median(ratios):.3f}', f'{min(ratios):.3f}-{max(ratios):.3f}'))
-  table.print_table(['step', 'ours img/s', "authors' PyTorch img/s", 'ratio (median)',
-                     'ratio range'], rows)
+  table.print_table(['step', 'batch (ours / theirs)', 'ours img/s', "authors' PyTorch img/s",
+                     'ratio (median)', 'ratio range'], rows)
 
 
 if __name__ == '__main__':

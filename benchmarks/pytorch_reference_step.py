@@ -208,13 +208,20 @@ def count(params):
 PRECISIONS = ('float32', 'tf32', 'bfloat16')
 
 
+# The batch the released code encodes its query and database splits at: its test and db
+# loaders take config.batch_size (trainers/base.py, load_dataloader), 32 in the released
+# ConceptHash config.
+RELEASED_EVAL_BATCH = 32
+
+
 def build_reference(batch=32, num_classes=200, threads=2, lr=1e-3, wd=5e-5,
                     device='cpu', precision='float32'):
   """The authors' train step and eval step as closures over one model: (train, eval, info).
 
   `train()` runs one SGD step and returns the loss; `eval()` one no-grad forward + loss
   (COOPTrainer.inference_one_batch). Both end in `.item()`, which waits for the device.
-  Shared by main(), cpu_side_by_side.py and gpu_side_by_side.py.
+  `info['eval_at'](n)` gives the eval step on n images. Shared by main(),
+  cpu_side_by_side.py and gpu_side_by_side.py.
   """
   if precision not in PRECISIONS:
     raise ValueError(f'precision {precision!r} is not one of {PRECISIONS}')
@@ -260,16 +267,26 @@ def build_reference(batch=32, num_classes=200, threads=2, lr=1e-3, wd=5e-5,
     accuracies(out, labels)
     return loss.item()
 
-  def eval_step():  # As COOPTrainer.inference_one_batch: forward + loss under no_grad.
-    model.eval()
-    with torch.no_grad(), autocast():
-      _, out = model(images)
-      l, _ = criterion(out, labels)
-      l.item()
-      accuracies(out, labels)
-      return out['codes']
+  def eval_at(eval_batch):
+    """The eval step on `eval_batch` images, as a closure."""
+    eval_images, eval_labels = images, labels
+    if eval_batch != batch:
+      eval_images = torch.randn(eval_batch, 3, 224, 224, generator=g).to(device)
+      eval_labels = torch.randint(0, num_classes, (eval_batch,), generator=g).to(device)
 
-  return train_step, eval_step, info
+    def eval_step():  # As COOPTrainer.inference_one_batch: forward + loss under no_grad.
+      model.eval()
+      with torch.no_grad(), autocast():
+        _, out = model(eval_images)
+        l, _ = criterion(out, eval_labels)
+        l.item()
+        accuracies(out, eval_labels)
+        return out['codes']
+
+    return eval_step
+
+  info['eval_at'] = eval_at
+  return train_step, eval_at(batch), info
 
 
 def main():
@@ -312,7 +329,7 @@ def main():
       'train_img_s': round(train_ips, 3), 'eval_img_s': round(eval_ips, 3),
       'peak_rss_gb': round(rss_gb, 3), 'peak_device_gb': round(device_gb, 3),
       'setup_s': round(setup_s, 1), 'steps': args.steps, 'eval_steps': args.eval_steps,
-      'loss': round(loss, 4), **info}))
+      'loss': round(loss, 4), **{k: v for k, v in info.items() if k != 'eval_at'}}))
 
 
 if __name__ == '__main__':

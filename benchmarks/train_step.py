@@ -143,7 +143,8 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
   token, as the authors' model does (ConceptHash.full_final_layer; default: CLS and the
   concept tokens only). `uint8_images` compiles the step for the uint8 batches that
   `data.batches` ships (normalised inside the step), as training does. `devices`: the
-  mesh's devices (default: all, as training takes them).
+  mesh's devices (default: all, as training takes them). `info['eval_at'](n)` compiles
+  the eval forward for another batch size n and returns its closure.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -191,23 +192,35 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
   # The eval forward gets its own copy: the train step donates state's buffers.
   variables = jax.tree.map(lambda x: x.copy(),
                            {'params': state[0].params, **state[0].model_state})
-  encode = encoding.jitted_encode_step(model, cpu_matmul)
+
+  def eval_at(eval_batch: int):
+    """The eval forward (encode step) compiled for `eval_batch` images, as a closure."""
+    eval_images = images if eval_batch == batch else (
+        rng.integers(0, 256, (eval_batch, size, size, 3), dtype=np.uint8) if uint8_images
+        else rng.normal(size=(eval_batch, size, size, 3)).astype('f4'))
+    eval_images = sharding.global_batch({'image': eval_images}, mesh)['image']
+    encode = encoding.jitted_encode_step(model, cpu_matmul).lower(
+        variables, eval_images).compile()
+
+    def eval_step():
+      return jax.block_until_ready(encode(variables, eval_images))
+
+    eval_step.compiled = encode  # For HLO and cost analysis.
+    return eval_step
+
   t0 = time.perf_counter()
-  encode = encode.lower(variables, inputs['image']).compile()
+  eval_step = eval_at(batch)
   timings['eval_compile_s'] = time.perf_counter() - t0
 
   def train_step():
     state[0], metrics = step_fn(state[0], inputs)
     return jax.block_until_ready(metrics)
 
-  def eval_step():
-    return jax.block_until_ready(encode(variables, inputs['image']))
-
-  train_step.compiled, eval_step.compiled = step_fn, encode  # For HLO and cost analysis.
+  train_step.compiled = step_fn  # For HLO and cost analysis.
   return train_step, eval_step, {'devices': jax.device_count(),
                                  'backend': jax.default_backend(),
                                  'config': config, 'mesh': mesh, 'state': state,
-                                 'step_fn': step_fn, **timings}
+                                 'step_fn': step_fn, 'eval_at': eval_at, **timings}
 
 
 def run_one(dtype: str) -> dict:
