@@ -175,10 +175,13 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
       config, model, tx, clip_params, text, mesh)
   del clip_params
   size = config.data.image_size
-  if uint8_images:
-    images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-  else:
-    images = rng.normal(size=(batch, size, size, 3)).astype('f4')
+
+  def random_images(n):
+    if uint8_images:
+      return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return rng.normal(size=(n, size, size, 3)).astype('f4')
+
+  images = random_images(batch)
   labels = rng.integers(0, num_classes, batch).astype('i4')
   inputs = sharding.global_batch({'image': images, 'label': labels}, mesh)
   t0 = time.perf_counter()
@@ -195,9 +198,7 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
 
   def eval_at(eval_batch: int):
     """The eval forward (encode step) compiled for `eval_batch` images, as a closure."""
-    eval_images = images if eval_batch == batch else (
-        rng.integers(0, 256, (eval_batch, size, size, 3), dtype=np.uint8) if uint8_images
-        else rng.normal(size=(eval_batch, size, size, 3)).astype('f4'))
+    eval_images = images if eval_batch == batch else random_images(eval_batch)
     eval_images = sharding.global_batch({'image': eval_images}, mesh)['image']
     encode = encoding.jitted_encode_step(model, cpu_matmul).lower(
         variables, eval_images).compile()
