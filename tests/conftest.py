@@ -32,7 +32,12 @@ def pytest_configure(config):
   # executable a fresh compile would give. A fresh folder per session (cold, as
   # CI is); programs from 0.2 s, as tools and restored runs compile the text
   # encoder and encode steps (~0.3-1 s) again and again (JAX's default: 1 s).
-  folder = config.stash[_XLA_CACHE_DIR] = tempfile.mkdtemp(prefix='concepthash-xla-cache-')
+  # pytest-xdist's workers start after this hook ran in the controller, with its
+  # environment: they share its folder, which the controller removes at the end.
+  folder = (os.environ.get('JAX_COMPILATION_CACHE_DIR')
+            if hasattr(config, 'workerinput') else None)
+  if not folder:
+    folder = config.stash[_XLA_CACHE_DIR] = tempfile.mkdtemp(prefix='concepthash-xla-cache-')
   for name, value in (('jax_compilation_cache_dir', folder),
                       ('jax_persistent_cache_min_compile_time_secs', 0.2)):
     os.environ[name.upper()] = str(value)
