@@ -75,10 +75,10 @@ def main(argv):
     steps[f'theirs eval {b}'] = info['eval_at'](b)
     batches[f'ours eval {b}'] = batches[f'theirs eval {b}'] = b
   times = ours_bench.interleave(steps, FLAGS.rounds)
-  # Images per second, per round.
-  speed = {k: [batches[k] / t for t in v] for k, v in times.items()}
+  # Seconds per image, per round: sides at different batches compare per image.
+  per_image = {k: [t / batches[k] for t in v] for k, v in times.items()}
   for r in range(FLAGS.rounds):
-    print(f'round {r + 1}: ' + ', '.join(f'{k} {speed[k][r]:.2f}' for k in steps))
+    print(f'round {r + 1}: ' + ', '.join(f'{k} {1 / per_image[k][r]:.2f}' for k in steps))
 
   print(f'\n{ours_bench.cpu_line()}\nISA: {FLAGS.isa}{" (emulated)" if FLAGS.isa != "native" else ""}, '
         f'ours {FLAGS.ours_dtype} / theirs float32, {FLAGS.rounds} interleaved rounds, '
@@ -92,10 +92,9 @@ def main(argv):
                   f'ours eval {shipped[0]}', f'theirs eval {shipped[1]}'))
   rows = []
   for step, batch, ours, theirs in pairs:
-    ratios = [o / t for o, t in zip(speed[ours], speed[theirs])]
-    rows.append((step, batch, f'{statistics.median(speed[ours]):.2f}',
-                 f'{statistics.median(speed[theirs]):.2f}',
-                 f'{statistics.median(ratios):.3f}', f'{min(ratios):.3f}-{max(ratios):.3f}'))
+    rows.append((step, batch, f'{statistics.median(1 / t for t in per_image[ours]):.2f}',
+                 f'{statistics.median(1 / t for t in per_image[theirs]):.2f}',
+                 *ours_bench.speed_up(per_image[theirs], per_image[ours])))
   table.print_table(['step', 'batch (ours / theirs)', 'ours img/s', "authors' PyTorch img/s",
                      'ratio (median)', 'ratio range'], rows)
 
