@@ -1,0 +1,184 @@
+"""Writing files a user keeps: temporary name, then rename; never over a stranger.
+
+Every file the product writes (workdir files, checkpoints, exports, indexes,
+caches, pages) goes through here, so that a crash, a full disk or a SIGKILL
+leaves either the old file or the new one, never a torn mix, and so that a
+path the user mistyped never destroys a file the product did not write.
+
+  with safe_files.atomic_write('db.chindex', kind='index') as f:
+    f.write(payload)                      # lands as db.chindex only on success
+
+  safe_files.check_replaceable(path, 'index', is_ours=index_lib.is_index)
+
+A folder the product owns carries a marker file, `MARKER`, naming its kind
+('workdir', 'export', 'cache', 'pages', ...), so that the next write into it
+can tell a folder of ours from a user's folder that merely has the same name.
+"""
+import contextlib
+import json
+import os
+import secrets
+from typing import Callable, Optional
+
+from concepthash_jax import errors
+
+MARKER = '.concepthash_jax'  # Marker file of a folder this product owns.
+
+
+class OverwriteError(errors.UserError, FileExistsError):
+  """The destination exists and is not a file of the kind the product writes."""
+
+
+class WriteError(errors.UserError, OSError):
+  """The file system refused a write (read-only, full, a file on the path)."""
+
+
+def temporary_name(path: str) -> str:
+  """A unique sibling of `path` (same folder, so the rename is atomic)."""
+  folder, name = os.path.split(os.path.abspath(path))
+  return os.path.join(folder, f'.{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}')
+
+
+def describe_os_error(error: OSError, path: str, fix: str = '') -> str:
+  """One sentence naming `path`, what the system said and the fix."""
+  reason = error.strerror or str(error)
+  hint = {
+      30: 'the disk is read-only; choose a writable folder',
+      28: 'the disk is full; free space and rerun',
+      20: 'a file stands where a folder is needed on this path; choose another path',
+      21: 'it is a folder; give a file path',
+      13: 'permission denied; choose a folder you can write',
+      17: 'it already exists',
+  }.get(error.errno, '')
+  fix = fix or hint
+  return f'{path}: {reason}' + (f'; {fix}' if fix else '')
+
+
+@contextlib.contextmanager
+def write_errors(path: str, fix: str = ''):
+  """Turns an OSError inside the block into a WriteError naming `path`."""
+  try:
+    yield
+  except errors.UserError:
+    raise
+  except OSError as e:
+    # The user's path, not the temporary sibling the system may have named.
+    raise WriteError(describe_os_error(e, path, fix)) from e
+
+
+def _fsync_folder(folder: str) -> None:
+  """Makes a rename inside `folder` durable (no-op where folders cannot sync)."""
+  try:
+    fd = os.open(folder, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def publish_mode(path: str) -> None:
+  """Gives a finished temporary file the permissions a plain `open` would."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
+def replace(tmp_path: str, path: str) -> None:
+  """Renames a finished temporary file over `path` and syncs the folder."""
+  os.replace(tmp_path, path)
+  _fsync_folder(os.path.dirname(os.path.abspath(path)) or '.')
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = 'wb', *, fix: str = ''):
+  """Opens a temporary sibling of `path`; renames it into place on success.
+
+  On any exception the temporary file is removed and `path` is untouched. An
+  OSError (read-only disk, full disk, a file on the path) becomes one
+  WriteError sentence naming `path`.
+
+  Args:
+    path: the final file.
+    mode: 'wb' or 'w'.
+    fix: what to tell the user when the write fails (default: by errno).
+
+  Yields:
+    The open temporary file.
+  """
+  tmp = None
+  with write_errors(path, fix):
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+      raise OverwriteError(f'{path} is a folder; give the path of a file.')
+    tmp = temporary_name(path)
+    try:
+      with open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+      publish_mode(tmp)
+      replace(tmp, path)
+      tmp = None
+      _fsync_folder(folder)
+    finally:
+      if tmp is not None and os.path.exists(tmp):
+        os.remove(tmp)
+
+
+def write_text(path: str, text: str, **kwargs) -> None:
+  """`atomic_write` of a whole text."""
+  with atomic_write(path, 'w', **kwargs) as f:
+    f.write(text)
+
+
+def write_json(path: str, obj, **kwargs) -> None:
+  """`atomic_write` of an indented JSON document."""
+  write_text(path, json.dumps(obj, indent=2) + '\n', **kwargs)
+
+
+def check_replaceable(path: str, what: str, *,
+                      is_ours: Callable[[str], bool], fix: str = '') -> None:
+  """Refuses (OverwriteError) when `path` exists and is not a `what` of ours.
+
+  Args:
+    path: the destination about to be written.
+    what: the kind of file, for the message ('code index', ...).
+    is_ours: True when the existing file is one the product wrote.
+    fix: the remedy; default: choose another path or move the file away.
+  """
+  if not os.path.lexists(path):
+    return
+  if os.path.isdir(path) and not os.path.islink(path):
+    raise OverwriteError(f'{path} is a folder, not a {what}; give the path of '
+                         f'a {what} file.')
+  if not is_ours(path):
+    raise OverwriteError(
+        f'{path} exists and is not a {what} written by concepthash_jax; '
+        + (fix or 'choose another path, or move that file away first.'))
+
+
+def write_marker(folder: str, kind: str, **fields) -> None:
+  """Marks `folder` as one of ours of kind `kind` (atomically)."""
+  write_json(os.path.join(folder, MARKER), {'kind': kind, **fields})
+
+
+def folder_kind(folder: str) -> Optional[str]:
+  """The kind in `folder`'s marker, or None (no marker, or unreadable)."""
+  try:
+    with open(os.path.join(folder, MARKER)) as f:
+      return json.load(f).get('kind')
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def ensure_folder(folder: str, what: str, fix: str = '') -> None:
+  """Creates `folder` (and parents), or one WriteError sentence naming it."""
+  if os.path.exists(folder) and not os.path.isdir(folder):
+    raise WriteError(f'{folder} is a file, not a folder; give a folder path '
+                     f'for the {what}.')
+  with write_errors(folder, fix):
+    os.makedirs(folder, exist_ok=True)
