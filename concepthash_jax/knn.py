@@ -383,7 +383,8 @@ class Searcher:
       # the rest go by a brute pass (cheaper per query than a failed probe).
       first = slice(0, min(_PROBE_QUERIES, len(query)))
       _hamming.multi_index(query[first], self.words, self.nbit, k, *tables,
-                           budget, positions[first], distances[first],
+                           budget, _PROBE_COST, positions[first],
+                           distances[first],
                            fell_back[first], threads)
       done = first.stop
       if fell_back[first].mean() > 0.5:
@@ -395,7 +396,8 @@ class Searcher:
     for sl in self._chunks(len(query) - done, progress, 'search'):
       sl = slice(sl.start + done, min(sl.stop + done, len(query)))
       _hamming.multi_index(query[sl], self.words, self.nbit, k, *tables,
-                           budget, positions[sl], distances[sl], fell_back[sl],
+                           budget, _PROBE_COST, positions[sl], distances[sl],
+                           fell_back[sl],
                            threads)
     return 'multi_index'
 
