@@ -219,6 +219,7 @@ class Searcher:
     self.num_concepts = num_concepts
     self.last_method = None
     self._tables = None
+    self._sample = None  # the 'auto' estimate's database sample and keys
 
   def __len__(self):
     """Number of database items."""
@@ -337,34 +338,38 @@ class Searcher:
     """Estimate on a sample: multi-index probes cost less than a brute pass.
 
     On a strided sample of the database, the distances of a few queries give
-    the radius the multi-index search needs (the smallest s with an expected
-    k items below m * (s + 1)), hence its bucket probes and candidates;
-    both are weighed against the N item checks of a brute pass.
+    the radius a multi-index search needs (the smallest s with an expected k
+    items below m * (s + 1)), hence its bucket probes and candidates, which
+    are weighed against the N item checks of a brute pass.
     """
     num_db = len(self.words)
-    if not _NATIVE:
-      return False
     starts, widths = _table_split(self.nbit, num_db)
-    num_tables = len(widths)
-    sample = self.words[::max(1, num_db // _SAMPLE)]
+    if self._sample is None:
+      sample = np.ascontiguousarray(self.words[::max(1, num_db // _SAMPLE)])
+      self._sample = sample, [_substrings(sample, s, w)
+                              for s, w in zip(starts, widths)]
+    sample, sample_keys = self._sample
     scale = num_db / len(sample)
-    costs = []
-    for q in query[:_PROBE_QUERIES]:
-      dist = np.bitwise_count(sample ^ q).sum(1)
-      sub = np.stack([np.bitwise_count(_substrings(sample, s, w) ^
-                                       _substrings(q[None], s, w))
-                      for s, w in zip(starts, widths)], 1)
-      nearest = sub.min(1)
-      probes, radius = 0.0, 0
-      while True:
-        probes += sum(math.comb(int(w), radius) for w in widths)
-        done = (dist < num_tables * (radius + 1)).sum() * scale >= k
-        if done or radius >= widths.max():
-          break
-        radius += 1
-      candidates = (nearest <= radius).sum() * scale
-      costs.append(probes * _PROBE_COST + candidates)
-    return float(np.median(costs)) < num_db / 8
+    probe = query[:_PROBE_QUERIES]
+    # The k-th nearest of the whole database ~ the (k / scale)-th of the sample.
+    rank = min(len(sample), max(1, int(np.ceil(k / scale))))
+    nearest_pos = np.zeros((len(probe), rank), np.int64)
+    nearest_dist = np.zeros((len(probe), rank), np.int32)
+    _hamming.knn(probe, sample, self.nbit, None, rank, nearest_pos,
+                 nearest_dist, 1)
+    radius = np.minimum(nearest_dist[:, -1] // len(widths), int(widths.max()))
+    probes = np.cumsum([sum(math.comb(int(w), s) for w in widths)
+                        for s in range(int(widths.max()) + 1)])[radius]
+    costs = probes * _PROBE_COST
+    if np.median(costs) >= num_db / 8:  # the probes alone cost too much
+      return False
+    nearest = np.full((len(probe), len(sample)), 255, np.uint8)
+    for start, width, keys in zip(starts, widths, sample_keys):
+      query_keys = _substrings(probe, start, width)
+      np.minimum(nearest, np.bitwise_count(query_keys[:, None] ^ keys[None]),
+                 out=nearest)
+    candidates = (nearest <= radius[:, None]).sum(1) * scale
+    return float(np.median(costs + candidates)) < num_db / 8
 
   def _multi_index(self, query, k, positions, distances, threads, progress,
                    budget) -> str:
