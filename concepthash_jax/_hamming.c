@@ -762,14 +762,17 @@ static void *thread_main(void *arg) {
 
 /* Runs body(job) on `threads` threads (this one included) with the GIL
    released; `next` and `failed` are the job's shared counter and flag.
-   Nonzero when out of memory. */
+   Nonzero, with MemoryError set, when out of memory. */
 static int run_threads(void (*body)(void *), void *job, atomic_long *next,
                        atomic_int *failed, Py_ssize_t threads) {
   atomic_init(next, 0);
   atomic_init(failed, 0);
   if (threads < 1) threads = 1;
   pthread_t *pool = calloc(threads, sizeof(pthread_t));
-  if (!pool) return -1;
+  if (!pool) {
+    PyErr_NoMemory();
+    return -1;
+  }
   Task task = {body, job};
   Py_ssize_t started = 0;
   Py_BEGIN_ALLOW_THREADS;
@@ -779,7 +782,9 @@ static int run_threads(void (*body)(void *), void *job, atomic_long *next,
   for (Py_ssize_t t = 0; t < started; ++t) pthread_join(pool[t], NULL);
   Py_END_ALLOW_THREADS;
   free(pool);
-  return atomic_load(failed);
+  if (!atomic_load(failed)) return 0;
+  PyErr_NoMemory();
+  return -1;
 }
 
 static void stats_body(void *job) { variants[chosen].stats(job); }
@@ -863,10 +868,8 @@ static PyObject *stats(PyObject *self, PyObject *args, PyObject *kwargs) {
   job.num_topk = num_topk;
   job.hist = v[3].buf, job.hist_rel = v[4].buf, job.ap = v[5].buf;
   job.hits = v[6].buf;
-  if (run_threads(stats_body, &job, &job.next_block, &job.failed, threads)) {
-    PyErr_NoMemory();
+  if (run_threads(stats_body, &job, &job.next_block, &job.failed, threads))
     goto out;
-  }
   result = Py_NewRef(Py_None);
 out:
   for (int i = 0; i < got; ++i) PyBuffer_Release(&v[i]);
@@ -896,7 +899,7 @@ static PyObject *pass_floor(PyObject *self, PyObject *args) {
                            threads);
   PyBuffer_Release(&q);
   PyBuffer_Release(&d);
-  if (failed) return PyErr_NoMemory();
+  if (failed) return NULL;
   Py_RETURN_NONE;
 }
 
@@ -987,13 +990,13 @@ static PyObject *knn(PyObject *self, PyObject *args) {
     job.masks = v[4].buf, job.planes = planes;
   }
   /* Enough blocks for every thread, at most KNN_BLOCK queries each. */
-  const int64_t per_thread = (job.num_q + threads - 1) / (threads ? threads : 1);
-  job.block = per_thread < 1 ? 1 : per_thread > KNN_BLOCK ? KNN_BLOCK
-                                                          : per_thread;
-  if (run_threads(knn_body, &job, &job.next_block, &job.failed, threads)) {
-    PyErr_NoMemory();
+  if (threads < 1) threads = 1;
+  const int64_t per_thread = (job.num_q + threads - 1) / threads;
+  job.block = per_thread < 1            ? 1
+              : per_thread > KNN_BLOCK ? KNN_BLOCK
+                                       : per_thread;
+  if (run_threads(knn_body, &job, &job.next_block, &job.failed, threads))
     goto out;
-  }
   result = Py_NewRef(Py_None);
 out:
   for (int i = 0; i < got; ++i) PyBuffer_Release(&v[i]);
@@ -1057,10 +1060,7 @@ static PyObject *multi_index(PyObject *self, PyObject *args) {
   fgot = 1;
   job.fell_back = fv.buf, job.budget = budget, job.probe_cost = probe_cost;
   if (run_threads(multi_index_body, &job, &job.next_block, &job.failed,
-                  threads)) {
-    PyErr_NoMemory();
-    goto out;
-  }
+                  threads)) goto out;
   result = Py_NewRef(Py_None);
 out:
   for (int i = 0; i < got; ++i) PyBuffer_Release(&v[i]);
@@ -1176,7 +1176,8 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_hamming",
-                                    "Native retrieval-metric and k-NN kernels.", -1,
+                                    "Native retrieval-metric and k-NN kernels.",
+                                    -1,
                                     methods};
 
 PyMODINIT_FUNC PyInit__hamming(void) {

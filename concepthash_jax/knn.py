@@ -265,11 +265,16 @@ class Searcher:
                        "weighted queries go by 'brute' or 'xla'")
     if threads is None:
       threads = evaluation._cpu_threads()  # pylint: disable=protected-access
+    if isinstance(threads, bool) or not isinstance(
+        threads, (int, np.integer)) or threads < 1:
+      raise ValueError(f'threads must be a positive integer, got {threads!r}')
     if progress is None:
       progress = len(query) * num_db >= 10**10
     num_q = len(query)
     positions = np.zeros((num_q, k), np.int64)
     distances = np.zeros((num_q, k), np.int32)
+    if not num_q:
+      return positions, distances
     if method == 'xla' or (method == 'auto' and not native):
       self._xla(query, k, masks, positions, distances, progress)
       self.last_method = 'xla'

@@ -203,6 +203,10 @@ def test_errors(rng):
   for k in (0, 11, 2.0, True):
     with pytest.raises(ValueError, match='k must be an integer in'):
       searcher.search(words[:2], k)
+  with pytest.raises(ValueError, match='threads must be a positive integer'):
+    searcher.search(words[:2], 1, threads=0)
+  positions, distances = searcher.search(words[:0], 3)
+  assert positions.shape == distances.shape == (0, 3)
   with pytest.raises(ValueError, match='unknown method'):
     searcher.search(words[:2], 1, method='fast')
   with pytest.raises(ValueError, match='must be 4 values'):
