@@ -1,4 +1,7 @@
-/* Native CPU kernel of evaluation.retrieval_metrics (built by setup.py).
+/* Native CPU kernels of evaluation.retrieval_metrics and of knn.Searcher
+(built by setup.py). The k-NN part (exact k nearest by a brute pass with a
+running threshold, and by multi-index hashing) is described where it starts,
+below; it shares the popcount, the variant dispatch and the threads.
 
 One pass over the database per query, in database order, with no Q x N
 intermediate: Hamming distances by popcount of XOR over uint64 words, counted
