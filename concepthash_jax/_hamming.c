@@ -527,6 +527,20 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void take_hits(
   *vlimit = _mm512_set1_epi64((long long)*limit);
 }
 
+/* Distances of eight one-word items from their XOR with the query, over
+   `planes` masks m (none: plain Hamming). */
+#define MAX_UNROLLED_PLANES 3
+TARGET_AVX512 static inline __attribute__((always_inline)) __m512i
+one_word_distances(__m512i x, const __m512i *m, int64_t planes) {
+  if (!planes) return _mm512_popcnt_epi64(x);
+  __m512i acc = _mm512_popcnt_epi64(_mm512_and_si512(x, m[0]));
+  for (int64_t p = 1; p < planes; ++p)
+    acc = _mm512_add_epi64(
+        acc, _mm512_slli_epi64(_mm512_popcnt_epi64(_mm512_and_si512(x, m[p])),
+                               (unsigned)p));
+  return acc;
+}
+
 /* Eight items at a time: their distances in one vector, compared with the
    broadcast limit; the common case (no item enters) is one mask test. */
 TARGET_AVX512 static inline __attribute__((always_inline)) void avx512_tile(
@@ -538,18 +552,21 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void avx512_tile(
   uint64_t limit = *size < k ? NO_LIMIT : heap[0] >> 32;
   __m512i vlimit = _mm512_set1_epi64((long long)limit);
   int64_t j = 0;
-  if (words == 1 && !planes) {
+  if (words == 1 && planes <= MAX_UNROLLED_PLANES) {
     /* Four vectors a test: a quarter of the branches and loop overhead. */
     const __m512i q0 = _mm512_set1_epi64((long long)qb[0]);
+    __m512i m[MAX_UNROLLED_PLANES];
+    for (int64_t p = 0; p < MAX_UNROLLED_PLANES; ++p)
+      m[p] = p < planes ? _mm512_set1_epi64((long long)job->masks[p])
+                        : _mm512_setzero_si512();
+#define DISTANCES(at) \
+  one_word_distances(_mm512_xor_si512(_mm512_loadu_si512(at), q0), m, planes)
     for (; j + 32 <= n; j += 32) {
-      const __m512i a0 = _mm512_popcnt_epi64(
-          _mm512_xor_si512(_mm512_loadu_si512(cols + j), q0));
-      const __m512i a1 = _mm512_popcnt_epi64(
-          _mm512_xor_si512(_mm512_loadu_si512(cols + j + 8), q0));
-      const __m512i a2 = _mm512_popcnt_epi64(
-          _mm512_xor_si512(_mm512_loadu_si512(cols + j + 16), q0));
-      const __m512i a3 = _mm512_popcnt_epi64(
-          _mm512_xor_si512(_mm512_loadu_si512(cols + j + 24), q0));
+      const __m512i a0 = DISTANCES(cols + j);
+      const __m512i a1 = DISTANCES(cols + j + 8);
+      const __m512i a2 = DISTANCES(cols + j + 16);
+      const __m512i a3 = DISTANCES(cols + j + 24);
+#undef DISTANCES
       const __mmask8 h0 = _mm512_cmplt_epu64_mask(a0, vlimit);
       const __mmask8 h1 = _mm512_cmplt_epu64_mask(a1, vlimit);
       const __mmask8 h2 = _mm512_cmplt_epu64_mask(a2, vlimit);
@@ -599,6 +616,12 @@ TARGET_AVX512 static void tile_avx512(const KnnJob *job, int64_t q,
     avx512_tile(job, q, size, t0, t1, cols, 2, 0);
   else if (!planes)
     avx512_tile(job, q, size, t0, t1, cols, job->words, 0);
+  else if (job->words == 1 && planes == 1)
+    avx512_tile(job, q, size, t0, t1, cols, 1, 1);
+  else if (job->words == 1 && planes == 2)
+    avx512_tile(job, q, size, t0, t1, cols, 1, 2);
+  else if (job->words == 1 && planes == 3)
+    avx512_tile(job, q, size, t0, t1, cols, 1, 3);
   else if (job->words == 1)
     avx512_tile(job, q, size, t0, t1, cols, 1, planes);
   else

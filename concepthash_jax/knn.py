@@ -17,7 +17,9 @@ exact and sub-linear on codes with near neighbours, e.g. clustered real
 codes) and 'xla' (jitted distances + numpy selection, for accelerators and
 meshes, and wherever the native kernel is not built). 'auto' takes the native
 engines on CPU and picks multi-index hashing where an estimate on a sample of
-the database says it probes less than a brute pass costs.
+the database says it probes less than a brute pass costs (and its tables,
+built on the first multi-index search and kept: a copy of the codes per table
+plus 2^b bucket offsets, stay under 4 GiB).
 """
 import math
 from typing import NamedTuple, Optional
@@ -39,6 +41,7 @@ _MAX_TABLE_BITS = 24  # Widest multi-index substring (2^b + 1 bucket offsets).
 _PROBE_COST = 64  # Cost of one bucket probe, in brute-force item checks.
 _SAMPLE = 16384  # Database items the 'auto' estimate looks at.
 _PROBE_QUERIES = 16  # Queries of the estimate, and of the batch-level check.
+_AUTO_TABLE_BYTES = 1 << 32  # 'auto' builds no larger multi-index tables.
 
 
 def words64(codes) -> np.ndarray:
@@ -353,6 +356,11 @@ class Searcher:
     """
     num_db = len(self.words)
     starts, widths = _table_split(self.nbit, num_db)
+    # Each table holds every code again (read in bucket order) + its offsets.
+    table_bytes = len(widths) * num_db * (4 + 8 * self.words.shape[1]) + int(
+        ((1 << widths) + 1).sum()) * 4
+    if self._tables is None and table_bytes > _AUTO_TABLE_BYTES:
+      return False
     if self._sample is None:
       sample = np.ascontiguousarray(self.words[::max(1, num_db // _SAMPLE)])
       self._sample = sample, [_substrings(sample, s, w)
@@ -398,8 +406,7 @@ class Searcher:
       first = slice(0, min(_PROBE_QUERIES, len(query)))
       _hamming.multi_index(query[first], self.words, self.nbit, k, *tables,
                            budget, _PROBE_COST, positions[first],
-                           distances[first],
-                           fell_back[first], threads)
+                           distances[first], fell_back[first], threads)
       done = first.stop
       if fell_back[first].mean() > 0.5:
         rest = slice(done, len(query))
@@ -411,8 +418,7 @@ class Searcher:
       sl = slice(sl.start + done, min(sl.stop + done, len(query)))
       _hamming.multi_index(query[sl], self.words, self.nbit, k, *tables,
                            budget, _PROBE_COST, positions[sl], distances[sl],
-                           fell_back[sl],
-                           threads)
+                           fell_back[sl], threads)
     return 'multi_index'
 
   def _build_tables(self) -> _Tables:
