@@ -89,6 +89,16 @@ def test_xla_path(rng):
 
 
 @native
+def test_multi_index_substrings_across_words(rng):
+  db, queries = random_codes(rng, 2000, 100), random_codes(rng, 5, 100)
+  starts, widths = knn._table_split(100, 2000)  # pylint: disable=protected-access
+  assert any(s // 64 != (s + w - 1) // 64 for s, w in zip(starts, widths))
+  searcher = knn.Searcher(knn.words64(db), 100)
+  for k in (1, 10, 2000):
+    check(searcher, queries, db, k, 'multi_index')
+
+
+@native
 def test_every_k(rng):
   db = random_codes(rng, 40, 16)[rng.integers(0, 12, 40)]  # duplicates too
   queries = random_codes(rng, 5, 16)
@@ -118,6 +128,30 @@ def test_clustered_multi_index_and_auto(rng):
   assert check(searcher, queries, db, 10, 'auto') == 'multi_index'
   check(searcher, queries, db, 1, 'multi_index')
   check(searcher, queries, db, 300, 'multi_index')
+
+
+@native
+def test_multi_index_queries_past_the_budget_go_by_brute_force(rng):
+  db, queries = clustered_codes(rng, 3000, 6)
+  searcher = knn.Searcher(knn.words64(db), 64)
+  for budget, ran in ((0, 'brute'), (10**9, 'multi_index')):
+    positions = np.zeros((6, 10), np.int64)
+    distances = np.zeros((6, 10), np.int32)
+    assert searcher._multi_index(  # pylint: disable=protected-access
+        knn.words64(queries), 10, positions, distances, 2, False,
+        budget=budget) == ran
+    want_pos, want_dist = reference(queries, db, 10)
+    np.testing.assert_array_equal(positions, want_pos)
+    np.testing.assert_array_equal(distances, want_dist)
+
+
+def test_auto_without_the_native_kernel_is_xla(rng, monkeypatch):
+  monkeypatch.setattr(knn, '_NATIVE', False)
+  db, queries = random_codes(rng, 100, 32), random_codes(rng, 3, 32)
+  searcher = knn.Searcher(knn.words64(db), 32)
+  assert check(searcher, queries, db, 4, 'auto') == 'xla'
+  with pytest.raises(ValueError, match='needs the native kernel'):
+    searcher.search(knn.words64(queries), 4, method='brute')
 
 
 @native
