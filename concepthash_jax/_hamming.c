@@ -1125,14 +1125,47 @@ out:
   return result;
 }
 
-/* build_tables(dbits, nbit, starts, widths, bases, offsets, items, codes):
-   fills the multi-index tables by a counting sort per table (items of a
-   bucket in ascending position). */
+/* Table u of the multi-index: a counting sort of the items by the key of
+   substring u (a bucket's items in ascending position). */
+static void build_table(const KnnJob *job, int64_t u) {
+  const int64_t words = job->words, num_db = job->num_db;
+  const uint64_t *db = job->dbits;
+  uint32_t *offsets = (uint32_t *)job->offsets + job->bases[u];
+  uint32_t *items = (uint32_t *)job->items + u * num_db;
+  uint64_t *codes = (uint64_t *)job->codes + u * num_db * words;
+  const int64_t start = job->starts[u], width = job->widths[u];
+  const int64_t buckets = (int64_t)1 << width;
+  memset(offsets, 0, (buckets + 1) * sizeof(uint32_t));
+  for (int64_t j = 0; j < num_db; ++j)
+    offsets[substring(db + j * words, start, width) + 1]++;
+  for (int64_t b = 0; b < buckets; ++b) offsets[b + 1] += offsets[b];
+  /* offsets[b] is now bucket b's start; used as its fill cursor, it ends at
+     bucket b + 1's start, and a shift restores it. */
+  for (int64_t j = 0; j < num_db; ++j) {
+    const uint32_t e = offsets[substring(db + j * words, start, width)]++;
+    items[e] = (uint32_t)j;
+    memcpy(codes + (int64_t)e * words, db + j * words, words * 8);
+  }
+  memmove(offsets + 1, offsets, buckets * sizeof(uint32_t));
+  offsets[0] = 0;
+}
+
+static void build_body(void *arg) {
+  KnnJob *job = arg;
+  for (;;) {
+    const int64_t u = atomic_fetch_add(&job->next_block, 1);
+    if (u >= job->num_tables) break;
+    build_table(job, u);
+  }
+}
+
+/* build_tables(dbits, nbit, starts, widths, bases, offsets, items, codes,
+   threads): fills the multi-index tables (see knn.py), a table a thread. */
 static PyObject *build_tables(PyObject *self, PyObject *args) {
   PyObject *dobj, *t[6];
-  Py_ssize_t nbit;
-  if (!PyArg_ParseTuple(args, "OnOOOOOO", &dobj, &nbit, &t[0], &t[1], &t[2],
-                        &t[3], &t[4], &t[5]))
+  Py_ssize_t nbit, threads;
+  if (!PyArg_ParseTuple(args, "OnOOOOOOn", &dobj, &nbit, &t[0], &t[1], &t[2],
+                        &t[3], &t[4], &t[5], &threads))
     return NULL;
   KnnJob job;
   memset(&job, 0, sizeof(job));
@@ -1144,30 +1177,9 @@ static PyObject *build_tables(PyObject *self, PyObject *args) {
   PyObject *result = NULL;
   if (get_buffer(dobj, &d, 0, 8, job.num_db * job.words, "dbits")) return NULL;
   if (table_buffers(&job, tv, &tgot, t, 1)) goto out;
-  const int64_t words = job.words, num_db = job.num_db;
-  const uint64_t *db = d.buf;
-  Py_BEGIN_ALLOW_THREADS;
-  for (int64_t u = 0; u < job.num_tables; ++u) {
-    uint32_t *offsets = (uint32_t *)job.offsets + job.bases[u];
-    uint32_t *items = (uint32_t *)job.items + u * num_db;
-    uint64_t *codes = (uint64_t *)job.codes + u * num_db * words;
-    const int64_t start = job.starts[u], width = job.widths[u];
-    const int64_t buckets = (int64_t)1 << width;
-    memset(offsets, 0, (buckets + 1) * sizeof(uint32_t));
-    for (int64_t j = 0; j < num_db; ++j)
-      offsets[substring(db + j * words, start, width) + 1]++;
-    for (int64_t b = 0; b < buckets; ++b) offsets[b + 1] += offsets[b];
-    /* offsets[b] is now bucket b's start; used as its fill cursor, it ends
-       at bucket b + 1's start, and a shift restores it. */
-    for (int64_t j = 0; j < num_db; ++j) {
-      const uint32_t e = offsets[substring(db + j * words, start, width)]++;
-      items[e] = (uint32_t)j;
-      memcpy(codes + (int64_t)e * words, db + j * words, words * 8);
-    }
-    memmove(offsets + 1, offsets, buckets * sizeof(uint32_t));
-    offsets[0] = 0;
-  }
-  Py_END_ALLOW_THREADS;
+  job.dbits = d.buf;
+  if (run_threads(build_body, &job, &job.next_block, &job.failed, threads))
+    goto out;
   result = Py_NewRef(Py_None);
 out:
   PyBuffer_Release(&d);
@@ -1222,7 +1234,7 @@ static PyMethodDef methods[] = {
      "threads): exact k nearest by multi-index hashing (see knn.py)."},
     {"build_tables", build_tables, METH_VARARGS,
      "build_tables(dbits, nbit, starts, widths, bases, offsets, items, "
-     "codes): fills multi-index hash tables (see knn.py)."},
+     "codes, threads): fills multi-index hash tables (see knn.py)."},
     {"variant", get_variant, METH_NOARGS,
      "Instruction-set variant in use (the best this CPU runs, by default)."},
     {"set_variant", set_variant, METH_O,

@@ -395,7 +395,7 @@ class Searcher:
     Returns:
       The method that searched most queries ('multi_index' or 'brute').
     """
-    tables = self._build_tables()
+    tables = self._build_tables(threads)
     unlimited = budget is None
     budget = np.iinfo(np.int64).max if unlimited else budget
     fell_back = np.zeros(len(query), np.uint8)
@@ -421,7 +421,7 @@ class Searcher:
                            fell_back[sl], threads)
     return 'multi_index'
 
-  def _build_tables(self) -> _Tables:
+  def _build_tables(self, threads: int) -> _Tables:
     """The multi-index tables, built on first use and kept."""
     if self._tables is None:
       num_db = len(self.words)
@@ -432,7 +432,7 @@ class Searcher:
       items = np.empty(len(widths) * num_db, np.uint32)
       codes = np.empty((len(widths) * num_db, self.words.shape[1]), np.uint64)
       _hamming.build_tables(self.words, self.nbit, starts, widths, bases,
-                            offsets, items, codes)
+                            offsets, items, codes, threads)
       self._tables = _Tables(starts, widths, bases, offsets, items, codes)
     return self._tables
 
