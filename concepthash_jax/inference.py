@@ -19,6 +19,7 @@ import json
 import os
 from typing import Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,10 +30,12 @@ from flax import traverse_util
 from concepthash_jax import checkpointing
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
+from concepthash_jax import errors
 from concepthash_jax import exporting
 from concepthash_jax import models
 from concepthash_jax import optim
 from concepthash_jax import run_files
+from concepthash_jax import safe_files
 from concepthash_jax import sharding
 from concepthash_jax import train
 from concepthash_jax import xla_flags
@@ -59,6 +62,23 @@ def restore_for_inference(workdir: str, *, step: Optional[int] = None,
     {'params', 'batch_stats', 'centers'} ready for `model.apply(...,
     train=False)` on the default device(s).
   """
+  return restore_step_for_inference(workdir, step=step, which=which)[:4]
+
+
+def restore_step_for_inference(workdir: str, *, step: Optional[int] = None,
+                               which: str = 'latest'):
+  """`restore_for_inference` plus the step actually restored.
+
+  An unreadable latest or best checkpoint falls back to the newest readable
+  one, so the step restored may be older than the one asked for.
+
+  Returns:
+    (config, model, variables, class_names, restored step).
+
+  Raises:
+    errors.CheckpointError: no checkpoint can be read ('No readable checkpoint
+      in ...', or 'No checkpoint in ...' for a run that never saved one).
+  """
   config = run_files.read_run_config(workdir)
   clip_config = run_files.read_clip_config(workdir)
   class_names = run_files.read_class_names(workdir)
@@ -77,18 +97,34 @@ def restore_for_inference(workdir: str, *, step: Optional[int] = None,
   try:
     if step is None:
       if which not in ('latest', 'best'):
-        raise ValueError(f"which={which!r}; valid: ['latest', 'best']")
+        raise errors.ConfigError(f"which={which!r}; valid: ['latest', 'best']")
       step = ckpt.best_step() if which == 'best' else ckpt.latest_step()
       step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(
-          f'{checkpointing.checkpoint_dir(workdir)} holds no checkpoint; train '
+    if step is None and not ckpt.unreadable:
+      raise errors.CheckpointError(
+          f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train '
           f'the run first (concepthash-train ... --workdir={workdir}).')
+    # With only unreadable steps, restore names each and why.
     state = ckpt.restore(abstract, step, fallback=fallback)
   finally:
     ckpt.close()
+  restored = int(jax.device_get(state.step))
   return config, model, {'params': state.params, **state.model_state}, \
-      class_names
+      class_names, restored
+
+
+def _results_of_step(workdir: str, step: int):
+  """The run's results.json when it describes `step`, else None (with a warning)."""
+  results_path = os.path.join(workdir, run_files.RESULTS_FILE)
+  if not os.path.isfile(results_path):
+    return None
+  with open(results_path) as f:
+    results = json.load(f)
+  if results.get('step') != step:
+    logging.warning('%s describes step %s, not the restored step %d; they are '
+                    'left out.', results_path, results.get('step'), step)
+    return None
+  return results
 
 
 def abstract_variables(model, image_size: int) -> dict:
@@ -232,24 +268,19 @@ class ConceptHasher:
     Raises:
       exporting.ExportError / FileNotFoundError: with the file and the fix.
     """
-    if exporting.is_export(path):
+    if exporting.is_export(path) or (not os.path.exists(path) and
+                                     safe_files.set_aside_folders(path)):
       return cls._from_export(path)
     is_run = (os.path.isfile(os.path.join(path, run_files.CONFIG_FILE)) and
               os.path.isdir(checkpointing.checkpoint_dir(path)))
     if is_run:
-      config, model, variables, class_names = restore_for_inference(
-          path, which=which, step=step)
-      results_path = os.path.join(path, run_files.RESULTS_FILE)
-      results = None
-      if os.path.isfile(results_path):
-        with open(results_path) as f:
-          results = json.load(f)
+      config, model, variables, class_names, restored = (
+          restore_step_for_inference(path, which=which, step=step))
       return cls(config=config,
                  clip_config=run_files.read_clip_config(path),
                  model=model, variables=variables, class_names=class_names,
                  source=path, tokenizer_source=config.model.clip,
-                 results=results,
-                 step=None if results is None else results.get('step'))
+                 results=_results_of_step(path, restored), step=restored)
     raise exporting.ExportError(
         f'{path} is neither a training workdir ({run_files.CONFIG_FILE} + '
         f'checkpoints/) nor an export ({exporting.WEIGHTS_FILE}); pass one, or '

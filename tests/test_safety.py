@@ -1,0 +1,193 @@
+"""Nothing a user keeps is lost: refusals, whole-folder swaps, clear one-line errors.
+
+Most cases run on hand-made folders and numpy arrays (no model compiled); the
+command-line cases start the tool in a subprocess and stop before any model
+is built.
+"""
+import errno
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import train_testlib as lib
+from concepthash_jax import exporting
+from concepthash_jax import inference
+from concepthash_jax import safe_files
+
+OFFLINE_ENV = dict(os.environ, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1',
+                   TRANSFORMERS_OFFLINE='1', PYTHONPATH=lib.ROOT)
+
+
+def digest_tree(folder) -> dict:
+  """{relative path: sha256} of every file under `folder`."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def write_tiny_export(out, tag: str, *, official: bool = False):
+  """An export of a made-up two-class model; `tag` tells exports apart."""
+  exporting.write_export(
+      str(out), meta={'config': {'tag': tag}, 'step': len(tag)},
+      variables={'params': {'w': np.full((2, 3), len(tag), np.float32)}},
+      text_params=None, class_names=[f'{tag}-a', f'{tag}-b'],
+      class_centers=np.ones((2, 4), np.float32), results={'tag': tag},
+      official_state={'w': np.zeros(2, np.float32)} if official else None)
+
+
+def fake_workdir(folder: pathlib.Path) -> pathlib.Path:
+  """A folder with a run's files (config.json + checkpoints/)."""
+  (folder / 'checkpoints' / '4').mkdir(parents=True)
+  (folder / 'config.json').write_text('{"seed": 0, "model": {}}\n')
+  (folder / 'results.json').write_text('{"step": 4}\n')
+  return folder
+
+
+def run_tool(tool: str, *args, timeout=180):
+  return subprocess.run(
+      [sys.executable, '-m', f'concepthash_jax.tools.{tool}', *args],
+      cwd=lib.ROOT, env=OFFLINE_ENV, capture_output=True, text=True,
+      timeout=timeout, check=False)
+
+
+def assert_one_fatal_line(proc, *needles):
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('FATAL: '), proc.stderr[-3000:]
+  for needle in needles:
+    assert needle in last, last
+
+
+# ----------------------------------------------------------------- exports
+
+
+def test_export_refuses_a_workdir_a_file_and_a_strangers_folder(tmp_path):
+  workdir = fake_workdir(tmp_path / 'run')
+  before = digest_tree(workdir)
+  with pytest.raises(safe_files.OverwriteError, match='is a training workdir'):
+    write_tiny_export(workdir, 'new')
+  stranger = tmp_path / 'photos'
+  stranger.mkdir()
+  (stranger / 'holiday.jpg').write_bytes(b'not yours')
+  with pytest.raises(safe_files.OverwriteError, match='holds other files'):
+    write_tiny_export(stranger, 'new')
+  a_file = tmp_path / 'notes.txt'
+  a_file.write_text('keep me')
+  with pytest.raises(safe_files.OverwriteError, match='is a file'):
+    write_tiny_export(a_file, 'new')
+  with pytest.raises(safe_files.WriteError, match='notes.txt is a file, and a folder is needed'):
+    write_tiny_export(a_file / 'below', 'new')
+  assert digest_tree(workdir) == before
+  assert (stranger / 'holiday.jpg').read_bytes() == b'not yours'
+  assert a_file.read_text() == 'keep me'
+  assert sorted(os.listdir(tmp_path)) == ['notes.txt', 'photos', 'run']
+
+
+def test_export_on_a_read_only_disk_is_one_sentence(tmp_path, monkeypatch):
+  def read_only(path, *args, **kwargs):
+    raise OSError(errno.EROFS, 'Read-only file system', path)
+  monkeypatch.setattr(os, 'mkdir', read_only)
+  with pytest.raises(safe_files.WriteError,
+                     match=r'exported: Read-only file system; the disk is read-only'):
+    write_tiny_export(tmp_path / 'exported', 'new')
+
+
+def test_cli_export_into_its_own_workdir_is_refused_untouched(tmp_path):
+  workdir = fake_workdir(tmp_path / 'run')
+  before = digest_tree(workdir)
+  proc = run_tool('export', f'--workdir={workdir}', f'--out={workdir}')
+  assert_one_fatal_line(proc, str(workdir), 'training workdir', 'new or empty')
+  assert digest_tree(workdir) == before
+  below = run_tool('export', f'--workdir={workdir}',
+                   f'--out={workdir / "config.json" / "x"}')
+  assert_one_fatal_line(below, 'config.json')
+  assert digest_tree(workdir) == before
+
+
+def test_reexport_replaces_the_whole_folder_and_load_checks_it(tmp_path):
+  out = tmp_path / 'exported'
+  write_tiny_export(out, 'old', official=True)
+  assert safe_files.folder_kind(str(out)) == exporting.EXPORT_KIND
+  write_tiny_export(out, 'newer')
+  stored = exporting.read_export(str(out))
+  assert stored['class_names'] == ['newer-a', 'newer-b']
+  # The other model's official-layout file went with its export.
+  assert exporting.OFFICIAL_FILE not in os.listdir(out)
+  assert [n for n in os.listdir(tmp_path)] == ['exported']
+  # A file of another export copied in: refused, naming the file, in one line.
+  other = tmp_path / 'other'
+  write_tiny_export(other, 'x')
+  (out / exporting.RESULTS_FILE).write_bytes(
+      (other / exporting.RESULTS_FILE).read_bytes())
+  with pytest.raises(exporting.ExportError,
+                     match='results.json has .* mixed or partial export') as e:
+    inference.ConceptHasher.load(str(out))
+  assert '\n' not in str(e.value)
+  os.remove(out / exporting.MANIFEST_FILE)
+  with pytest.raises(exporting.ExportError, match='partial export'):
+    exporting.read_export(str(out))
+
+
+# A writer killed (SIGKILL, no clean-up) at one step of a re-export.
+KILLED_EXPORT = """
+import os, shutil, signal, sys
+sys.path.insert(0, {tests!r})
+from concepthash_jax import exporting, safe_files
+import test_safety
+stage, out = sys.argv[1:3]
+def die(*args, **kwargs):
+  os.kill(os.getpid(), signal.SIGKILL)
+if stage == 'staged':  # Every new file written, nothing swapped yet.
+  exporting.write_manifest = die
+elif stage == 'swapped':  # New export in place, old one not yet removed.
+  safe_files.shutil.rmtree = die
+elif stage == 'between_renames':  # No atomic exchange: old aside, new not in.
+  safe_files._exchange = lambda first, second: False
+  renames = []
+  real_rename = os.rename
+  def rename(source, target):
+    renames.append(source)
+    if len(renames) == 2:
+      die()
+    real_rename(source, target)
+  safe_files.os.rename = rename
+test_safety.write_tiny_export(out, 'new', official=True)
+"""
+
+
+@pytest.mark.parametrize('stage', ['staged', 'swapped', 'between_renames'])
+def test_reexport_killed_mid_way_leaves_old_or_new_never_a_mix(tmp_path, stage):
+  out = tmp_path / 'exported'
+  write_tiny_export(out, 'old')
+  script = KILLED_EXPORT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-c', script, stage, str(out)],
+                        cwd=lib.ROOT, env=OFFLINE_ENV, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  if stage == 'between_renames':
+    with pytest.raises(exporting.ExportError,
+                       match='left the previous export at .*rename that folder'):
+      inference.ConceptHasher.load(str(out))
+    aside = safe_files.set_aside_folders(str(out))[0]
+    assert exporting.read_export(aside)['class_names'] == ['old-a', 'old-b']
+  else:
+    stored = exporting.read_export(str(out))  # Whole, manifest checked.
+    tag = stored['meta']['config']['tag']
+    assert tag == {'staged': 'old', 'swapped': 'new'}[stage]
+    assert stored['class_names'] == [f'{tag}-a', f'{tag}-b']
+    assert stored['results'] == {'tag': tag}
+  # The next export cleans up what the killed one left beside it.
+  write_tiny_export(out, 'next')
+  assert os.listdir(tmp_path) == ['exported']
+  assert exporting.read_export(str(out))['class_names'] == ['next-a', 'next-b']
