@@ -191,3 +191,37 @@ def test_reexport_killed_mid_way_leaves_old_or_new_never_a_mix(tmp_path, stage):
   write_tiny_export(out, 'next')
   assert os.listdir(tmp_path) == ['exported']
   assert exporting.read_export(str(out))['class_names'] == ['next-a', 'next-b']
+
+
+# ---------------------------------------------------------------- workdirs
+
+
+def test_cli_train_refuses_an_export_and_a_strangers_folder(tmp_path):
+  out = tmp_path / 'exported'
+  write_tiny_export(out, 'kept', official=True)
+  before = digest_tree(out)
+  proc = run_tool('train', *lib.flag_args(), f'--workdir={out}')
+  assert_one_fatal_line(proc, str(out), 'export folder', 'new or empty')
+  assert digest_tree(out) == before
+  assert exporting.read_export(str(out))['class_names'] == ['kept-a', 'kept-b']
+
+
+def test_workdir_kinds(tmp_path):
+  from concepthash_jax import errors  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import workdir  # pylint: disable=g-import-not-at-top
+  workdir.check_folder(str(tmp_path / 'new'))
+  (tmp_path / 'empty').mkdir()
+  workdir.check_folder(str(tmp_path / 'empty'))
+  # A run from before markers, recognised by its files.
+  workdir.check_folder(str(fake_workdir(tmp_path / 'old_run')))
+  assert workdir.is_workdir(str(tmp_path / 'old_run'))
+  cache = tmp_path / 'cache'
+  cache.mkdir()
+  safe_files.write_marker(str(cache), 'cache')
+  with pytest.raises(errors.WorkdirError, match='cache folder'):
+    workdir.check_folder(str(cache))
+  (tmp_path / 'a_file').write_text('x')
+  with pytest.raises(errors.WorkdirError, match='a_file is a file'):
+    workdir.check_folder(str(tmp_path / 'a_file'))
+  with pytest.raises(errors.WorkdirError, match='a_file is a file, and a folder'):
+    workdir.check_folder(str(tmp_path / 'a_file' / 'run'))
