@@ -225,3 +225,100 @@ def test_workdir_kinds(tmp_path):
     workdir.check_folder(str(tmp_path / 'a_file'))
   with pytest.raises(errors.WorkdirError, match='a_file is a file, and a folder'):
     workdir.check_folder(str(tmp_path / 'a_file' / 'run'))
+
+
+# ------------------------------------------------------------- checkpoints
+
+# What orbax raises when the disk fills during a save (tensorstore's message).
+ORBAX_DISK_FULL = ('RESOURCE_EXHAUSTED: Error writing "params/0" in OCDBT '
+                   'database at local file "{}": Failed to write 983789 bytes '
+                   "to file 7: No space left on device [os_error_code='28']")
+
+
+def test_full_disk_during_a_save_names_folder_and_resume_step(tmp_path,
+                                                              monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import errors  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path / 'checkpoints')
+  ckpt = checkpointing.Checkpointer(directory)
+  kept = {'w': np.arange(6, dtype=np.float32)}
+  ckpt.save(4, kept)
+  real_save = ocp.CheckpointManager.save
+
+  def full_disk(self, step, *args, **kwargs):
+    os.makedirs(os.path.join(directory, f'{step}.orbax-checkpoint-tmp'))
+    raise ValueError(ORBAX_DISK_FULL.format(directory))
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', full_disk)
+  with pytest.raises(errors.CheckpointError) as e:
+    ckpt.save(6, {'w': np.zeros(6, np.float32)})
+  assert str(e.value) == (
+      f'Cannot save checkpoint step 6 in {directory}: the disk is full; free '
+      'space there and rerun the same command (a rerun resumes from step 4)')
+  assert os.listdir(directory) == ['4']  # The partial save is gone.
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', real_save)
+  ckpt.close()
+  again = checkpointing.Checkpointer(directory)
+  abstract = {'w': jax.ShapeDtypeStruct(
+      (6,), np.float32, sharding=jax.sharding.SingleDeviceSharding(
+          jax.devices()[0]))}
+  assert again.latest_step() == 4
+  np.testing.assert_array_equal(np.asarray(again.restore(abstract)['w']),
+                                kept['w'])
+  again.close()
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  return lib.trained_tiny_run(tmp_path_factory)
+
+
+def copy_run(workdir, target, keep_steps):
+  """A copy of a run with only `keep_steps` checkpoints."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(workdir, target)
+  for name in os.listdir(target / 'checkpoints'):
+    if name.isdigit() and int(name) not in keep_steps:
+      shutil.rmtree(target / 'checkpoints' / name)
+  return target
+
+
+def damage(workdir, step):
+  """Makes checkpoint `step` unreadable (its saved metrics no longer parse)."""
+  path = workdir / 'checkpoints' / str(step) / 'metrics' / 'metrics'
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text('{torn')
+
+
+def test_tiny_run_is_a_marked_workdir(tiny_run):
+  workdir, _ = tiny_run
+  assert safe_files.folder_kind(workdir) == 'workdir'
+
+
+def test_only_checkpoint_unreadable_is_one_fatal_line(tiny_run, tmp_path):
+  workdir = copy_run(tiny_run[0], tmp_path / 'run', keep_steps={6})
+  damage(workdir, 6)
+  wanted = f'No readable checkpoint in {workdir / "checkpoints"} (step 6: '
+  encode = run_tool('encode', f'--workdir={workdir}')
+  assert_one_fatal_line(encode, wanted)
+  export = run_tool('export', f'--workdir={workdir}', f'--out={tmp_path / "e"}')
+  assert_one_fatal_line(export, wanted)
+  assert sorted(os.listdir(tmp_path)) == ['run']
+
+
+def test_export_after_fallback_writes_the_step_it_exported(tiny_run, tmp_path):
+  from concepthash_jax.tools import export  # pylint: disable=g-import-not-at-top
+  workdir = copy_run(tiny_run[0], tmp_path / 'run', keep_steps={4, 6})
+  damage(workdir, 6)  # results.json describes step 6.
+  hasher = inference.ConceptHasher.load(str(workdir))
+  assert (hasher.step, hasher.results) == (4, None)
+  out = tmp_path / 'exported'
+  export.export_hasher(hasher, str(out))
+  stored = exporting.read_export(str(out))
+  assert stored['meta']['step'] == 4
+  assert stored['results'] is None
+  assert exporting.RESULTS_FILE not in os.listdir(out)
+  # The run's own final step: its results go with it.
+  final = inference.ConceptHasher.load(tiny_run[0])
+  assert final.step == 6 and final.results == tiny_run[1]
