@@ -40,6 +40,7 @@ from concepthash_jax import sharding
 from concepthash_jax import train
 from concepthash_jax import xla_flags
 from concepthash_jax.data import folders
+from concepthash_jax.data import pixels as pixels_lib
 from concepthash_jax.data import transforms
 from concepthash_jax.interop import hf
 from concepthash_jax.models import concepthash
@@ -198,7 +199,11 @@ def list_images(folder: str) -> list:
 
 
 def _as_items(images) -> list:
-  """PIL images, uint8 arrays, file paths or folders -> a flat list of items."""
+  """PIL images, image arrays, file paths or folders -> a flat list of items.
+
+  An array of 4 dimensions is a batch (N, H, W, C); of 2 or 3, one image
+  (data/pixels.py says which shapes and dtypes are accepted).
+  """
   if isinstance(images, (str, os.PathLike, Image.Image)):
     images = [images]
   elif isinstance(images, np.ndarray):
@@ -212,21 +217,24 @@ def _as_items(images) -> list:
       items.append(item)
     else:
       raise TypeError(f'Cannot encode a {type(item).__name__}; pass PIL images, '
-                      'uint8 (H, W, 3) arrays, image paths or folders.')
+                      f'image arrays ({pixels_lib.ACCEPTED}), image paths or '
+                      'folders.')
   if not items:
     raise ValueError('encode got no images.')
   return items
 
 
-def _pixels(item):
-  """An item as something the test transform takes (file read here)."""
+def _pixels(item, position: int):
+  """An item as uint8 (H, W, 3) RGB for the test transform (file read here).
+
+  Raises:
+    data.CorruptImageError: a file cannot be read (names it).
+    pixels.ImageFormatError: an array or PIL image of a shape, dtype or range
+      that is not a picture (names its position and shape).
+  """
   if isinstance(item, str):
-    return folders.load_image(item)  # CorruptImageError names the file.
-  if isinstance(item, np.ndarray):
-    if item.dtype != np.uint8 or item.ndim not in (2, 3):
-      raise ValueError(f'Image arrays must be uint8 (H, W, 3) or (H, W); got '
-                       f'{item.dtype} {item.shape}.')
-  return item
+    return folders.load_image(item)
+  return pixels_lib.to_rgb(item, f'image {position} ({type(item).__name__})')
 
 
 class ConceptHasher:
@@ -355,8 +363,10 @@ class ConceptHasher:
     """Binary codes of images.
 
     Args:
-      images: a PIL image, uint8 array (H, W, 3) or (N, H, W, 3), file path,
-        folder (its images, recursively, sorted by path), or a list of these.
+      images: a PIL image (any mode), an image array (H, W), (H, W, 1),
+        (H, W, 3), (H, W, 4) or a batch (N, H, W, C) of uint8, uint16 or float
+        in [0, 1] (data/pixels.py), a file path, a folder (its images,
+        recursively, sorted by path), or a list of these.
       attention: also return the concept attention maps.
       display: also return the model inputs as uint8 images (what the
         attention maps are drawn on).
@@ -371,6 +381,8 @@ class ConceptHasher:
 
     Raises:
       data.CorruptImageError: an image file cannot be read (names it).
+      pixels.ImageFormatError: an array or image that is not a picture of an
+        accepted shape, dtype or range (one sentence naming it).
     """
     items = _as_items(images)
     batch_size = int(batch_size or self.config.data.eval_batch_size)
@@ -386,7 +398,7 @@ class ConceptHasher:
       chunk = items[start:start + batch_size]
       shown = np.zeros((batch_size, size, size, 3), np.uint8)
       for i, item in enumerate(chunk):
-        shown[i] = np.asarray(self.transform.apply(_pixels(item))[0])
+        shown[i] = np.asarray(self.transform.apply(_pixels(item, start + i))[0])
       out = jax.device_get(step(self.variables, shown))  # uint8: normalised in the step.
       for k in keys:
         parts[k].append(np.asarray(out[k])[:len(chunk)])

@@ -6,7 +6,6 @@ is built.
 """
 import errno
 import hashlib
-import json
 import os
 import pathlib
 import subprocess
@@ -322,3 +321,73 @@ def test_export_after_fallback_writes_the_step_it_exported(tiny_run, tmp_path):
   # The run's own final step: its results go with it.
   final = inference.ConceptHasher.load(tiny_run[0])
   assert final.step == 6 and final.results == tiny_run[1]
+
+
+# ------------------------------------------------------------------ images
+
+
+def gradient(height=6, width=5):
+  """uint8 (H, W, 3) with distinct values in every channel."""
+  values = np.arange(height * width * 3).reshape(height, width, 3) * 5 % 256
+  return values.astype(np.uint8)
+
+
+def test_16_bit_and_float_images_scale_like_image_tools(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.data import folders  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.data import pixels  # pylint: disable=g-import-not-at-top
+  grey8 = gradient()[..., 0]
+  want = np.repeat(grey8[..., None], 3, axis=-1)
+  grey16 = grey8.astype(np.uint16) * 257
+  Image.fromarray(grey16).save(tmp_path / 'grey16.png')
+  with Image.open(tmp_path / 'grey16.png') as image:
+    assert image.mode in ('I;16', 'I')
+    np.testing.assert_array_equal(pixels.to_rgb(image), want)
+  np.testing.assert_array_equal(folders.load_image(str(tmp_path / 'grey16.png')),
+                                want)
+  np.testing.assert_array_equal(pixels.to_rgb(grey16), want)
+  np.testing.assert_array_equal(pixels.to_rgb(Image.fromarray(grey16)), want)
+  np.testing.assert_array_equal(
+      pixels.to_rgb(gradient().astype(np.uint16) * 257), gradient())
+  as_float = grey8.astype(np.float32) / 255
+  Image.fromarray(as_float).save(tmp_path / 'grey.tiff')
+  np.testing.assert_array_equal(folders.load_image(str(tmp_path / 'grey.tiff')),
+                                want)
+  np.testing.assert_array_equal(pixels.to_rgb(gradient() / 255.0), gradient())
+  Image.fromarray(as_float * 300).save(tmp_path / 'hdr.tiff')
+  with pytest.raises(folders.core.CorruptImageError,
+                     match=r'hdr.tiff is a float image with values in \[0, 300\]'):
+    folders.load_image(str(tmp_path / 'hdr.tiff'))
+  # Shapes: grey, grey with one channel, RGBA accepted; the rest refused.
+  np.testing.assert_array_equal(pixels.to_rgb(grey8[..., None]), want)
+  rgba = np.concatenate([gradient(), np.full((6, 5, 1), 7, np.uint8)], -1)
+  np.testing.assert_array_equal(pixels.to_rgb(rgba), gradient())
+  refused = {(3, 6, 5): r'channels first.*np.transpose\(image, \(1, 2, 0\)\)',
+             (6, 5, 5): r'shape \(6, 5, 5\); accepted: uint8',
+             (0, 0, 3): r'shape \(0, 0, 3\), no pixels'}
+  for shape, message in refused.items():
+    with pytest.raises(pixels.ImageFormatError, match=message) as e:
+      pixels.to_rgb(np.zeros(shape, np.uint8))
+    assert '\n' not in str(e.value)
+  with pytest.raises(pixels.ImageFormatError, match='dtype int64'):
+    pixels.to_rgb(np.zeros((4, 4, 3), np.int64))
+
+
+def test_encode_takes_grey_rgba_and_16_bit_like_their_rgb(tiny_run, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.data import pixels  # pylint: disable=g-import-not-at-top
+  hasher = inference.ConceptHasher.load(tiny_run[0])
+  rng = np.random.default_rng(0)
+  grey = rng.integers(0, 256, (40, 36), dtype=np.uint8)
+  rgb = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
+  Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / 'grey16.png')
+  rgba = np.concatenate([rgb, np.full((40, 36, 1), 9, np.uint8)], -1)
+  out = hasher.encode([np.repeat(grey[..., None], 3, -1), grey, grey[..., None],
+                       str(tmp_path / 'grey16.png'), rgb, rgba,
+                       rgb.astype(np.float32) / 255])['codes_cont']
+  for i in (1, 2, 3):
+    np.testing.assert_array_equal(out[i], out[0])
+  for i in (5, 6):
+    np.testing.assert_array_equal(out[i], out[4])
+  with pytest.raises(pixels.ImageFormatError, match=r'image 1 .*\(3, 40, 36\)'):
+    hasher.encode([rgb, rgb.transpose(2, 0, 1)])
