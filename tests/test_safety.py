@@ -391,3 +391,91 @@ def test_encode_takes_grey_rgba_and_16_bit_like_their_rgb(tiny_run, tmp_path):
     np.testing.assert_array_equal(out[i], out[4])
   with pytest.raises(pixels.ImageFormatError, match=r'image 1 .*\(3, 40, 36\)'):
     hasher.encode([rgb, rgb.transpose(2, 0, 1)])
+
+
+# ------------------------------------------------------------- image cache
+
+
+@pytest.fixture()
+def cub(tmp_path):
+  import test_cache  # pylint: disable=g-import-not-at-top
+  test_cache._make_cub(str(tmp_path / 'data'), num_images=8)  # pylint: disable=protected-access
+  return test_cache
+
+
+def cache_epoch(cub, tmp_path, **overrides):
+  """Test-split batches of the tiny CUB through the cache (and the folder used)."""
+  from concepthash_jax import data  # pylint: disable=g-import-not-at-top
+  cfg = cub._cfg(tmp_path / 'data', cache_dir=str(tmp_path / 'cache'),  # pylint: disable=protected-access
+                 **overrides)
+  return cub._epoch(data.build(cfg, 'test'), cfg, train=False)  # pylint: disable=protected-access
+
+
+def warnings_of(monkeypatch):
+  from concepthash_jax.data import cache  # pylint: disable=g-import-not-at-top
+  said = []
+  monkeypatch.setattr(cache.logging, 'warning',
+                      lambda fmt, *args: said.append(fmt % args))
+  return said
+
+
+def test_cache_dir_that_is_a_file_is_one_config_error(cub, tmp_path):
+  from concepthash_jax import errors  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'cache').write_text('my notes')
+  with pytest.raises(errors.ConfigError,
+                     match=r"data.cache_dir='.*cache' is a file, not a folder"):
+    cache_epoch(cub, tmp_path)
+  assert (tmp_path / 'cache').read_text() == 'my notes'
+  with pytest.raises(errors.ConfigError, match=r"data.cache='yes'; valid: True"):
+    cache_epoch(cub, tmp_path, cache='yes')
+
+
+def test_truncated_cache_is_rebuilt_with_a_warning(cub, tmp_path, monkeypatch):
+  uncached = cache_epoch(cub, tmp_path, cache=False)
+  cub._assert_same(cache_epoch(cub, tmp_path), uncached)  # pylint: disable=protected-access
+  [folder] = os.listdir(tmp_path / 'cache')
+  folder = tmp_path / 'cache' / folder
+  assert safe_files.folder_kind(str(folder)) == 'cache'
+  pixels_file = folder / 'pixels.npy'
+  os.truncate(pixels_file, os.path.getsize(pixels_file) // 2)
+  said = warnings_of(monkeypatch)
+  cub._assert_same(cache_epoch(cub, tmp_path), uncached)  # pylint: disable=protected-access
+  assert said == [f'The image cache {folder} is damaged (ValueError: mmap '
+                  'length is greater than file size); rebuilding it.']
+  assert os.listdir(tmp_path / 'cache') == [folder.name]
+
+
+def test_same_size_same_mtime_rewrite_needs_verify(cub, tmp_path, monkeypatch):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from concepthash_jax import data  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.data import cache  # pylint: disable=g-import-not-at-top
+  first = cache_epoch(cub, tmp_path)
+  cfg = cub._cfg(tmp_path / 'data')  # pylint: disable=protected-access
+  path = data.build(cfg, 'test').paths[0]
+  stat = os.stat(path)
+  with Image.open(path) as image:  # A flat picture: a shorter JPEG...
+    flat = Image.new('RGB', image.size, (40, 90, 200))
+  flat.save(tmp_path / 'flat.jpg', quality=90)
+  other = (tmp_path / 'flat.jpg').read_bytes()
+  assert len(other) < stat.st_size
+  with open(path, 'wb') as f:  # ...padded after its end: same size, old mtime.
+    f.write(other + b'\x00' * (stat.st_size - len(other)))
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  truth = cache_epoch(cub, tmp_path, cache=False)
+  assert not np.array_equal(truth[0]['image'], first[0]['image'])
+  # The cheap check trusts (size, mtime): documented, kept.
+  cub._assert_same(cache_epoch(cub, tmp_path), first)  # pylint: disable=protected-access
+  said = warnings_of(monkeypatch)
+  cub._assert_same(cache_epoch(cub, tmp_path, cache='verify'), truth)  # pylint: disable=protected-access
+  assert len(said) == 1 and 'data.cache=verify: 1 source file' in said[0]
+  assert path in said[0]
+  cub._assert_same(cache_epoch(cub, tmp_path, cache='verify'), truth)  # pylint: disable=protected-access
+  assert len(said) == 1  # Verified once per process.
+  monkeypatch.setattr(cache, '_checked_this_process', set())
+  builds = []
+  build = cache._build  # pylint: disable=protected-access
+  monkeypatch.setattr(cache, '_build',
+                      lambda *a, **k: builds.append(a[3]) or build(*a, **k))
+  cub._assert_same(cache_epoch(cub, tmp_path, cache='rebuild'), truth)  # pylint: disable=protected-access
+  cub._assert_same(cache_epoch(cub, tmp_path, cache='rebuild'), truth)  # pylint: disable=protected-access
+  assert len(builds) == 1
