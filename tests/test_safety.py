@@ -6,6 +6,7 @@ is built.
 """
 import errno
 import hashlib
+import json
 import os
 import pathlib
 import subprocess
@@ -479,3 +480,15 @@ def test_same_size_same_mtime_rewrite_needs_verify(cub, tmp_path, monkeypatch):
   cub._assert_same(cache_epoch(cub, tmp_path, cache='rebuild'), truth)  # pylint: disable=protected-access
   cub._assert_same(cache_epoch(cub, tmp_path, cache='rebuild'), truth)  # pylint: disable=protected-access
   assert len(builds) == 1
+
+
+def test_metrics_log_drops_a_torn_line_and_rewrites_atomically(tmp_path):
+  from concepthash_jax import metrics_log  # pylint: disable=g-import-not-at-top
+  lines = [json.dumps({'step': s, 'train/loss': 1.0 / s}) + '\n'
+           for s in (1, 2, 3)]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(lines) + '{"step": 4, "tr')
+  log = metrics_log.MetricsLogger(str(tmp_path), start_step=2, total_steps=4,
+                                  batch_size=1)
+  log.close()
+  assert (tmp_path / 'metrics.jsonl').read_text() == ''.join(lines[:2])
+  assert [h['step'] for h in log.history] == [1, 2]
