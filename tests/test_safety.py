@@ -518,3 +518,19 @@ def test_export_through_a_link_replaces_the_folder_and_keeps_the_link(tmp_path):
   assert exporting.read_export(str(tmp_path / 'link'))['class_names'] == [
       'new-a', 'new-b']
   assert sorted(os.listdir(tmp_path)) == ['link', 'real']
+
+
+def test_train_log_drops_orbax_disk_full_tracebacks_only():
+  import logging  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.tools import train as train_tool  # pylint: disable=g-import-not-at-top
+
+  def record(path, level, message):
+    return logging.LogRecord('absl', level, path, 1, message, None, None)
+  orbax = '/site-packages/orbax/checkpoint/_src/futures/signaling.py'
+  full = ('_SignalingThread.run() raised an exception: RESOURCE_EXHAUSTED: ... '
+          'No space left on device')
+  assert not train_tool._quiet_orbax(record(orbax, logging.ERROR, full))  # pylint: disable=protected-access
+  assert not train_tool._quiet_orbax(record(orbax, logging.INFO, 'saved'))  # pylint: disable=protected-access
+  assert train_tool._quiet_orbax(record(orbax, logging.ERROR, 'other'))  # pylint: disable=protected-access
+  assert train_tool._quiet_orbax(record('/concepthash_jax/train.py',  # pylint: disable=protected-access
+                                        logging.INFO, full))
