@@ -13,11 +13,15 @@ wherever the k-th distance is not tied. A concept-weighted query is not a
 Hamming distance LanceDB computes: `search` then reads the code column in
 batches and ranks it with the index's own exact search.
 """
+import json
+
 import numpy as np
 
 from concepthash_jax import errors
+from concepthash_jax import index as index_lib
 from concepthash_jax.index import concepts as concepts_lib
 from concepthash_jax.index import engine
+from concepthash_jax.index import storage
 
 _BATCH_ROWS = 1 << 18  # Rows per Arrow batch written or scanned.
 
@@ -37,7 +41,8 @@ def _lancedb():
 
 def _table_meta(index) -> dict:
   return {'nbit': str(index.nbit), 'num_concepts': str(index.num_concepts or 0),
-          'fingerprint': index.fingerprint or ''}
+          'fingerprint': index.fingerprint or '',
+          'info': json.dumps(index.info)}
 
 
 def write(index, uri: str, *, table: str = 'codes', mode: str = 'create'):
@@ -90,7 +95,7 @@ def _table_names(db) -> list:
 
 
 def open_table(uri: str, table: str = 'codes'):
-  """(table, nbit, num_concepts, fingerprint) of a store written by `write`."""
+  """(table, meta) of a store written by `write` (meta: strings of _table_meta)."""
   lancedb = _lancedb()
   try:
     db = lancedb.connect(uri)
@@ -106,13 +111,49 @@ def open_table(uri: str, table: str = 'codes'):
   if 'nbit' not in meta or 'code' not in tbl.schema.names:
     raise StoreError(f'{uri} table {table!r} was not written by '
                      'CodeIndex.to_store; write it with to_store.')
-  return (tbl, int(meta['nbit']), int(meta.get('num_concepts', 0)) or None,
-          meta.get('fingerprint') or None)
+  return tbl, meta
+
+
+def _empty_index(meta: dict, words=None, **fields):
+  nbit = int(meta['nbit'])
+  if words is None:
+    words = np.zeros((0, -(-nbit // 64)), np.uint64)
+  return index_lib.CodeIndex.from_words(
+      words, nbit, num_concepts=int(meta.get('num_concepts', 0)) or None,
+      fingerprint=meta.get('fingerprint') or None,
+      info=json.loads(meta.get('info') or '{}'), **fields)
+
+
+def describe(uri: str, table: str = 'codes'):
+  """A CodeIndex with the store's nbit, num_concepts, fingerprint, info and no rows."""
+  return _empty_index(open_table(uri, table)[1])
+
+
+def rows(uri: str, positions, *, table: str = 'codes'):
+  """The rows at `positions` as a small CodeIndex, and where each one is in it.
+
+  Returns:
+    (CodeIndex of the distinct rows, positions.shape int64 rows in it).
+  """
+  tbl, meta = open_table(uri, table)
+  wanted, local = np.unique(np.asarray(positions), return_inverse=True)
+  found = (tbl.search().where(
+      f'position IN ({", ".join(map(str, wanted.tolist()))})')
+           .select(['code', 'position', 'id', 'label', 'path'])
+           .limit(None).to_arrow().sort_by('position'))
+  codes = found['code'].combine_chunks().values.to_numpy()
+  words = np.ascontiguousarray(codes.reshape(len(found), -1)).view('<u8')
+  index = _empty_index(meta, words, labels=found['label'].to_numpy(),
+                       ids=found['id'].to_numpy(),
+                       paths=storage.Paths.from_strings(found['path'].to_pylist()))
+  return index, local.reshape(np.shape(positions)).astype(np.int64)
+
+
 
 
 def create_ivf(uri: str, table: str = 'codes', *, num_partitions: int = 16):
   """Builds LanceDB's IVF_FLAT index (Hamming) on the code column."""
-  tbl, *_ = open_table(uri, table)
+  tbl, _ = open_table(uri, table)
   tbl.create_index(metric='hamming', vector_column_name='code',
                    index_type='IVF_FLAT', num_partitions=num_partitions,
                    replace=True)
@@ -133,8 +174,9 @@ def search(uri: str, query_codes, k: int, *, table: str = 'codes',
     (ids or positions (Q, k) int64, distances (Q, k) int32), ascending
     distance, equal distances by ascending position.
   """
-  from concepthash_jax import index as index_lib  # pylint: disable=g-import-not-at-top
-  tbl, nbit, num_concepts, _ = open_table(uri, table)
+  tbl, meta = open_table(uri, table)
+  nbit = int(meta['nbit'])
+  num_concepts = int(meta.get('num_concepts', 0)) or None
   if isinstance(query_codes, concepts_lib.ConceptQuery):
     query_codes, weights = query_codes
   query_codes = np.atleast_2d(query_codes)
