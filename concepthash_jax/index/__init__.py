@@ -74,8 +74,9 @@ class CodeIndex:
   def _init(self, words, nbit, *, labels, ids, paths, info, num_concepts,
             fingerprint):
     self.words, self._nbit = words, int(nbit)
-    self.labels = None if labels is None else np.asarray(labels)
-    self.ids = None if ids is None else np.asarray(ids)
+    as_array = lambda x: x if x is None or isinstance(x, np.ndarray) else (
+        np.asarray(x))  # An np.memmap stays one: nothing is read.
+    self.labels, self.ids = as_array(labels), as_array(ids)
     self.paths, self.info = paths, info
     self.num_concepts = None if num_concepts is None else int(num_concepts)
     self.fingerprint = fingerprint

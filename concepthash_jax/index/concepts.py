@@ -74,13 +74,13 @@ def compose(parts: Sequence, num_concepts: int) -> ConceptQuery:
   """
   if not parts:
     raise ValueError('a composite query needs at least one (code, concepts) part')
-  codes = [np.asarray(code, np.float32).reshape(-1) for code, _ in parts]
+  codes = [np.asarray(code).reshape(-1) for code, _ in parts]
   nbit = len(codes[0])
   if any(len(c) != nbit for c in codes) or nbit % num_concepts:
     raise ValueError(f'composite parts have {[len(c) for c in codes]} bits; '
                      f'all need the same K, divisible by {num_concepts} concepts')
   width = nbit // num_concepts
-  out = codes[0].copy()
+  out = codes[0].astype(np.result_type(*codes))
   owner = {}
   for part, (code, (_, concepts)) in enumerate(zip(codes, parts)):
     weights = concept_weights(num_concepts, concepts=concepts)
