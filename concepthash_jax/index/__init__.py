@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from concepthash_jax import evaluation
-from concepthash_jax.index import engine
+from concepthash_jax import knn
 from concepthash_jax.index import storage
 from concepthash_jax.index.concepts import compose
 from concepthash_jax.index.concepts import concept_distances
@@ -34,9 +34,7 @@ __all__ = ['CodeIndex', 'ConceptQuery', 'IndexFileError', 'compose',
            'words64']
 
 
-def words64(codes) -> np.ndarray:
-  """(N, K) real codes or PackedCodes -> (N, ceil(K / 64)) uint64 words."""
-  return evaluation._words64(evaluation.pack_codes(codes).bits)  # pylint: disable=protected-access
+words64 = knn.words64
 
 
 def _nbit_of(codes) -> int:
@@ -141,8 +139,8 @@ class CodeIndex:
     if not 1 <= k <= len(self):
       raise ValueError(f'k must be in [1, {len(self)}], got {k}')
     if self._searcher is None:
-      self._searcher = engine.Searcher(self.words, self.nbit,
-                                       num_concepts=self.num_concepts)
+      self._searcher = knn.Searcher(self.words, self.nbit,
+                                    num_concepts=self.num_concepts)
     return self._searcher.search(query, int(k), weights=weights)
 
   def search(self, query_codes, k: int, *, concepts=None, weights=None):
