@@ -1,6 +1,5 @@
 """Tests of concepthash_jax.index: exact (concept) search, the file, evaluate."""
 import os
-import zipfile
 
 import numpy as np
 import pytest
@@ -186,10 +185,13 @@ def test_extend_then_search_equals_build_at_once(tmp_path):
   path = str(tmp_path / 'db.chindex')
   index_lib.CodeIndex(dc[:100], dl[:100], paths=paths[:100], num_concepts=4,
                       fingerprint='f' * 64).save(path)
-  grown = index_lib.CodeIndex.load(path).extend(dc[100:], dl[100:],
-                                                paths=paths[100:])
-  grown.save(path)
+  in_memory = index_lib.CodeIndex.load(path).extend(dc[100:], dl[100:],
+                                                    paths=paths[100:])
+  count = index_lib.CodeIndex.load(path).append_to_file(
+      path, dc[100:], dl[100:], paths=paths[100:])
   grown = index_lib.CodeIndex.load(path)
+  assert count == len(dc) and isinstance(grown.words, np.memmap)
+  np.testing.assert_array_equal(in_memory.words, grown.words)
   assert len(grown) == len(dc) and list(grown.paths) == paths
   assert grown.fingerprint == 'f' * 64 and grown.num_concepts == 4
   np.testing.assert_array_equal(grown.labels, dl)

@@ -143,11 +143,11 @@ def build_index(hasher, *, split=None, folder=None, data_root=None):
                              **fields)
 
 
-def add_folder(index, hasher, folder, out=sys.stdout):
-  """`index` extended by the images of `folder` it does not hold yet.
+def add_folder(index, hasher, folder, index_path, out=sys.stdout):
+  """Appends the images of `folder` that `index` does not hold to `index_path`.
 
   Returns:
-    (the new index, number of images added).
+    (the index as now saved, number of images added).
   """
   if index.labels is not None and np.ndim(index.labels) != 1:
     raise SearchError('this index has multi-label rows; --add appends '
@@ -161,12 +161,12 @@ def add_folder(index, hasher, folder, out=sys.stdout):
           'are already in the index; skipped.', file=out)
   if not paths:
     return index, 0
-  names = index.info.get('class_names') or []
-  labels, names = folder_labels(paths, folder, names)
+  labels, names = folder_labels(paths, folder,
+                                index.info.get('class_names') or [])
   enc = hasher.encode(paths)
-  extended = index.extend(enc['codes'], labels, paths=paths)
-  extended.info['class_names'] = names
-  return extended, len(paths)
+  index.append_to_file(index_path, enc['codes'], labels, paths=paths,
+                       info=dict(index.info, class_names=names))
+  return index_lib.CodeIndex.load(index_path), len(paths)
 
 
 def check_index(index, hasher, where, out=None):
@@ -495,9 +495,7 @@ def open_database(hasher, *, index_path, db_split, db_folder, add, data_root,
   index = saved or index_lib.CodeIndex.load(index_path)
   if add:
     check_index(index, hasher, index_path)
-    index, added = add_folder(index, hasher, add, out=out)
-    if added:
-      index.save(index_path)
+    index, added = add_folder(index, hasher, add, index_path, out=out)
     print(f'--add: {added} images appended, {len(index)} codes -> {index_path}',
           file=out)
   return index
