@@ -20,7 +20,6 @@ ours by database position, so positions are not compared). Multi-index rows
 say whether their results equal the brute pass, positions included; their
 first search also builds the tables, timed apart.
 """
-import os
 import time
 
 from absl import app
@@ -107,8 +106,8 @@ def timed(fn):
 class Workload:
   """One table row: a search of ours and FAISS's, and their agreement."""
 
-  def __init__(self, name, ours, theirs, reference=None, per_call=1):
-    self.name, self.ours, self.theirs = name, ours, theirs
+  def __init__(self, name, asked, ours, theirs, reference=None, per_call=1):
+    self.name, self.asked, self.ours, self.theirs = name, asked, ours, theirs
     self.reference, self.per_call = reference, per_call
     self.seconds_ours, self.seconds_theirs, self.agree = [], [], True
     self.method = None
@@ -128,7 +127,7 @@ class Workload:
   def row(self):
     ours, theirs = np.median(self.seconds_ours), np.median(self.seconds_theirs)
     unit, scale = ('ms', 1e3) if self.per_call > 1 else ('s', 1.0)
-    return [self.name, self.method, f'{ours * scale:.3f} {unit}',
+    return [self.name, self.asked, self.method, f'{ours * scale:.3f} {unit}',
             f'{theirs * scale:.3f} {unit}', f'{theirs / ours:.1f}x',
             'yes' if self.agree else 'NO']
 
@@ -151,7 +150,7 @@ def build_workloads(rng, threads):
     query_words = as_words(queries)
     for method in ('brute', 'auto'):
       workloads.append(Workload(
-          f'random {nbit}-bit, {num_q} queries',
+          f'random {nbit}-bit, {num_q} queries', method,
           ours(searcher, query_words, method=method),
           lambda index=index, queries=queries: index.search(queries, k)))
     if nbit == 64:
@@ -171,7 +170,7 @@ def build_workloads(rng, threads):
         return tuple(np.concatenate(parts) for parts in zip(*results))
 
       workloads.append(Workload(
-          f'random 64-bit, 1 query a call ({len(single)} calls)',
+          f'random 64-bit, 1 query a call ({len(single)} calls)', 'brute',
           one_by_one_ours, one_by_one_faiss, per_call=len(single)))
 
   db, queries = clustered_bytes(rng, num_db, num_q)
@@ -185,8 +184,8 @@ def build_workloads(rng, threads):
                f'{build:.3f} s on the first multi-index search (then kept)')
   for method in ('auto', 'multi_index'):
     workloads.append(Workload(
-        f'clustered 64-bit, {num_q} queries', ours(searcher, query_words,
-                                                   method=method),
+        f'clustered 64-bit, {num_q} queries', method,
+        ours(searcher, query_words, method=method),
         lambda index=index, queries=queries: index.search(queries, k),
         reference=brute))
 
@@ -197,7 +196,7 @@ def build_workloads(rng, threads):
   index = faiss_index(np.ascontiguousarray(db[:, chosen]))
   sub_queries = np.ascontiguousarray(queries[:, chosen])
   workloads.append(Workload(
-      f'concepts 0 and 2 of 4, 64-bit, {num_q} queries',
+      f'concepts 0 and 2 of 4, 64-bit, {num_q} queries', 'auto',
       ours(searcher, as_words(queries), weights=weights),
       lambda index=index, sub_queries=sub_queries: index.search(sub_queries,
                                                                 k)))
@@ -220,11 +219,12 @@ def main(argv):
     for workload in workloads:
       workload.run_round()
   table.print_table(
-      ['workload', 'ours ran', 'ours', 'FAISS flat', 'FAISS / ours',
+      ['workload', 'ours asked', 'ours ran', 'ours', 'FAISS flat',
+       'FAISS / ours',
        'same distances'], (w.row() for w in workloads))
   for note in notes:
     print(f'- {note}')
-  print(f'load average after: {load_average()}; pid {os.getpid()}')
+  print(f'load average after: {load_average()}')
 
 
 if __name__ == '__main__':

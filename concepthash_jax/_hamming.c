@@ -1,4 +1,7 @@
-/* Native CPU kernel of evaluation.retrieval_metrics (built by setup.py).
+/* Native CPU kernels of evaluation.retrieval_metrics and of knn.Searcher
+(built by setup.py). The k-NN part (exact k nearest by a brute pass with a
+running threshold, and by multi-index hashing) is described where it starts,
+below; it shares the popcount, the variant dispatch and the threads.
 
 One pass over the database per query, in database order, with no Q x N
 intermediate: Hamming distances by popcount of XOR over uint64 words, counted
@@ -506,6 +509,24 @@ SCALAR_TILE(tile_default, )
 
 SCALAR_TILE(tile_popcnt, __attribute__((target("popcnt"))))
 
+/* Offers the items of `hit` (lanes of `acc`, items first + lane) to a heap,
+   in ascending lanes (ascending positions), and updates the limit. A hit
+   lane may have lost its place to an earlier lane of the same test. */
+TARGET_AVX512 static inline __attribute__((always_inline)) void take_hits(
+    uint64_t *heap, int64_t *size, int64_t k, uint64_t *limit,
+    __m512i *vlimit, __m512i acc, __mmask8 hit, int64_t first) {
+  uint64_t lanes[8];
+  _mm512_storeu_si512(lanes, acc);
+  do {
+    const int lane = __builtin_ctz(hit);
+    if (lanes[lane] < *limit)
+      *limit = heap_offer(heap, size, k,
+                          lanes[lane] << 32 | (uint64_t)(first + lane));
+    hit &= hit - 1;
+  } while (hit);
+  *vlimit = _mm512_set1_epi64((long long)*limit);
+}
+
 /* Eight items at a time: their distances in one vector, compared with the
    broadcast limit; the common case (no item enters) is one mask test. */
 TARGET_AVX512 static inline __attribute__((always_inline)) void avx512_tile(
@@ -517,6 +538,29 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void avx512_tile(
   uint64_t limit = *size < k ? NO_LIMIT : heap[0] >> 32;
   __m512i vlimit = _mm512_set1_epi64((long long)limit);
   int64_t j = 0;
+  if (words == 1 && !planes) {
+    /* Four vectors a test: a quarter of the branches and loop overhead. */
+    const __m512i q0 = _mm512_set1_epi64((long long)qb[0]);
+    for (; j + 32 <= n; j += 32) {
+      const __m512i a0 = _mm512_popcnt_epi64(
+          _mm512_xor_si512(_mm512_loadu_si512(cols + j), q0));
+      const __m512i a1 = _mm512_popcnt_epi64(
+          _mm512_xor_si512(_mm512_loadu_si512(cols + j + 8), q0));
+      const __m512i a2 = _mm512_popcnt_epi64(
+          _mm512_xor_si512(_mm512_loadu_si512(cols + j + 16), q0));
+      const __m512i a3 = _mm512_popcnt_epi64(
+          _mm512_xor_si512(_mm512_loadu_si512(cols + j + 24), q0));
+      const __mmask8 h0 = _mm512_cmplt_epu64_mask(a0, vlimit);
+      const __mmask8 h1 = _mm512_cmplt_epu64_mask(a1, vlimit);
+      const __mmask8 h2 = _mm512_cmplt_epu64_mask(a2, vlimit);
+      const __mmask8 h3 = _mm512_cmplt_epu64_mask(a3, vlimit);
+      if (!(h0 | h1 | h2 | h3)) continue;
+      if (h0) take_hits(heap, size, k, &limit, &vlimit, a0, h0, t0 + j);
+      if (h1) take_hits(heap, size, k, &limit, &vlimit, a1, h1, t0 + j + 8);
+      if (h2) take_hits(heap, size, k, &limit, &vlimit, a2, h2, t0 + j + 16);
+      if (h3) take_hits(heap, size, k, &limit, &vlimit, a3, h3, t0 + j + 24);
+    }
+  }
   for (; j + 8 <= n; j += 8) {
     __m512i acc = _mm512_setzero_si512();
     for (int64_t w = 0; w < words; ++w) {
@@ -534,19 +578,8 @@ TARGET_AVX512 static inline __attribute__((always_inline)) void avx512_tile(
         }
       }
     }
-    __mmask8 hit = _mm512_cmplt_epu64_mask(acc, vlimit);
-    if (hit) {
-      uint64_t lanes[8];
-      _mm512_storeu_si512(lanes, acc);
-      do { /* ascending lanes: ascending positions */
-        const int lane = __builtin_ctz(hit);
-        if (lanes[lane] < limit)
-          limit = heap_offer(heap, size, k,
-                             lanes[lane] << 32 | (uint64_t)(t0 + j + lane));
-        hit &= hit - 1;
-      } while (hit);
-      vlimit = _mm512_set1_epi64((long long)limit);
-    }
+    const __mmask8 hit = _mm512_cmplt_epu64_mask(acc, vlimit);
+    if (hit) take_hits(heap, size, k, &limit, &vlimit, acc, hit, t0 + j);
   }
   for (; j < n; ++j) {
     const uint64_t d = knn_distance(qb, job->dbits + (t0 + j) * words, words,

@@ -33,7 +33,7 @@ _hamming = evaluation._hamming  # pylint: disable=protected-access
 _NATIVE = _hamming is not None and hasattr(_hamming, 'knn')
 
 METHODS = ('auto', 'brute', 'multi_index', 'xla')
-_PAIRS_PER_CALL = 1 << 30  # Query x item pairs per native call (progress ticks).
+_PAIRS_PER_CALL = 1 << 30  # Query x item pairs per native call (bar ticks).
 _XLA_PAIRS = 1 << 22  # Query chunk x database items per XLA distance call.
 _MAX_TABLE_BITS = 24  # Widest multi-index substring (2^b + 1 bucket offsets).
 _PROBE_COST = 64  # Cost of one bucket probe, in brute-force item checks.
@@ -130,7 +130,7 @@ def _substrings(words, start: int, width: int) -> np.ndarray:
 
 
 def _plane_masks(weights, nbit: int, num_concepts: int) -> np.ndarray:
-  """(P, W) uint64: plane p holds the bits of concepts whose weight has bit p."""
+  """(P, W) uint64: plane p has the bits of concepts whose weight has bit p."""
   per_concept = nbit // num_concepts
   planes = max(1, int(weights.max()).bit_length())
   words = -(-nbit // 64)
@@ -182,7 +182,21 @@ def _smallest_k(dist, k):
 
 def _native_ready() -> bool:
   """Whether the native k-NN kernel is built and the default device is a CPU."""
-  return (_NATIVE and jax.devices()[0].platform == 'cpu' and jax.process_count() == 1)
+  return (_NATIVE and jax.devices()[0].platform == 'cpu' and
+          jax.process_count() == 1)
+
+
+def _check_method(method, masks) -> None:
+  """ValueError when `method` is unknown or cannot search these queries."""
+  if method not in METHODS:
+    raise ValueError(f'unknown method {method!r}; expected one of {METHODS}')
+  if method in ('brute', 'multi_index') and not _NATIVE:
+    raise ValueError(f'method={method!r} needs the native kernel, which is '
+                     'not built; `pip install -e .` builds it (needs a C '
+                     "compiler), or use method='xla'")
+  if method == 'multi_index' and masks is not None:
+    raise ValueError("method='multi_index' searches plain Hamming distance; "
+                     "weighted queries go by 'brute' or 'xla'")
 
 
 class Searcher:
@@ -253,16 +267,7 @@ class Searcher:
       raise ValueError(f'k must be an integer in [1, {num_db}], got {k!r}')
     k = int(k)
     masks = self._masks(weights)
-    if method not in METHODS:
-      raise ValueError(f'unknown method {method!r}; expected one of {METHODS}')
-    native = _native_ready()
-    if method in ('brute', 'multi_index') and not _NATIVE:
-      raise ValueError(f'method={method!r} needs the native kernel, which is '
-                       'not built; `pip install -e .` builds it (needs a C '
-                       "compiler), or use method='xla'")
-    if method == 'multi_index' and masks is not None:
-      raise ValueError("method='multi_index' searches plain Hamming distance; "
-                       "weighted queries go by 'brute' or 'xla'")
+    _check_method(method, masks)
     if threads is None:
       threads = evaluation._cpu_threads()  # pylint: disable=protected-access
     if isinstance(threads, bool) or not isinstance(
@@ -270,12 +275,11 @@ class Searcher:
       raise ValueError(f'threads must be a positive integer, got {threads!r}')
     if progress is None:
       progress = len(query) * num_db >= 10**10
-    num_q = len(query)
-    positions = np.zeros((num_q, k), np.int64)
-    distances = np.zeros((num_q, k), np.int32)
-    if not num_q:
+    positions = np.zeros((len(query), k), np.int64)
+    distances = np.zeros((len(query), k), np.int32)
+    if not len(query):
       return positions, distances
-    if method == 'xla' or (method == 'auto' and not native):
+    if method == 'xla' or (method == 'auto' and not _native_ready()):
       self._xla(query, k, masks, positions, distances, progress)
       self.last_method = 'xla'
     elif method == 'brute' or masks is not None or not (
