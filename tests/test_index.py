@@ -1,5 +1,9 @@
 """Tests of concepthash_jax.index: exact (concept) search, the file, evaluate."""
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -318,3 +322,34 @@ def test_store_search_equals_ours_on_100k_codes(tmp_path):
   rows, local = store.rows(uri, np.array([[5, 99_999], [5, 7]]))
   assert local.shape == (2, 2) and len(rows) == 3
   np.testing.assert_array_equal(rows.codes(local[0]), index.codes([5, 99_999]))
+
+
+def test_a_save_killed_mid_write_leaves_the_old_index_intact(tmp_path):
+  path = tmp_path / 'db.chindex'
+  index_lib.CodeIndex(np.ones((10, 64))).save(str(path))
+  before = path.read_bytes()
+  # The child rewrites the index with 6M rows (~96 MB) in 64k-row blocks,
+  # sleeping between blocks so the kill lands inside the write.
+  child = subprocess.Popen([sys.executable, '-c', f'''
+import time, numpy as np
+from concepthash_jax import index as index_lib
+from concepthash_jax.index import storage
+storage._COPY_ROWS = 1 << 16
+real = np.ascontiguousarray
+def slow(x, *a, **k):
+  time.sleep(0.01)
+  return real(x, *a, **k)
+storage.np.ascontiguousarray = slow
+words = np.zeros((6_000_000, 1), np.uint64)
+index_lib.CodeIndex.from_words(words, 64, labels=np.arange(6_000_000)).save({str(path)!r})
+'''], env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  deadline = time.time() + 60
+  while time.time() < deadline and not any(
+      p.name.startswith('.db.chindex.tmp') and p.stat().st_size > 1 << 20
+      for p in tmp_path.iterdir()):
+    time.sleep(0.05)
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+  assert child.returncode == -signal.SIGKILL
+  assert path.read_bytes() == before
+  assert len(index_lib.CodeIndex.load(str(path))) == 10
