@@ -279,7 +279,7 @@ class Explorer:
     else:
       database = 'a saved index'
     return {
-        'model': os.path.abspath(self.hasher.source),
+        'model': str(self.hasher.source),
         'nbit': self.hasher.nbit,
         'num_concepts': self.num_concepts,
         'bits_per_concept': self.hasher.nbit // self.num_concepts,

@@ -115,7 +115,9 @@ function showQuery(query) {
     if (query.has_image) src = `/img/query/${query.id}/${m}.png`;
     else if (query.kind === 'item') src = `/img/db/${query.position}/${m}.png`;
     const picture = src ? el('img', {class: 'small', src, alt: `concept ${m}`}) : null;
-    maps.append(el('figure', {'data-concept': m}, picture, el('code', {text: `c${m} ${code}`})));
+    // A composite's left-out concepts hold filler bits: not part of the query.
+    const shown = query.weights && !query.weights[m] ? 'not taken' : code;
+    maps.append(el('figure', {'data-concept': m}, picture, el('code', {text: `c${m} ${shown}`})));
   });
   box.append(maps);
   if (query.note) say(`Note: ${query.note}`, true);
@@ -177,6 +179,7 @@ function showResults(found) {
     `${found.results.length} nearest of ${state.facts.database_size} by weights ` +
     `[${found.weights.join(', ')}]: search ${found.search_ms.toFixed(1)} ms${encode}`;
   grid.dataset.weights = found.weights.join(',');
+  grid.dataset.query = found.query.id;
   found.results.forEach((r, rank) => {
     const maps = el('div', {class: 'maps'});
     r.concept_distances.forEach((d, m) => {
