@@ -15,6 +15,7 @@ projection t exactly as training builds the class centers (docs/method.md §2.5)
 """
 import copy
 import functools
+import hashlib
 import json
 import os
 from typing import Optional
@@ -285,6 +286,17 @@ class ConceptHasher:
                step=meta.get('step'))
 
   # ------------------------------------------------------------ properties
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """sha256 of the variables' names, dtypes, shapes and values (a run = its export)."""
+    digest = hashlib.sha256()
+    for path, value in sorted(traverse_util.flatten_dict(
+        jax.device_get(self.variables), sep='/').items()):
+      value = np.ascontiguousarray(value)
+      digest.update(f'{path}:{value.dtype.str}:{value.shape};'.encode())
+      digest.update(value.tobytes())
+    return digest.hexdigest()
 
   @property
   def cpu_matmul(self) -> str:

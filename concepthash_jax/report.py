@@ -57,6 +57,7 @@ def write_report(path, summary, figures):
     lines += ['', 'Precision at k (class labels): ' + ', '.join(
         f'P@{k} {p:.4f}' for k, p in zip(at_k['k'], at_k['precision']))
               + '.']
+  lines += [''] + concept_table(summary)
   loc = summary.get('localisation')
   if loc:
     lines += ['', '## Part localisation (Table 3)', '',
@@ -116,6 +117,24 @@ def write_report(path, summary, figures):
     lines += [f'### {title}', '', f'![{title}]({name})', '']
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
+
+
+def concept_table(summary) -> list:
+  """Markdown lines: mAP@R of each concept alone and of all but it (none: [])."""
+  numbers = summary.get('concept_retrieval')
+  if not numbers:
+    return []
+  without = numbers['without'] or [None] * len(numbers['alone'])
+  lines = ['## Which concepts carry the class', '',
+           f'Class mAP@R of the test split against the train split on one '
+           f'concept\'s sub-code alone, and on every sub-code but that one '
+           f'(all {len(numbers["alone"])}: {numbers["all"]:.4f}). A concept '
+           f'whose removal costs the most carries the class.', '',
+           '| concept | alone | all but it | change |', '|---|---|---|---|']
+  for m, (alone, rest) in enumerate(zip(numbers['alone'], without)):
+    change = 'n/a' if rest is None else f'{rest - numbers["all"]:+.4f}'
+    lines.append(f'| {m} | {alone:.4f} | {_fmt(rest, 4)} | {change} |')
+  return lines + ['']
 
 
 def jsonable(obj):

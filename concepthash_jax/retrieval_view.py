@@ -4,8 +4,11 @@ Rows: the query, then its top-k neighbours. Columns: the image, then one per
 concept: that concept's last-layer attention drawn over the image, its sub-code
 and whether it agrees with the query's sub-code (and by how many bits it
 differs). A text query has no image or attention: its row shows the prompt and
-its hash-center code instead. The HTML inlines every image as a base64 PNG and
-links nothing, so it opens from disk in any browser, offline.
+its hash-center code instead. A concept query (weights) greys the concepts
+its distance leaves out ("not counted") and names the weight of the others
+when they are not all 1. The HTML inlines every image as a base64 PNG and
+links nothing, so it opens from disk in any browser, offline. Both files are
+written atomically; text is drawn literally (a "$" is not math).
 """
 import base64
 import dataclasses
@@ -23,8 +26,10 @@ from PIL import Image
 
 from concepthash_jax import index as index_lib
 from concepthash_jax import interpret
+from concepthash_jax import safe_files
 
 AGREE, DIFFER = '#1a7f37', '#cf222e'  # Green / red, readable on white.
+LEFT_OUT = '#8c959f'  # Grey: a concept the query's distance does not count.
 
 
 @dataclasses.dataclass
@@ -79,17 +84,44 @@ def _caption(item: Item, is_query: bool) -> str:
   return f'd={item.distance}  {item.title}'
 
 
-def _agreement(distance) -> tuple:
+def _column_titles(num_concepts: int, weights) -> list:
+  """'concept m', with its weight when not all weights are 1, or 'not counted'."""
+  plain = weights is None or all(int(w) == 1 for w in weights)
+  titles = []
+  for m in range(num_concepts):
+    if weights is not None and int(weights[m]) == 0:
+      titles.append(f'concept {m} (not counted)')
+    elif plain:
+      titles.append(f'concept {m}')
+    else:
+      titles.append(f'concept {m} (x{int(weights[m])})')
+  return titles
+
+
+def _counted(weights, m) -> bool:
+  return weights is None or int(weights[m]) > 0
+
+
+def _agreement(distance, counted: bool = True) -> tuple:
   """(text, colour) of one concept's sub-code comparison."""
+  if not counted:
+    return ('same' if distance == 0 else f'{distance} bit'
+            f'{"s" if distance > 1 else ""} apart') + ', not counted', LEFT_OUT
   if distance == 0:
     return 'agrees', AGREE
   return f'differs ({distance} bit{"s" if distance > 1 else ""})', DIFFER
 
 
 def write_png(path: str, query: Item, neighbours: Sequence[Item],
-              num_concepts: int):
+              num_concepts: int, *, weights=None):
   """The query and its neighbours, one row each, concept maps in columns."""
+  with plt.rc_context({'text.parse_math': False}):
+    _write_png(path, query, neighbours, num_concepts, weights)
+
+
+def _write_png(path, query, neighbours, num_concepts, weights):
   rows = _rows(query, neighbours, num_concepts)
+  titles = _column_titles(num_concepts, weights)
   cols = 1 + num_concepts
   fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 2.0 * len(rows)),
                            squeeze=False)
@@ -110,24 +142,32 @@ def write_png(path: str, query: Item, neighbours: Sequence[Item],
                      fontsize=7)
         continue
       m = c - 1
+      counted = _counted(weights, m)
       if maps is not None:
-        ax.imshow(maps[m])
+        ax.imshow(maps[m], alpha=1.0 if counted else 0.35)
       else:
         ax.text(0.5, 0.5, subs[m], ha='center', va='center', fontsize=12,
-                family='monospace', transform=ax.transAxes)
+                family='monospace', transform=ax.transAxes,
+                color='black' if counted else LEFT_OUT)
+      if not counted:
+        ax.set_facecolor('#eaeef2')
       if r == 0:
-        ax.set_title(f'concept {m}', fontsize=8)
+        ax.set_title(titles[m], fontsize=8,
+                     color='black' if counted else LEFT_OUT)
         ax.set_xlabel(subs[m], fontsize=7, family='monospace')
       else:
-        text, colour = _agreement(int(dist[m]))
+        text, colour = _agreement(int(dist[m]), counted)
         ax.set_xlabel(f'{subs[m]} {text}', fontsize=7, color=colour,
                       family='monospace')
         for side in ax.spines.values():
           side.set_edgecolor(colour)
           side.set_linewidth(2)
   fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  try:
+    with safe_files.atomic_write(path) as f:
+      fig.savefig(f, dpi=90, format='png')
+  finally:
+    plt.close(fig)
 
 
 def _png_data_uri(image) -> str:
@@ -141,14 +181,18 @@ body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}
 td,th{border:1px solid #ddd;padding:4px;text-align:center;vertical-align:top}
 img{width:128px;height:128px;image-rendering:pixelated;display:block;margin:auto}
 code{font-size:14px}.agree{color:%s}.differ{color:%s}.prompt{max-width:128px}
-""" % (AGREE, DIFFER)
+.left-out{color:%s;background:#eaeef2}.left-out img{opacity:.35}
+""" % (AGREE, DIFFER, LEFT_OUT)
 
 
 def write_html(path: str, query: Item, neighbours: Sequence[Item],
-               num_concepts: int, *, heading: str = ''):
+               num_concepts: int, *, heading: str = '', weights=None):
   """The same content as `write_png`, as one offline HTML page."""
   rows = _rows(query, neighbours, num_concepts)
-  head = ''.join(f'<th>concept {m}</th>' for m in range(num_concepts))
+  left_out = [' class="left-out"' if not _counted(weights, m) else ''
+              for m in range(num_concepts)]
+  head = ''.join(f'<th{left_out[m]}>{html.escape(title)}</th>' for m, title in
+                 enumerate(_column_titles(num_concepts, weights)))
   body = []
   for r, (item, subs, dist) in enumerate(rows):
     maps = (overlays(item.image, item.attn)
@@ -163,31 +207,44 @@ def write_html(path: str, query: Item, neighbours: Sequence[Item],
                  if maps is not None else '')
       if dist is None:
         verdict = ''
+      elif not _counted(weights, m):
+        verdict = f'<div>{_agreement(int(dist[m]), False)[0]}</div>'
       else:
         text, _ = _agreement(int(dist[m]))
         verdict = (f'<div class="{"agree" if dist[m] == 0 else "differ"}">'
                    f'{text}</div>')
-      cells.append(f'<td>{picture}<code>{subs[m]}</code>{verdict}</td>')
+      cells.append(f'<td{left_out[m]}>{picture}<code>{subs[m]}</code>'
+                   f'{verdict}</td>')
     body.append('<tr>' + ''.join(cells) + '</tr>')
   title = html.escape(heading or f'query: {query.title}')
   page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}'
           f'</title><style>{_STYLE}</style></head><body><h2>{title}</h2>'
           '<p>Each concept column shows where that concept looks (last-layer '
           'attention) and its sub-code; a neighbour\'s sub-code agrees with the '
-          'query\'s or differs by the bits shown. The Hamming distance d is the '
-          'sum over concepts.</p>'
+          'query\'s or differs by the bits shown. The distance d is the '
+          'sum over the counted concepts (times their weights).</p>'
           f'<table><tr><th>image</th>{head}</tr>{"".join(body)}</table>'
           '</body></html>')
-  with open(path, 'w', encoding='utf-8') as f:
+  with safe_files.atomic_write(path, 'w') as f:
     f.write(page)
 
 
 def write(out_dir: str, name: str, query: Item, neighbours: Sequence[Item],
-          num_concepts: int, *, heading: str = '') -> tuple:
-  """Writes out_dir/name.html and out_dir/name.png; returns both paths."""
-  os.makedirs(out_dir, exist_ok=True)
+          num_concepts: int, *, heading: str = '', weights=None) -> tuple:
+  """Writes out_dir/name.html and out_dir/name.png; returns both paths.
+
+  Args:
+    out_dir: the pages folder (created; see safe_files.write_marker).
+    name: file stem.
+    query, neighbours: the rows.
+    num_concepts: M.
+    heading: the page's title.
+    weights: (M,) concept weights of the query's distance; None = all 1.
+  """
+  safe_files.ensure_folder(out_dir, 'see-why pages')
   html_path = os.path.join(out_dir, name + '.html')
   png_path = os.path.join(out_dir, name + '.png')
-  write_html(html_path, query, neighbours, num_concepts, heading=heading)
-  write_png(png_path, query, neighbours, num_concepts)
+  write_html(html_path, query, neighbours, num_concepts, heading=heading,
+             weights=weights)
+  write_png(png_path, query, neighbours, num_concepts, weights=weights)
   return html_path, png_path

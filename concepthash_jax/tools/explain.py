@@ -39,6 +39,7 @@ import tqdm
 
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
+from concepthash_jax import evaluation
 from concepthash_jax import figures
 from concepthash_jax import inference
 from concepthash_jax import interpret
@@ -91,6 +92,43 @@ def _retrieval(inp: _Inputs):
   return {'retrieval': numbers}, [
       ('Precision-recall over Hamming radii', 'pr_curve.png'),
       ('Precision at k', 'precision_at_k.png')]
+
+
+def concept_map_at_r(query, database, num_concepts: int, *, R=None,
+                     ties: str = 'index') -> dict:
+  """mAP@R of each concept's sub-code alone and of each leave-one-out subset.
+
+  Args:
+    query, database: `encoding.encode_split` results ('codes', 'labels').
+    num_concepts: M; concept m is bits [m K/M, (m+1) K/M).
+    R, ties: as `evaluation.map_at_r`.
+
+  Returns:
+    {'alone': (M,) mAP@R of sub-code m only, 'without': (M,) mAP@R of every
+    sub-code but m (None when M = 1), 'all': mAP@R of the whole code}.
+  """
+  q_codes, d_codes = np.asarray(query['codes']), np.asarray(database['codes'])
+  width = q_codes.shape[1] // num_concepts
+
+  def score(columns):
+    return float(evaluation.map_at_r(
+        q_codes[:, columns], query['labels'], d_codes[:, columns],
+        database['labels'], R=R, ties=ties))
+
+  bits = np.arange(q_codes.shape[1])
+  concept_of = bits // width
+  return {'alone': [score(bits[concept_of == m]) for m in range(num_concepts)],
+          'without': ([score(bits[concept_of != m]) for m in range(num_concepts)]
+                      if num_concepts > 1 else None),
+          'all': score(bits)}
+
+
+def _concepts(inp: _Inputs):
+  """Which concepts carry the class: mAP@R per sub-code and leaving one out."""
+  r, ties = encoding.retrieval_cutoff(inp.config.eval), inp.config.eval.ties
+  return {'concept_retrieval': concept_map_at_r(
+      inp.test_enc, inp.train_enc, int(inp.config.model.num_concepts), R=r,
+      ties=ties)}, []
 
 
 def _attention_maps(inp: _Inputs, *, num_images):
@@ -230,7 +268,7 @@ def explain(workdir: str, out_dir: Optional[str] = None, *,
                 max_images=max_images,
                 num_display=max(gallery_pool, num_images))
   summary = _run_summary(workdir, inp)
-  steps = [_retrieval,
+  steps = [_retrieval, _concepts,
            functools.partial(_attention_maps, num_images=num_images),
            functools.partial(_galleries, per_group=per_group),
            _correlation,
@@ -296,6 +334,7 @@ def main(argv):
                     max_images=FLAGS.max_images, loc_method=FLAGS.loc_method,
                     loc_classes=classes)
   print(report.headline(summary))
+  print('\n'.join(report.concept_table(summary)))
   print(f'Figures and report.md in {out}')
   logging.info('Wrote %s', out)
 

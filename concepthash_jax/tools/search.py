@@ -2,21 +2,45 @@ r"""Searches a code index by image or by text, and shows why each result matched
 
   # Build (and keep) an index of the run's database split, query with an image:
   concepthash-search --model exported/synthetic \
-    --db_split train --index db.index.npz --image photo.jpg --why why/
+    --db_split train --index db.chindex --image photo.jpg --why why/
   # Reuse the index; query with text (one query per class with {class}):
   concepthash-search --model exported/synthetic \
-    --index db.index.npz --text "a photo of a {class}"
+    --index db.chindex --text "a photo of a {class}"
   # Every image of a split as a query: P@k beside the evaluator's.
-  concepthash-search --model W --index db.index.npz --query_split test
+  concepthash-search --model W --index db.chindex --query_split test
+  # Count only concepts 1 and 3 (or weigh each concept's distance):
+  concepthash-search --model W --index db.chindex --image bird.jpg --concepts 1,3
+  concepthash-search --model W --index db.chindex --image bird.jpg --weights 1,0,2,1
+  # One composite query: concepts 0 and 1 from head.jpg, concept 2 from wing.jpg
+  # (the other concepts are not counted):
+  concepthash-search --model W --index db.chindex \
+    --compose head.jpg:0,1 --compose wing.jpg:2
+  # Append new images to a kept index (the old codes are not re-encoded):
+  concepthash-search --model W --index db.chindex --add new_photos/
+  # Search a LanceDB table written by CodeIndex.to_store (extra [store]):
+  concepthash-search --model W --store data/codes.lance --image bird.jpg
 
 --model is a training workdir or an export (tools/export.py). The database is a
 split of the run's dataset (--db_split) or a folder of images (--db_folder; an
 image's label is its first sub-folder); it is saved with paths and labels to
---index when given, and read from there otherwise. Queries: --image (repeatable),
---folder, --text (repeatable; "{class}" expands to every class of the run) or
---query_split. Results: rank, Hamming distance, per-concept sub-code distances,
-label and path; ties broken by database position as map_at_r(ties="index").
---why DIR writes, per query, DIR/<query>.html (self-contained) and .png.
+--index when given, and read (memory-mapped) from there otherwise. --index
+never replaces a file that is not a code index. --add FOLDER encodes the
+folder's images and appends them to --index; images whose path the index
+already holds are skipped (and counted), so rerunning --add on a growing
+folder adds only the new ones. The index records the fingerprint of the model
+that built it; a query from another model is refused.
+
+Queries: --image (repeatable; a folder means its images), --folder, --text
+(repeatable; "{class}" expands to every class of the run), --query_split, or
+one composite query from --compose IMAGE:CONCEPTS (repeatable; IMAGE's
+sub-codes of CONCEPTS, comma-separated; a concept given by no part is not
+counted). --concepts / --weights apply to every other query.
+
+Results: rank, distance (over the counted concepts, weighted), per-concept
+sub-code distances, label and path; ties broken by database position as
+map_at_r(ties="index"). --why DIR writes, per query, DIR/<query>.html
+(self-contained) and .png; DIR is marked as a pages folder and a folder of
+other files is refused.
 """
 import os
 import re
@@ -26,31 +50,46 @@ from absl import flags
 import numpy as np
 
 from concepthash_jax import data as data_lib
+from concepthash_jax import errors
 from concepthash_jax import exporting
 from concepthash_jax import index as index_lib
 from concepthash_jax import inference
 from concepthash_jax import retrieval_view
+from concepthash_jax import safe_files
 from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
 CLASS_FIELD = '{class}'
 
 
+class SearchError(errors.UserError, ValueError):
+  """A flag combination or value the search cannot run with."""
+
+
 def define_flags():
   """Defines the CLI flags (only when run as a program)."""
   flags.DEFINE_string('model', None, 'Training workdir or export directory.')
-  flags.DEFINE_string('index', None, 'Code index .npz: written when a database '
-                      'flag is given, else read.')
+  flags.DEFINE_string('index', None, 'Code index file: written when a database '
+                      'flag or --add is given, else read.')
   flags.DEFINE_enum('db_split', None, list(data_lib.SPLITS),
                     "Database: this split of the run's dataset.")
   flags.DEFINE_string('db_folder', None, 'Database: the images in this folder.')
+  flags.DEFINE_string('add', None, 'Append the images of this folder to --index.')
+  flags.DEFINE_string('store', None, 'Search this LanceDB URI (extra [store]) '
+                      'instead of --index.')
+  flags.DEFINE_string('store_table', 'codes', 'Table of --store.')
   flags.DEFINE_string('data_root', None, 'Override config.data.root.')
-  flags.DEFINE_multi_string('image', [], 'Query image file (repeatable).')
+  flags.DEFINE_multi_string('image', [], 'Query image file or folder (repeatable).')
   flags.DEFINE_string('folder', None, 'Query with every image in this folder.')
   flags.DEFINE_multi_string('text', [], 'Query prompt (repeatable); {class} '
                             'expands to every class name of the run.')
   flags.DEFINE_enum('query_split', None, list(data_lib.SPLITS),
                     "Query with every image of this split of the run's dataset.")
+  flags.DEFINE_multi_string('compose', [], 'IMAGE:CONCEPTS, repeatable: one '
+                            'composite query taking these concepts\' sub-codes '
+                            'from IMAGE (e.g. head.jpg:0,1 --compose wing.jpg:2).')
+  flags.DEFINE_list('concepts', None, 'Count only these concepts (e.g. 1,3).')
+  flags.DEFINE_list('weights', None, 'Integer weight per concept (e.g. 1,0,2,1).')
   flags.DEFINE_integer('k', 10, 'Neighbours per query.')
   flags.DEFINE_enum('faiss', None, ['flat', 'hnsw'],
                     'Search through FAISS (extra [faiss]) instead of the exact '
@@ -65,14 +104,20 @@ def define_flags():
 # ---------------------------------------------------------------- database
 
 
-def folder_labels(paths, folder):
+def folder_labels(paths, folder, class_names=()):
   """Label of each image = its first sub-folder under `folder` (-1 if none).
+
+  Args:
+    paths: image files under `folder`.
+    folder: the database folder.
+    class_names: names that keep their ids; new names get the next ids.
 
   Returns:
     (labels (N,) int64, class names in label order).
   """
   tops = [os.path.relpath(p, folder).split(os.sep) for p in paths]
-  names = sorted({t[0] for t in tops if len(t) > 1})
+  names = list(class_names)
+  names += sorted({t[0] for t in tops if len(t) > 1} - set(names))
   lookup = {name: i for i, name in enumerate(names)}
   return np.array([lookup[t[0]] if len(t) > 1 else -1 for t in tops],
                   np.int64), names
@@ -82,26 +127,65 @@ def build_index(hasher, *, split=None, folder=None, data_root=None):
   """Encodes a database split or folder into a CodeIndex with paths and labels."""
   info = {'nbit': hasher.nbit, 'num_concepts': hasher.num_concepts,
           'model': os.path.abspath(hasher.source)}
+  fields = {'num_concepts': hasher.num_concepts,
+            'fingerprint': hasher.fingerprint}
   if split is not None:
     enc = hasher.encode_split(split, data_root=data_root)
     info.update(source='split', split=split, class_names=hasher.class_names,
                 data_root=data_root)
     return index_lib.CodeIndex(enc['codes'], enc['labels'], ids=enc['index'],
-                               paths=enc['paths'], info=info)
-  paths = inference.list_images(folder)
+                               paths=enc['paths'], info=info, **fields)
+  paths = [os.path.abspath(p) for p in inference.list_images(folder)]
   labels, names = folder_labels(paths, folder)
   enc = hasher.encode(paths)
   info.update(source='folder', folder=os.path.abspath(folder), class_names=names)
-  return index_lib.CodeIndex(enc['codes'], labels, paths=paths, info=info)
+  return index_lib.CodeIndex(enc['codes'], labels, paths=paths, info=info,
+                             **fields)
 
 
-def check_index(index, hasher, where):
+def add_folder(index, hasher, folder, out=sys.stdout):
+  """`index` extended by the images of `folder` it does not hold yet.
+
+  Returns:
+    (the new index, number of images added).
+  """
+  if index.labels is not None and np.ndim(index.labels) != 1:
+    raise SearchError('this index has multi-label rows; --add appends '
+                      'single-label folder images only: rebuild it instead.')
+  known = set() if index.paths is None else {
+      os.path.abspath(p) for p in index.paths if p}
+  found = [os.path.abspath(p) for p in inference.list_images(folder)]
+  paths = [p for p in found if p not in known]
+  if len(paths) < len(found):
+    print(f'--add: {len(found) - len(paths)} of {len(found)} images of {folder} '
+          'are already in the index; skipped.', file=out)
+  if not paths:
+    return index, 0
+  names = index.info.get('class_names') or []
+  labels, names = folder_labels(paths, folder, names)
+  enc = hasher.encode(paths)
+  extended = index.extend(enc['codes'], labels, paths=paths)
+  extended.info['class_names'] = names
+  return extended, len(paths)
+
+
+def check_index(index, hasher, where, out=sys.stderr):
   """One clear error when the index's codes are not this model's."""
   if index.nbit != hasher.nbit:
-    raise ValueError(
+    raise SearchError(
         f'{where} holds {index.nbit}-bit codes but the model {hasher.source} '
         f'makes {hasher.nbit}-bit codes: the index was built with another '
         'model; rebuild it with --db_split or --db_folder.')
+  if index.fingerprint is None:
+    print(f'warning: {where} records no model fingerprint (built by an older '
+          'version); results are only right if it was built with this model.',
+          file=out)
+  elif index.fingerprint != hasher.fingerprint:
+    raise SearchError(
+        f'{where} was built by another model (fingerprint '
+        f'{index.fingerprint[:12]}, {hasher.source} has '
+        f'{hasher.fingerprint[:12]}); rebuild it with this model (--db_split '
+        'or --db_folder), or query with the model that built it.')
 
 
 # ----------------------------------------------------------------- queries
@@ -110,9 +194,10 @@ def check_index(index, hasher, where):
 class Query:
   """A query row: its code, what to show, and a label when one is known."""
 
-  def __init__(self, name, code, *, image=None, attn=None, text=None, label=-1):
+  def __init__(self, name, code, *, image=None, attn=None, text=None, label=-1,
+               weights=None):
     self.name, self.code, self.image, self.attn = name, code, image, attn
-    self.text, self.label = text, label
+    self.text, self.label, self.weights = text, label, weights
 
 
 def image_queries(hasher, items, names, labels=None):
@@ -128,6 +213,8 @@ def text_queries(hasher, prompts):
   """Prompts as queries; a prompt with {class} becomes one per class (labelled)."""
   expanded = []
   for prompt in prompts:
+    if not prompt.strip():
+      raise SearchError('--text got a blank prompt; give words to search for.')
     if CLASS_FIELD in prompt:
       expanded += [(prompt.replace(CLASS_FIELD, name.replace('_', ' ')), c)
                    for c, name in enumerate(hasher.class_names)]
@@ -138,10 +225,56 @@ def text_queries(hasher, prompts):
           for i, (p, c) in enumerate(expanded)]
 
 
-def collect_queries(hasher, *, images, folder, texts, split, data_root):
+def parse_compose(values):
+  """--compose IMAGE:CONCEPTS values -> [(image, [concept, ...]), ...]."""
+  parts = []
+  for value in values:
+    image, sep, concepts = value.rpartition(':')
+    try:
+      chosen = [int(c) for c in concepts.split(',')]
+    except ValueError:
+      chosen = None
+    if not sep or not image or not chosen:
+      raise SearchError(f'--compose {value}: give IMAGE:CONCEPTS, e.g. '
+                        'head.jpg:0,1 (concept indices, comma-separated).')
+    if not os.path.isfile(image):
+      raise SearchError(f'--compose {value}: {image} is not an image file.')
+    parts.append((image, chosen))
+  return parts
+
+
+def composite_query(hasher, parts):
+  """One query from [(image, concepts), ...] (see --compose)."""
+  enc = hasher.encode([image for image, _ in parts], attention=True,
+                      display=True)
+  try:
+    query = index_lib.compose(
+        [(code, chosen) for code, (_, chosen) in zip(enc['codes'], parts)],
+        hasher.num_concepts)
+  except ValueError as e:
+    raise SearchError(f'--compose: {e}') from e
+  # The page shows the first part's image; its concept columns show the
+  # sub-codes of the composite code.
+  name = ' + '.join(f'{os.path.basename(image)}:{",".join(map(str, chosen))}'
+                    for image, chosen in parts)
+  return Query(name, query.codes, image=enc['images'][0],
+               attn=enc['concept_attn'][0], weights=query.weights)
+
+
+def _expand_images(images):
+  """--image values with every folder replaced by its images."""
+  out = []
+  for image in images:
+    out += inference.list_images(image) if os.path.isdir(image) else [image]
+  return out
+
+
+def collect_queries(hasher, *, images, folder, texts, split, data_root,
+                    compose=()):
   """Every query the flags ask for, in flag order."""
   queries = []
   if images:
+    images = _expand_images(images)
     queries += image_queries(hasher, images, images)
   if folder:
     paths = inference.list_images(folder)
@@ -153,19 +286,50 @@ def collect_queries(hasher, *, images, folder, texts, split, data_root):
     queries += [Query(f'{split}[{i}]', code, label=int(label))
                 for i, (code, label) in enumerate(zip(enc['codes'],
                                                       enc['labels']))]
+  if compose:
+    queries.append(composite_query(hasher, parse_compose(compose)))
   if not queries:
-    raise ValueError('No query: pass --image, --folder, --text or --query_split.')
+    raise SearchError('No query: pass --image, --folder, --text, --compose or '
+                      '--query_split.')
   return queries
 
 
 # ------------------------------------------------------------------ search
 
 
-def search(index, codes, k, faiss_kind=None):
-  """(positions, distances) (Q, k): exact by default, or through FAISS."""
-  if faiss_kind is None:
-    return index.search(codes, k)
-  return index_lib.faiss_search(index.to_faiss(faiss_kind), codes, k)
+def query_weights(num_concepts, concepts=None, weights=None):
+  """--concepts / --weights as (M,) ints, or None (plain Hamming)."""
+  try:
+    return index_lib.concept_weights(
+        num_concepts, concepts=None if concepts is None else [
+            int(c) for c in concepts],
+        weights=None if weights is None else [int(w) for w in weights])
+  except ValueError as e:
+    raise SearchError(f'--concepts/--weights: {e}') from e
+
+
+def search(index, queries, k, weights=None, faiss_kind=None):
+  """(positions, distances) (Q, k): exact by default, or through FAISS.
+
+  A query with its own weights (a composite) is searched with those; the
+  others with `weights`.
+  """
+  codes = np.stack([q.code for q in queries])
+  if faiss_kind is not None:
+    if weights is not None or any(q.weights is not None for q in queries):
+      raise SearchError('--faiss searches full codes; drop --faiss to query by '
+                        'concept.')
+    return index_lib.faiss_search(index.to_faiss(faiss_kind), codes, k)
+  positions = np.zeros((len(queries), k), np.int64)
+  distances = np.zeros((len(queries), k), np.int32)
+  groups = {}
+  for i, query in enumerate(queries):
+    own = weights if query.weights is None else query.weights
+    groups.setdefault(None if own is None else tuple(own), []).append(i)
+  for own, rows in groups.items():
+    positions[rows], distances[rows] = index.search_positions(
+        codes[rows], k, weights=None if own is None else np.array(own))
+  return positions, distances
 
 
 def precision_at_k(query_labels, neighbour_labels):
@@ -173,27 +337,77 @@ def precision_at_k(query_labels, neighbour_labels):
   return (np.asarray(neighbour_labels) == np.asarray(query_labels)[:, None]).mean(1)
 
 
+def index_labels_of(queries, hasher, index):
+  """Query labels (the model's class ids) as the index's label ids, by name.
+
+  Returns:
+    (Q,) int: the index's id of each query's class name; -1 where the query
+    has no label or the index has no class of that name.
+  """
+  names = index.info.get('class_names') or []
+  lookup = {name: i for i, name in enumerate(names)}
+  model_names = hasher.class_names
+  return np.array([
+      lookup.get(model_names[q.label], -1) if 0 <= q.label < len(model_names)
+      else -1 for q in queries], np.int64)
+
+
 def _label_name(index, label):
   names = index.info.get('class_names') or []
   return names[label] if 0 <= label < len(names) else str(label)
 
 
-def format_results(query, index, positions, distances, num_concepts):
+def _where(index, pos):
+  path = index.paths[pos] if index.paths is not None else ''
+  return path or f'#{index.ids[pos] if index.ids is not None else pos}'
+
+
+def format_results(query, index, positions, distances, num_concepts,
+                   weights=None):
   """The neighbour table of one query, as text."""
   sub = index_lib.concept_distances(
       np.asarray(query.code)[None], index.codes(positions), num_concepts)[0]
-  lines = [f'query {query.name}', '  rank  dist  per-concept  label / path']
+  counted = ''
+  if weights is not None:
+    counted = ' (dist = ' + ' + '.join(
+        f'{w}*c{m}' if w != 1 else f'c{m}'
+        for m, w in enumerate(weights) if w) + ')'
+  lines = [f'query {query.name}{counted}',
+           '  rank  dist  per-concept  label / path']
   for rank, (pos, dist) in enumerate(zip(positions, distances), 1):
     label = ('' if index.labels is None
              else _label_name(index, int(index.labels[pos])))
-    where = index.paths[pos] if index.paths is not None and index.paths[pos] else (
-        f'#{index.ids[pos] if index.ids is not None else pos}')
     lines.append(f'  {rank:4d}  {int(dist):4d}  {"/".join(map(str, sub[rank - 1])):11s}'
-                 f'  {label} {where}')
+                 f'  {label} {_where(index, pos)}')
   return '\n'.join(lines)
 
 
 # -------------------------------------------------------------------- why
+
+
+def prepare_pages(folder):
+  """Creates (or reuses) the --why folder; one error naming it and the fix.
+
+  A folder of ours carries safe_files' marker of kind 'pages'; an existing
+  folder without it is used only while empty, so pages never land among a
+  user's files.
+  """
+  if os.path.isdir(folder):
+    kind = safe_files.folder_kind(folder)
+    if kind != 'pages' and os.listdir(folder):
+      raise SearchError(f'--why {folder} is a folder of other files; give a new '
+                        'or empty folder for the pages.')
+  else:
+    parent = os.path.dirname(os.path.abspath(folder))
+    while parent and not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    if os.path.exists(folder) or not os.path.isdir(parent):
+      blocker = folder if os.path.exists(folder) else parent
+      raise SearchError(f'--why {folder}: {blocker} is a file, not a folder; '
+                        'give a folder path for the pages.')
+  safe_files.ensure_folder(folder, 'see-why pages')
+  with safe_files.write_errors(folder, 'choose a writable folder for --why'):
+    safe_files.write_marker(folder, 'pages')
 
 
 def neighbour_items(hasher, index, positions, distances):
@@ -205,9 +419,9 @@ def neighbour_items(hasher, index, positions, distances):
     if path:
       sources.append(str(path))
       continue
-    if index.info.get('source') != 'split':
-      raise ValueError('The index stores neither paths nor a dataset split; '
-                       'rebuild it to draw its images.')
+    if index.info.get('source') != 'split' or index.ids is None:
+      raise SearchError('The index stores neither paths nor a dataset split; '
+                        'rebuild it to draw its images.')
     if dataset is None:
       dataset = hasher.dataset(index.info['split'],
                                data_root=index.info.get('data_root'))
@@ -226,7 +440,7 @@ def neighbour_items(hasher, index, positions, distances):
 
 
 def write_why(out_dir, hasher, index, query, positions, distances, number, *,
-              data_root=None):
+              data_root=None, weights=None):
   """Writes the query's HTML page and PNG; returns their paths."""
   title = query.name if query.text is not None else os.path.basename(query.name)
   item = retrieval_view.Item(code=query.code, title=title,
@@ -238,7 +452,8 @@ def write_why(out_dir, hasher, index, query, positions, distances, number, *,
   name = f'{number:03d}_' + re.sub(r'[^A-Za-z0-9._-]+', '_', stem)[:60]
   return retrieval_view.write(
       out_dir, name, item, neighbour_items(hasher, index, positions, distances),
-      hasher.num_concepts, heading=f'query: {query.name}')
+      hasher.num_concepts, heading=f'query: {query.name}',
+      weights=query.weights if query.weights is not None else weights)
 
 
 def _split_query_item(hasher, query, data_root):
@@ -252,61 +467,137 @@ def _split_query_item(hasher, query, data_root):
 # -------------------------------------------------------------------- main
 
 
-def search_and_explain(*, model, index_path=None, db_split=None,
-                       db_folder=None, data_root=None, images=(), folder=None,
-                       texts=(), query_split=None, k=10, faiss_kind=None,
-                       why=None, why_max=8, print_max=5,
-                       out=sys.stdout) -> dict:
-  """The CLI as a function (`model`: a path or a loaded ConceptHasher).
-
-  Returns:
-    {'queries', 'positions', 'distances', 'precision', 'index'}; precision is
-    P@k per labelled query, NaN for the others.
-  """
-  if db_split and db_folder:
-    raise ValueError('Pass one of --db_split and --db_folder.')
-  hasher = (model if isinstance(model, inference.ConceptHasher)
-            else inference.ConceptHasher.load(model))
+def open_database(hasher, *, index_path, db_split, db_folder, add, data_root,
+                  out):
+  """The index the flags name: built (and saved), extended, or read."""
+  if sum(map(bool, (db_split, db_folder, add))) > 1:
+    raise SearchError('Pass one of --db_split, --db_folder and --add.')
+  if add and not index_path:
+    raise SearchError('--add appends to an index: give its file with --index.')
+  if index_path and (db_split or db_folder):
+    # Before encoding: a mistyped --index must not cost an encode, nor a file.
+    safe_files.check_replaceable(index_path, 'code index',
+                                 is_ours=index_lib.is_index)
   if db_split or db_folder:
     index = build_index(hasher, split=db_split, folder=db_folder,
                         data_root=data_root)
     if index_path:
       index.save(index_path)
       print(f'index of {len(index)} codes -> {index_path}', file=out)
-  elif index_path:
-    index = index_lib.CodeIndex.load(index_path)
-  else:
-    raise ValueError('No database: pass --db_split or --db_folder (and --index '
-                     'to keep it), or --index of a saved one.')
-  check_index(index, hasher, index_path or 'the index')
-  queries = collect_queries(hasher, images=list(images), folder=folder,
-                            texts=list(texts), split=query_split,
-                            data_root=data_root)
-  k = min(int(k), len(index))
+    return index
+  if not index_path:
+    raise SearchError('No database: pass --db_split or --db_folder (and --index '
+                      'to keep it), --index of a saved one, or --store.')
+  index = index_lib.CodeIndex.load(index_path)
+  if add:
+    check_index(index, hasher, index_path)
+    index, added = add_folder(index, hasher, add, out=out)
+    if added:
+      index.save(index_path)
+    print(f'--add: {added} images appended, {len(index)} codes -> {index_path}',
+          file=out)
+  return index
+
+
+def open_store(hasher, uri, table, queries, k, weights):
+  """(an index of the found rows, positions in it, distances) from a store."""
+  from concepthash_jax.index import store  # pylint: disable=g-import-not-at-top
+  view = store.describe(uri, table)
+  check_index(view, hasher, f'{uri} table {table!r}')
   codes = np.stack([q.code for q in queries])
-  positions, distances = search(index, codes, k, faiss_kind)
+  positions = np.zeros((len(queries), k), np.int64)
+  distances = np.zeros((len(queries), k), np.int32)
+  for i, query in enumerate(queries):
+    own = weights if query.weights is None else query.weights
+    positions[i], distances[i] = store.search(
+        uri, codes[i:i + 1], k, table=table, weights=own, ids=False)
+  rows, local = store.rows(uri, positions, table=table)
+  return rows, local, distances
+
+
+def search_and_explain(*, model, index_path=None, db_split=None,
+                       db_folder=None, add=None, store=None,
+                       store_table='codes', data_root=None, images=(),
+                       folder=None, texts=(), query_split=None, compose=(),
+                       concepts=None, weights=None, k=10, faiss_kind=None,
+                       why=None, why_max=8, print_max=5,
+                       out=sys.stdout) -> dict:
+  """The CLI as a function (`model`: a path or a loaded ConceptHasher).
+
+  Returns:
+    {'queries', 'positions', 'distances', 'precision', 'index'}; precision is
+    P@k per labelled query, NaN for the others (and for all when the index's
+    class names are not the model's).
+  """
+  if why_max < 0 or print_max < 0 or k < 1:
+    raise SearchError(f'--why_max={why_max}, --print_max={print_max}, --k={k}: '
+                      'give --why_max >= 0, --print_max >= 0 and --k >= 1.')
+  if why:
+    prepare_pages(why)
+  hasher = (model if isinstance(model, inference.ConceptHasher)
+            else inference.ConceptHasher.load(model))
+  weights = query_weights(hasher.num_concepts, concepts, weights)
+  if store:
+    if index_path or db_split or db_folder or add:
+      raise SearchError('--store replaces --index/--db_split/--db_folder/--add; '
+                        'give one database.')
+    index = None
+  else:
+    index = open_database(hasher, index_path=index_path, db_split=db_split,
+                          db_folder=db_folder, add=add, data_root=data_root,
+                          out=out)
+    check_index(index, hasher, index_path or 'the index')
+  try:
+    queries = collect_queries(hasher, images=list(images), folder=folder,
+                              texts=list(texts), split=query_split,
+                              data_root=data_root, compose=list(compose))
+  except SearchError as e:
+    if add and 'No query' in str(e):  # --add alone: the index was the job.
+      return {'queries': [], 'index': index}
+    raise
+  if store:
+    index, positions, distances = open_store(
+        hasher, store, store_table, queries, k, weights)
+  else:
+    k = min(int(k), len(index))
+    positions, distances = search(index, queries, k, weights, faiss_kind)
   for i, query in enumerate(queries[:print_max]):
     print(format_results(query, index, positions[i], distances[i],
-                         hasher.num_concepts), file=out)
-  labels = np.array([q.label for q in queries])
-  precision = np.full(len(queries), np.nan)
-  labelled = labels >= 0
-  if labelled.any() and index.labels is not None:
-    precision[labelled] = precision_at_k(
-        labels[labelled], index.labels[positions[labelled]])
-    _print_summary(queries, labels, precision, labelled, index, codes, k,
-                   query_split, out)
+                         hasher.num_concepts,
+                         weights if query.weights is None else query.weights),
+          file=out)
+  precision = _precision(queries, hasher, index, positions, k, query_split,
+                         out)
   if why:
     for i, query in enumerate(queries[:why_max]):
       html_path, png_path = write_why(why, hasher, index, query, positions[i],
-                                      distances[i], i, data_root=data_root)
+                                      distances[i], i, data_root=data_root,
+                                      weights=weights)
       print(f'see why: {html_path} {png_path}', file=out)
   return {'queries': queries, 'positions': positions, 'distances': distances,
           'precision': precision, 'index': index}
 
 
-def _print_summary(queries, labels, precision, labelled, index, codes, k,
-                   query_split, out):
+def _precision(queries, hasher, index, positions, k, query_split, out):
+  """P@k of labelled queries (NaN elsewhere), printed as a summary."""
+  precision = np.full(len(queries), np.nan)
+  if index.labels is None:
+    return precision
+  model_labels = np.array([q.label for q in queries])
+  labels = index_labels_of(queries, hasher, index)
+  if (model_labels >= 0).any() and not (labels >= 0).any():
+    print(f'no P@{k}: the index\'s class names are not the model\'s.', file=out)
+  labelled = labels >= 0
+  if labelled.any():
+    precision[labelled] = precision_at_k(
+        labels[labelled], np.asarray(index.labels)[positions[labelled]])
+    _print_summary(queries, labels, precision, labelled, index, k, query_split,
+                   out)
+  return precision
+
+
+def _print_summary(queries, labels, precision, labelled, index, k, query_split,
+                   out):
   """P@k of labelled queries; per class for text, beside the evaluator for splits."""
   texts = [i for i, q in enumerate(queries) if q.text is not None and labelled[i]]
   if texts:
@@ -317,6 +608,7 @@ def _print_summary(queries, labels, precision, labelled, index, codes, k,
   if query_split:
     split_rows = np.array([q.text is None and q.image is None for q in queries])
     ours = float(np.mean(precision[split_rows]))
+    codes = np.stack([q.code for q in queries])
     metrics = index.evaluate(codes[split_rows], labels[split_rows], topk=(k,))
     print(f'\n{query_split} split, {int(split_rows.sum())} queries: search P@{k} '
           f'{ours:.4f}, evaluator P@{k} {metrics[f"precision_at_{k}"]:.4f}, '
@@ -324,19 +616,21 @@ def _print_summary(queries, labels, precision, labelled, index, codes, k,
 
 
 def main(argv):
-  """Entry point; user mistakes end in one sentence on stderr, exit code 2."""
+  """Entry point; user mistakes end in one FATAL line on stderr, exit code 2."""
   del argv
   try:
     search_and_explain(
         model=FLAGS.model, index_path=FLAGS.index, db_split=FLAGS.db_split,
-        db_folder=FLAGS.db_folder, data_root=FLAGS.data_root,
+        db_folder=FLAGS.db_folder, add=FLAGS.add, store=FLAGS.store,
+        store_table=FLAGS.store_table, data_root=FLAGS.data_root,
         images=FLAGS.image, folder=FLAGS.folder, texts=FLAGS.text,
-        query_split=FLAGS.query_split, k=FLAGS.k, faiss_kind=FLAGS.faiss,
-        why=FLAGS.why, why_max=FLAGS.why_max, print_max=FLAGS.print_max)
-  except (exporting.ExportError, data_lib.CorruptImageError, FileNotFoundError,
+        query_split=FLAGS.query_split, compose=FLAGS.compose,
+        concepts=FLAGS.concepts, weights=FLAGS.weights, k=FLAGS.k,
+        faiss_kind=FLAGS.faiss, why=FLAGS.why, why_max=FLAGS.why_max,
+        print_max=FLAGS.print_max)
+  except (errors.UserError, exporting.ExportError, FileNotFoundError,
           ValueError, ImportError) as e:
-    print(f'search: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.exit_user_error(e)
 
 
 def run():
