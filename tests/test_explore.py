@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 import train_testlib as lib
-from concepthash_jax import evaluation
 from concepthash_jax import index as index_lib
 from concepthash_jax import inference
 from concepthash_jax.explore import engine
@@ -46,15 +45,15 @@ def png(image, **kwargs) -> bytes:
 
 
 @pytest.mark.parametrize('nbit,num_concepts', [(8, 4), (64, 4), (48, 3)])
-def test_weighted_search_equals_concept_distances(nbit, num_concepts):
+def test_rank_equals_concept_distances(nbit, num_concepts):
   rng = np.random.default_rng(nbit)
   codes = np.where(rng.random((3000, nbit)) > 0.5, 1, -1).astype(np.int8)
-  packed = evaluation.pack_codes(codes)
-  for weights in (None, [1] * num_concepts, [0, 2] + [1] * (num_concepts - 2),
+  index = index_lib.CodeIndex(codes, num_concepts=num_concepts)
+  for weights in (None, [0, 2] + [1] * (num_concepts - 2),
                   [3] + [0] * (num_concepts - 1)):
     query = codes[7] * np.where(rng.random(nbit) > 0.9, -1, 1)
-    positions, distances = engine.weighted_search(packed, query, 50,
-                                                  num_concepts, weights)
+    chosen = engine.concept_weights(num_concepts, weights=weights)
+    positions, distances = engine.rank(index, query, 50, chosen)
     want_pos, want_dist = reference_ranking(codes, query, num_concepts, 50,
                                             weights)
     assert positions.tolist() == want_pos and distances.tolist() == want_dist
@@ -62,15 +61,15 @@ def test_weighted_search_equals_concept_distances(nbit, num_concepts):
 
 def test_concept_weights_checks_every_value():
   assert engine.concept_weights(4) is None
-  assert engine.concept_weights(4, weights=[1, 1, 1, 1]) is None
   assert engine.concept_weights(4, concepts=[0, 2]).tolist() == [1, 0, 1, 0]
   assert engine.concept_weights(4, weights=[2, 0, 1, 1]).tolist() == [2, 0, 1, 1]
-  for kwargs, words in (({'concepts': [4]}, 'Concept 4'),
-                        ({'weights': [1, -1, 1, 1]}, 'non-negative'),
-                        ({'weights': [1, 1]}, 'Give 4 weights'),
+  for kwargs, words in (({'concepts': [4]}, r'Concepts \[4\]: each must be in'),
+                        ({'weights': [1, -1, 1, 1]}, '>= 0'),
+                        ({'weights': [1, 1]}, 'need 4 integers'),
                         ({'weights': [0, 0, 0, 0]}, 'switched off'),
                         ({'weights': [1, 'x', 1, 1]}, 'integer'),
                         ({'weights': [1, 0.5, 1, 1]}, 'integer'),
+                        ({'weights': 3}, 'must be a list'),
                         ({'concepts': [1], 'weights': [1, 1, 1, 1]}, 'not both')):
     with pytest.raises(engine.RequestError, match=words):
       engine.concept_weights(4, **kwargs)
@@ -83,7 +82,7 @@ def test_composite_code_takes_each_concept_from_its_part():
   assert code[[0, 1, 6, 7]].tolist() == a[[0, 1, 6, 7]].tolist()
   assert code[2:4].tolist() == b[2:4].tolist()
   assert weights.tolist() == [1, 1, 0, 1]
-  with pytest.raises(engine.RequestError, match='two queries'):
+  with pytest.raises(engine.RequestError, match='given by parts'):
     engine.composite_code([(a, [0]), (b, [0])], 4)
   with pytest.raises(engine.RequestError, match='at least one concept'):
     engine.composite_code([(a, [])], 4)

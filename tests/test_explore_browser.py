@@ -124,7 +124,11 @@ def test_upload_toggle_weight_and_click_rank_as_the_index(browser, app_url):
              != _reference(explorer, code, [1] * 4, 24))
   weights = [int(m != off) for m in range(4)]
   page.uncheck(f'#concept-on-{off}')
-  assert _shown(page, weights) == _reference(explorer, code, weights, 24)
+  shown = _shown(page, weights)
+  assert shown == _reference(explorer, code, weights, 24)
+  by_index, _ = explorer.index.search_positions(
+      code[None], 24, concepts=[m for m in range(4) if m != off])
+  assert shown == by_index[0].tolist()
   heavy, weight = next(
       (m, w) for m in range(4) for w in (3, 2, 5) if m != off and _reference(
           explorer, code, [w if i == m else weights[i] for i in range(4)], 24)

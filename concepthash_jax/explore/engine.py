@@ -111,35 +111,37 @@ def decode_upload(data: bytes, *, max_pixels: int = MAX_PIXELS):
 
 
 def concept_weights(num_concepts: int, *, concepts=None, weights=None):
-  """(M,) int64 weights from a concept list or integer weights; None = plain Hamming.
+  """(M,) int64 weights from a request's concepts or weights; None = plain Hamming.
+
+  The values come from JSON: each must be an integer (a bool or a string is
+  refused); `index.concept_weights` checks the rest.
 
   Raises:
     RequestError: a concept out of range, a weight negative or not an integer,
-      the wrong number of weights, or every weight zero.
+      the wrong number of weights, every weight zero, or both given.
   """
-  if concepts is not None and weights is not None:
-    raise RequestError('Give concepts or weights, not both.')
-  if concepts is not None:
-    chosen = [_as_int(c, 'concept') for c in concepts]
-    bad = [c for c in chosen if not 0 <= c < num_concepts]
-    if bad:
-      raise RequestError(f'Concept {bad[0]} does not exist; concepts are 0 to '
-                         f'{num_concepts - 1}.')
-    weights = np.zeros(num_concepts, np.int64)
-    weights[chosen] = 1
-  elif weights is not None:
-    weights = np.array([_as_int(w, 'weight') for w in weights], np.int64)
-    if len(weights) != num_concepts:
-      raise RequestError(f'Give {num_concepts} weights, one per concept; got '
-                         f'{len(weights)}.')
-    if (weights < 0).any():
-      raise RequestError(f'Weights are non-negative integers; got '
-                         f'{weights.tolist()}.')
-  else:
-    return None
-  if not weights.any():
+  concepts = None if concepts is None else [
+      _as_int(c, 'concept') for c in _as_list(concepts, 'concept')]
+  weights = None if weights is None else [
+      _as_int(w, 'weight') for w in _as_list(weights, 'weight')]
+  if concepts is None and weights is not None and not any(weights):
     raise RequestError('Every concept is switched off; switch one on.')
-  return None if (weights == 1).all() else weights
+  try:
+    return index_lib.concept_weights(num_concepts, concepts=concepts,
+                                     weights=weights)
+  except ValueError as e:
+    raise RequestError(_sentence(e)) from e
+
+
+def _sentence(error) -> str:
+  text = str(error)
+  return f'{text[:1].upper()}{text[1:]}.'
+
+
+def _as_list(values, what: str) -> list:
+  if not isinstance(values, (list, tuple, np.ndarray)):
+    raise RequestError(f'The {what}s must be a list; got {values!r}.')
+  return list(values)
 
 
 def _as_int(value, what: str) -> int:
@@ -150,54 +152,11 @@ def _as_int(value, what: str) -> int:
   return int(value)
 
 
-def weighted_search(packed, query_code, k: int, num_concepts: int,
-                    weights=None):
-  """Exact k nearest by sum_m weights[m] * Hamming(sub-code m), ties by position.
-
-  Args:
-    packed: `evaluation.PackedCodes` of the database (32 bits a word).
-    query_code: (K,) real code (value > 0 is bit 1).
-    k: 1 <= k <= N.
-    num_concepts: M.
-    weights: (M,) non-negative ints, or None for the plain Hamming distance.
-
-  Returns:
-    (positions (k,) int64, distances (k,) int32), ascending distance.
-  """
-  nbit = packed.nbit
-  if weights is None:
-    weights = np.ones(num_concepts, np.int64)
-  query_words = _pack_one(query_code, packed.bits.shape[1])
-  differ = packed.bits ^ query_words[None]  # (N, W) uint32
-  distances = np.zeros(len(differ), np.int32)
-  for mask, weight in zip(concept_masks(nbit, num_concepts,
-                                        packed.bits.shape[1]), weights):
-    if weight:
-      counts = np.bitwise_count(differ & mask[None]).sum(1, dtype=np.int32)
-      distances += np.int32(weight) * counts
-  positions, picked = index_lib._smallest_k(distances[None], int(k))  # pylint: disable=protected-access
-  return positions[0], picked[0].astype(np.int32)
-
-
-def concept_masks(nbit: int, num_concepts: int, num_words: int):
-  """(M, W) uint32: the bits of each concept's sub-code in the packed words."""
-  per = nbit // num_concepts
-  bits = np.zeros((num_concepts, num_words * 32), bool)
-  for m in range(num_concepts):
-    bits[m, m * per:(m + 1) * per] = True
-  return _pack_bits(bits)
-
-
-def _pack_bits(bits):
-  """(R, 32W) bool -> (R, W) uint32, bit i at word i // 32, bit i % 32."""
-  rows = bits.reshape(len(bits), -1, 32).astype(np.uint64)
-  return (rows << np.arange(32, dtype=np.uint64)).sum(-1).astype(np.uint32)
-
-
-def _pack_one(code, num_words: int):
-  bits = np.zeros(num_words * 32, bool)
-  bits[:len(code)] = np.asarray(code) > 0
-  return _pack_bits(bits[None])[0]
+def rank(index, code, k: int, weights=None):
+  """(positions (k,), distances (k,)) of one code: `index.search` by position."""
+  positions, distances = index.search_positions(np.asarray(code)[None], int(k),
+                                                weights=weights)
+  return positions[0], distances[0]
 
 
 def composite_code(parts, num_concepts: int):
@@ -205,35 +164,22 @@ def composite_code(parts, num_concepts: int):
 
   Args:
     parts: [(code (K,), [concepts])]: each concept's sub-code is taken from the
-      part that names it; a concept named twice is an error.
+      part that names it.
     num_concepts: M.
 
   Returns:
-    (code (K,) int8 ±1, weights (M,) int64: 1 for named concepts, 0 else).
+    `index.compose`'s (code (K,), weights (M,): 1 for named concepts, 0 else).
   """
   if not parts:
     raise RequestError('A composite query needs at least one part.')
-  nbit = len(parts[0][0])
-  per = nbit // num_concepts
-  code = np.ones(nbit, np.int8)
-  owner = {}
-  for p, (part_code, concepts) in enumerate(parts):
-    for m in concepts:
-      m = _as_int(m, 'concept')
-      if not 0 <= m < num_concepts:
-        raise RequestError(f'Concept {m} does not exist; concepts are 0 to '
-                           f'{num_concepts - 1}.')
-      if m in owner:
-        raise RequestError(f'Concept {m} is taken from two queries; take each '
-                           'concept from one.')
-      owner[m] = p
-      code[m * per:(m + 1) * per] = np.where(
-          np.asarray(part_code)[m * per:(m + 1) * per] > 0, 1, -1)
-  if not owner:
+  parts = [(code, [_as_int(m, 'concept') for m in _as_list(concepts, 'concept')])
+           for code, concepts in parts]
+  if not any(concepts for _, concepts in parts):
     raise RequestError('A composite query takes at least one concept.')
-  weights = np.zeros(num_concepts, np.int64)
-  weights[list(owner)] = 1
-  return code, weights
+  try:
+    return index_lib.compose([(c, m) for c, m in parts if m], num_concepts)
+  except ValueError as e:
+    raise RequestError(_sentence(e)) from e
 
 
 # ----------------------------------------------------------------- explorer
@@ -251,6 +197,8 @@ class Explorer:
       default_k: results per search when a request names no k.
     """
     search_tool.check_index(index, hasher, 'the index')
+    if index.num_concepts is None:  # An index saved before it recorded M.
+      index.num_concepts = hasher.num_concepts
     self.hasher = hasher
     self.index = index
     self.num_concepts = hasher.num_concepts
@@ -352,8 +300,8 @@ class Explorer:
     code, weights = composite_code(codes, self.num_concepts)
     title = ' + '.join(f'{self.query(q).title} [{",".join(map(str, c))}]'
                        for q, c in parts)
-    return self._keep(Query(code=code, kind='composite', title=title,
-                            weights=weights.tolist()))
+    return self._keep(Query(code=np.asarray(code), kind='composite',
+                            title=title, weights=weights.tolist()))
 
   # --------------------------------------------------------------- search
 
@@ -380,7 +328,7 @@ class Explorer:
     chosen = concept_weights(self.num_concepts, concepts=concepts,
                              weights=weights)
     start = time.perf_counter()
-    positions, distances = self.rank(query.code, k, chosen)
+    positions, distances = rank(self.index, query.code, k, chosen)
     search_ms = 1000 * (time.perf_counter() - start)
     per_concept = index_lib.concept_distances(
         query.code[None], self.index.codes(positions), self.num_concepts)[0]
@@ -396,11 +344,6 @@ class Explorer:
                     for p, d, c in zip(positions, distances, per_concept)],
         'search_ms': search_ms,
     }
-
-  def rank(self, code, k: int, weights=None):
-    """(positions, distances) of the k nearest under `weights` (None: Hamming)."""
-    return weighted_search(self.index.packed, code, k, self.num_concepts,
-                           weights)
 
   def describe(self, query_id: str) -> dict:
     """A kept query as the page shows it."""
