@@ -134,7 +134,7 @@ def test_upload_search_and_weights_equal_the_reference(served):
                       content=png(Image.fromarray(images[0]))).json()
   assert query['kind'] == 'image' and query['title'] == 'bird.png'
   assert query['has_image'] and len(query['subcodes']) == 4
-  code = explorer.hasher.encode(images[0])['codes'][0]
+  code = explorer.hasher.encode(images[0], batch_size=1)['codes'][0]
   assert ''.join(query['subcodes']) == ''.join('1' if b > 0 else '0' for b in code)
   for body, weights in (({}, None), ({'concepts': [0, 2]}, [1, 0, 1, 0]),
                         ({'weights': [2, 0, 1, 3]}, [2, 0, 1, 3])):

@@ -114,7 +114,7 @@ def test_upload_toggle_weight_and_click_rank_as_the_index(browser, app_url):
   page.wait_for_selector('body[data-ready="true"]')
   assert '8 bits = 4 concepts x 2' in page.inner_text('#facts')
   page.set_input_files('#upload', image_path)
-  code = explorer.hasher.encode(image_path)['codes'][0]
+  code = explorer.hasher.encode(image_path, batch_size=1)['codes'][0]
   assert _shown(page, [1, 1, 1, 1]) == _reference(explorer, code, [1] * 4, 24)
   _screenshot(page, 'explore_results.png')
   first = _query_id(page)
@@ -170,8 +170,8 @@ def test_compose_gallery_and_a_bad_upload_in_the_page(browser, app_url, tmp_path
   assert page.locator('#compose-parts li').count() == 2
   page.click('#compose-go')
   shown = _shown(page, [1, 1, 0, 1], query=item_query)
-  code = np.concatenate([explorer.hasher.encode(image_path)['codes'][0][:4],
-                         np.ones(2, np.int8), item.code[6:]])
+  image_code = explorer.hasher.encode(image_path, batch_size=1)['codes'][0]
+  code = np.concatenate([image_code[:4], np.ones(2, np.int8), item.code[6:]])
   assert shown == _reference(explorer, code, [1, 1, 0, 1], 24)
   assert page.is_checked('#concept-on-3') and not page.is_checked('#concept-on-2')
   _screenshot(page, 'explore_composite.png')
@@ -204,6 +204,6 @@ def test_compose_gallery_and_a_bad_upload_in_the_page(browser, app_url, tmp_path
   composite_query = _query_id(page)
   page.set_input_files('#upload', image_path)  # The server is still there.
   assert _shown(page, [1, 1, 0, 1], query=composite_query) == _reference(
-      explorer, explorer.hasher.encode(image_path)['codes'][0], [1, 1, 0, 1], 24)
+      explorer, image_code, [1, 1, 0, 1], 24)
   assert page.inner_text('#message') == ''
   page.close()

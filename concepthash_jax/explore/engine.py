@@ -265,8 +265,9 @@ class Explorer:
     pixels, note = decode_upload(data)
     start = time.perf_counter()
     with self._model_lock:
+      # Alone (batch 1): the run's eval batch would pad one image to it.
       enc = self.hasher.encode(pixels, attention=True, display=True,
-                               progress=False)
+                               batch_size=1, progress=False)
     return self._keep(Query(code=enc['codes'][0], kind='image',
                             title=title or 'upload', image=enc['images'][0],
                             attn=enc['concept_attn'][0], note=note,
