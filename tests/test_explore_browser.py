@@ -104,7 +104,7 @@ def _screenshot(page, name):
   folder = os.environ.get('CONCEPTHASH_EXPLORE_SCREENSHOTS')
   if folder:
     page.wait_for_load_state('networkidle')
-    page.screenshot(path=os.path.join(folder, name), full_page=True)
+    page.screenshot(path=os.path.join(folder, name))
 
 
 def test_upload_toggle_weight_and_click_rank_as_the_index(browser, app_url):

@@ -185,11 +185,13 @@ function showResults(found) {
     r.concept_distances.forEach((d, m) => {
       const verdict = d === 0 ? 'agree' : 'differ';
       const counted = found.weights[m] > 0 ? '' : ' off';
-      const text = d === 0 ? 'agrees' : `differs ${d}`;
-      maps.append(el('figure', {class: verdict + counted, title: `concept ${m}: ${text}`},
+      const text = d === 0 ? 'agrees' : `differs by ${d} bit${d > 1 ? 's' : ''}`;
+      const note = counted ? ', not counted' : '';
+      const short = d === 0 ? 'agrees' : `diff ${d}`;
+      maps.append(el('figure', {class: verdict + counted, title: `concept ${m}: ${text}${note}`},
                      el('img', {class: 'small', src: `/img/db/${r.position}/${m}.png`,
                                 alt: `concept ${m}`, loading: 'lazy'}),
-                     el('code', {text: `c${m} ${text}`})));
+                     el('code', {text: counted ? `c${m} off` : `c${m} ${short}`})));
     });
     const card = el('div', {class: 'result', 'data-pos': r.position, 'data-rank': rank,
                             title: 'search from this item',
