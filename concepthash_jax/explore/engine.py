@@ -30,7 +30,7 @@ from concepthash_jax.tools import search as search_tool
 MAX_PIXELS = 40_000_000  # Larger images are refused before they are decoded.
 MAX_K = 200  # Results one search returns.
 _QUERIES_KEPT = 256  # Oldest queries are forgotten beyond this.
-_DRAWINGS_KEPT = 4096  # Database images (and maps) kept for redrawing.
+_DRAWINGS_KEPT = 512  # Database images (and maps) kept: bounds their memory.
 _SUBCODE_CHUNK = 1 << 16  # Database rows unpacked at a time.
 
 

@@ -13,6 +13,7 @@ sub-code, with that concept's attention). It binds to 127.0.0.1 unless --host
 says otherwise: it has no login, so serve it to others only on a trusted network.
 Needs the [explore] extra (pip install -e ".[explore]"). docs/explore.md.
 """
+import ipaddress
 import socket
 import sys
 
@@ -114,6 +115,9 @@ def main(argv):
                            max_upload_bytes=FLAGS.max_upload_mb * 2**20)
   print(f'concepthash-explore: {len(index)} items, model {FLAGS.model}; '
         f'open {url_of(sock)}', flush=True)
+  if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+    print(f'concepthash-explore: serving beyond this machine (--host='
+          f'{FLAGS.host}); anyone who reaches the port can use it.', flush=True)
   make_server(app).run(sockets=[sock])
   sys.exit(0)
 
