@@ -85,8 +85,8 @@ def _caption(item: Item, is_query: bool) -> str:
 
 
 def _column_titles(num_concepts: int, weights) -> list:
-  """'concept m', with its weight when not all weights are 1, or 'not counted'."""
-  plain = weights is None or all(int(w) == 1 for w in weights)
+  """'concept m', with its weight when a counted weight is not 1, or 'not counted'."""
+  plain = weights is None or all(int(w) in (0, 1) for w in weights)
   titles = []
   for m in range(num_concepts):
     if weights is not None and int(weights[m]) == 0:

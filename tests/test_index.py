@@ -1,6 +1,9 @@
 """Tests of concepthash_jax.index: exact (concept) search, the file, evaluate."""
 import os
-import zipfile
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -150,11 +153,12 @@ def test_weights_equal_brute_force_and_bad_weights_are_named():
     want_ids, want_dist = _brute_force(qc, dc, 30, weights, num_concepts=4)
     np.testing.assert_array_equal(dist, want_dist)
     np.testing.assert_array_equal(ids, want_ids + 1000)
-  for bad, message in (([1, -1, 0, 0], '>= 0'), ([0, 0, 0, 0], 'one at least'),
-                       ([1, 1], 'need 4'), ([1.5, 1, 1, 1], 'integers')):
+  for bad, message in (([1, -1, 0, 0], '>= 0'), ([0, 0, 0, 0], 'all concept '
+                                                   'weights are zero'),
+                       ([1, 1], 'must be 4 values'), ([1.5, 1, 1, 1], 'integers')):
     with pytest.raises(ValueError, match=message):
       index.search(qc, 3, weights=bad)
-  with pytest.raises(ValueError, match=r'concepts \[4\]'):
+  with pytest.raises(ValueError, match='concept 4 is out of range'):
     index.search(qc, 3, concepts=[4])
   with pytest.raises(ValueError, match='number of concepts'):
     index_lib.CodeIndex(dc).search(qc, 3, concepts=[0])
@@ -185,10 +189,13 @@ def test_extend_then_search_equals_build_at_once(tmp_path):
   path = str(tmp_path / 'db.chindex')
   index_lib.CodeIndex(dc[:100], dl[:100], paths=paths[:100], num_concepts=4,
                       fingerprint='f' * 64).save(path)
-  grown = index_lib.CodeIndex.load(path).extend(dc[100:], dl[100:],
-                                                paths=paths[100:])
-  grown.save(path)
+  in_memory = index_lib.CodeIndex.load(path).extend(dc[100:], dl[100:],
+                                                    paths=paths[100:])
+  count = index_lib.CodeIndex.load(path).append_to_file(
+      path, dc[100:], dl[100:], paths=paths[100:])
   grown = index_lib.CodeIndex.load(path)
+  assert count == len(dc) and isinstance(grown.words, np.memmap)
+  np.testing.assert_array_equal(in_memory.words, grown.words)
   assert len(grown) == len(dc) and list(grown.paths) == paths
   assert grown.fingerprint == 'f' * 64 and grown.num_concepts == 4
   np.testing.assert_array_equal(grown.labels, dl)
@@ -315,3 +322,34 @@ def test_store_search_equals_ours_on_100k_codes(tmp_path):
   rows, local = store.rows(uri, np.array([[5, 99_999], [5, 7]]))
   assert local.shape == (2, 2) and len(rows) == 3
   np.testing.assert_array_equal(rows.codes(local[0]), index.codes([5, 99_999]))
+
+
+def test_a_save_killed_mid_write_leaves_the_old_index_intact(tmp_path):
+  path = tmp_path / 'db.chindex'
+  index_lib.CodeIndex(np.ones((10, 64))).save(str(path))
+  before = path.read_bytes()
+  # The child rewrites the index with 6M rows (~96 MB) in 64k-row blocks,
+  # sleeping between blocks so the kill lands inside the write.
+  child = subprocess.Popen([sys.executable, '-c', f'''
+import time, numpy as np
+from concepthash_jax import index as index_lib
+from concepthash_jax.index import storage
+storage._COPY_ROWS = 1 << 16
+real = np.ascontiguousarray
+def slow(x, *a, **k):
+  time.sleep(0.01)
+  return real(x, *a, **k)
+storage.np.ascontiguousarray = slow
+words = np.zeros((6_000_000, 1), np.uint64)
+index_lib.CodeIndex.from_words(words, 64, labels=np.arange(6_000_000)).save({str(path)!r})
+'''], env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  deadline = time.time() + 60
+  while time.time() < deadline and not any(
+      p.name.startswith('.db.chindex.tmp') and p.stat().st_size > 1 << 20
+      for p in tmp_path.iterdir()):
+    time.sleep(0.05)
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+  assert child.returncode == -signal.SIGKILL
+  assert path.read_bytes() == before
+  assert len(index_lib.CodeIndex.load(str(path))) == 10

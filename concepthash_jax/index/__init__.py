@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from concepthash_jax import evaluation
-from concepthash_jax.index import engine
+from concepthash_jax import knn
 from concepthash_jax.index import storage
 from concepthash_jax.index.concepts import compose
 from concepthash_jax.index.concepts import concept_distances
@@ -34,9 +34,7 @@ __all__ = ['CodeIndex', 'ConceptQuery', 'IndexFileError', 'compose',
            'words64']
 
 
-def words64(codes) -> np.ndarray:
-  """(N, K) real codes or PackedCodes -> (N, ceil(K / 64)) uint64 words."""
-  return evaluation._words64(evaluation.pack_codes(codes).bits)  # pylint: disable=protected-access
+words64 = knn.words64
 
 
 def _nbit_of(codes) -> int:
@@ -141,8 +139,8 @@ class CodeIndex:
     if not 1 <= k <= len(self):
       raise ValueError(f'k must be in [1, {len(self)}], got {k}')
     if self._searcher is None:
-      self._searcher = engine.Searcher(self.words, self.nbit,
-                                       num_concepts=self.num_concepts)
+      self._searcher = knn.Searcher(self.words, self.nbit,
+                                    num_concepts=self.num_concepts)
     return self._searcher.search(query, int(k), weights=weights)
 
   def search(self, query_codes, k: int, *, concepts=None, weights=None):
@@ -173,8 +171,8 @@ class CodeIndex:
 
   # ------------------------------------------------------------ growing
 
-  def extend(self, codes, labels=None, *, ids=None, paths=None) -> 'CodeIndex':
-    """A new index: this one's items, then these (old codes are not re-encoded).
+  def _joined(self, codes, labels, ids, paths):
+    """The arrays of this index then new items, as lists of parts per field.
 
     Fields this index has and the new items lack get -1 (labels, ids) or ''
     (paths), and the other way round.
@@ -182,27 +180,48 @@ class CodeIndex:
     new = CodeIndex(codes, labels, ids=ids, paths=paths)
     if new.nbit != self.nbit:
       raise ValueError(f'new codes have {new.nbit} bits, the index {self.nbit}')
-
-    def joined(old, added, fill):
+    parts = {'words': [self.words, new.words]}
+    for name in ('labels', 'ids'):
+      old, added = getattr(self, name), getattr(new, name)
       if old is None and added is None:
-        return None
-      old = np.full(len(self), fill) if old is None else np.asarray(old)
-      added = np.full(len(new), fill) if added is None else added
-      return np.concatenate([old, added.astype(old.dtype)])
+        continue
+      if added is not None and old is not None and added.shape[1:] != old.shape[1:]:
+        raise ValueError(f'new {name} have shape {added.shape[1:]} per item, '
+                         f'the index {old.shape[1:]}')
+      dtype = (old if old is not None else added).dtype
+      fill = lambda num, like: np.full((num, *like.shape[1:]), -1, dtype)
+      parts[name] = [fill(len(self), added) if old is None else old,
+                     fill(len(new), old) if added is None else added.astype(dtype)]
+    if self.paths is not None or new.paths is not None:
+      blank = lambda num: storage.Paths.from_strings([''] * num)
+      old = blank(len(self)) if self.paths is None else self.paths
+      added = blank(len(new)) if new.paths is None else new.paths
+      parts['path_bytes'] = [np.asarray(old.blob, np.uint8), added.blob]
+      parts['path_offsets'] = [np.asarray(old.offsets, np.int64),
+                               added.offsets[1:] + old.offsets[-1]]
+    return parts
 
-    blank = lambda num: storage.Paths.from_strings([''] * num)
-    old_paths = blank(len(self)) if self.paths is None else self.paths
-    new_paths = blank(len(new)) if new.paths is None else new.paths
-    has_paths = self.paths is not None or new.paths is not None
+  def extend(self, codes, labels=None, *, ids=None, paths=None) -> 'CodeIndex':
+    """A new index in memory: this one's items, then these (not re-encoded).
+
+    To grow an index file without reading its rows into memory, use
+    `append_to_file`.
+    """
+    parts = {name: np.concatenate([np.asarray(p) for p in value])
+             for name, value in self._joined(codes, labels, ids, paths).items()}
     return CodeIndex.from_words(
-        np.concatenate([np.asarray(self.words), new.words]), self.nbit,
-        labels=joined(self.labels, new.labels, -1),
-        ids=joined(self.ids, new.ids, -1),
-        paths=old_paths.concatenate(new_paths) if has_paths else None,
+        parts['words'], self.nbit, labels=parts.get('labels'),
+        ids=parts.get('ids'), paths=None if 'path_offsets' not in parts else
+        storage.Paths(parts['path_bytes'], parts['path_offsets']),
         info=dict(self.info), num_concepts=self.num_concepts,
         fingerprint=self.fingerprint)
 
   # ------------------------------------------------------------ on disk
+
+  def _meta(self, count: int, info: dict) -> dict:
+    return {'nbit': self.nbit, 'num_concepts': self.num_concepts,
+            'count': count, 'fingerprint': self.fingerprint, 'info': info,
+            'class_names': info.get('class_names')}
 
   def save(self, path: str) -> None:
     """Writes the index atomically to `path` (refused over a file not an index)."""
@@ -213,11 +232,28 @@ class CodeIndex:
     if self.paths is not None:
       arrays['path_bytes'] = np.asarray(self.paths.blob, np.uint8)
       arrays['path_offsets'] = np.asarray(self.paths.offsets, np.int64)
-    meta = {'nbit': self.nbit, 'num_concepts': self.num_concepts,
-            'count': len(self), 'fingerprint': self.fingerprint,
-            'info': self.info,
-            'class_names': self.info.get('class_names')}
-    storage.write(path, meta, arrays)
+    storage.write(path, self._meta(len(self), self.info), arrays)
+
+  def append_to_file(self, path: str, codes, labels=None, *, ids=None,
+                     paths=None, info: Optional[dict] = None) -> int:
+    """Writes this index then new items to `path`, streaming the old rows.
+
+    The usual use: `CodeIndex.load(path).append_to_file(path, new_codes, ...)`
+    grows an index file atomically; the old rows are copied from the memory
+    map in blocks, never loaded whole, and never re-encoded.
+
+    Args:
+      path: the file to write (the loaded index's own file is fine).
+      codes, labels, ids, paths: the new items, as `CodeIndex`.
+      info: replaces the index's info (e.g. grown class names).
+
+    Returns:
+      The number of items now in the file.
+    """
+    parts = self._joined(codes, labels, ids, paths)
+    count = sum(len(p) for p in parts['words'])
+    storage.write(path, self._meta(count, dict(info or self.info)), parts)
+    return count
 
   @classmethod
   def load(cls, path: str) -> 'CodeIndex':

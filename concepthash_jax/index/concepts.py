@@ -13,6 +13,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from concepthash_jax import knn
+
 
 class ConceptQuery(NamedTuple):
   """Codes searched with per-concept weights (see `compose`)."""
@@ -22,40 +24,18 @@ class ConceptQuery(NamedTuple):
 
 def concept_weights(num_concepts: Optional[int], *, concepts=None,
                     weights=None) -> Optional[np.ndarray]:
-  """The (M,) int64 weights of a query; None for the plain Hamming distance.
+  """`knn.concept_weights`, refusing concept queries when M is unknown.
 
-  Args:
-    num_concepts: M of the codes (None: unknown, concept queries refused).
-    concepts: indices of the concepts to count (weight 1 each).
-    weights: M non-negative ints.
+  Returns:
+    (M,) int64 weights, or None for the plain Hamming distance.
 
   Raises:
-    ValueError: naming the bad value (out of range, negative, wrong length,
-      all zero, both given, M unknown).
+    ValueError: naming the bad value (see knn.concept_weights), or M unknown.
   """
-  if concepts is None and weights is None:
-    return None
-  if concepts is not None and weights is not None:
-    raise ValueError('give concepts or weights, not both')
-  if not num_concepts:
+  if (concepts is not None or weights is not None) and not num_concepts:
     raise ValueError('these codes have no known number of concepts; build the '
                      'index with num_concepts=M to query by concept')
-  if concepts is not None:
-    chosen = [int(c) for c in np.atleast_1d(concepts)]
-    bad = [c for c in chosen if not 0 <= c < num_concepts]
-    if bad or not chosen:
-      raise ValueError(f'concepts {chosen}: each must be in [0, {num_concepts})')
-    out = np.zeros(num_concepts, np.int64)
-    out[chosen] = 1
-    return out
-  values = np.asarray(weights)
-  if values.shape != (num_concepts,) or not np.all(values == np.round(values)):
-    raise ValueError(f'weights {values.tolist()}: need {num_concepts} integers, '
-                     'one per concept')
-  out = values.astype(np.int64)
-  if (out < 0).any() or not out.any():
-    raise ValueError(f'weights {out.tolist()}: each must be >= 0, one at least > 0')
-  return out
+  return knn.concept_weights(num_concepts, concepts=concepts, weights=weights)
 
 
 def compose(parts: Sequence, num_concepts: int) -> ConceptQuery:
@@ -83,8 +63,8 @@ def compose(parts: Sequence, num_concepts: int) -> ConceptQuery:
   out = codes[0].astype(np.result_type(*codes))
   owner = {}
   for part, (code, (_, concepts)) in enumerate(zip(codes, parts)):
-    weights = concept_weights(num_concepts, concepts=concepts)
-    for m in np.flatnonzero(weights):
+    concept_weights(num_concepts, concepts=concepts)  # Checks the indices.
+    for m in sorted({int(c) for c in np.atleast_1d(concepts)}):
       if m in owner:
         raise ValueError(f'concept {m} is given by parts {owner[m]} and {part}; '
                          'give each concept once')

@@ -70,12 +70,6 @@ class Paths:
   def __iter__(self):
     return (self._one(i) for i in range(len(self)))
 
-  def concatenate(self, other: 'Paths') -> 'Paths':
-    blob = np.concatenate([np.asarray(self.blob), np.asarray(other.blob)])
-    offsets = np.concatenate([np.asarray(self.offsets),
-                              np.asarray(other.offsets[1:]) + self.offsets[-1]])
-    return Paths(blob, offsets)
-
 
 def is_index(path: str) -> bool:
   """True when `path` is an index file this product wrote (any format)."""
@@ -99,29 +93,35 @@ def write(path: str, meta: dict, arrays: dict) -> None:
   Args:
     path: destination; an existing file must be an index (any format).
     meta: JSON-able fields (nbit, num_concepts, fingerprint, info, ...).
-    arrays: name -> array (may be np.memmap: copied in row blocks).
+    arrays: name -> array, or a list of arrays written one after the other
+      (rows concatenated); np.memmaps are copied in row blocks, so an index
+      grows on disk without its old rows in memory.
   """
   safe_files.check_replaceable(path, 'code index', is_ours=is_index)
-  table, offset = {}, 0
+  arrays = {name: parts if isinstance(parts, list) else [parts]
+            for name, parts in arrays.items()}
+  table = {}
   # The header's length depends on the offsets it lists: lay the arrays out
   # after a generous header estimate, then pad the real header up to it.
   estimate = len(json.dumps(meta)) + 200 * (len(arrays) + 1)
   start = _aligned(_PREFIX.size + estimate)
   offset = start
-  for name, array in arrays.items():
-    table[name] = {'offset': offset, 'dtype': array.dtype.str,
-                   'shape': list(array.shape)}
-    offset = _aligned(offset + array.nbytes)
+  for name, parts in arrays.items():
+    rows = sum(len(part) for part in parts)
+    table[name] = {'offset': offset, 'dtype': parts[0].dtype.str,
+                   'shape': [rows, *parts[0].shape[1:]]}
+    offset = _aligned(offset + sum(part.nbytes for part in parts))
   header = json.dumps(dict(meta, format=FORMAT, arrays=table)).encode('utf-8')
   if _PREFIX.size + len(header) > start:
     raise AssertionError('index header outgrew its estimate')
   with safe_files.atomic_write(
       path, fix='choose a writable folder for the index') as f:
     f.write(_PREFIX.pack(MAGIC, len(header)) + header)
-    for name, array in arrays.items():
+    for name, parts in arrays.items():
       f.write(b'\0' * (table[name]['offset'] - f.tell()))
-      for row in range(0, max(len(array), 1), _COPY_ROWS):
-        f.write(np.ascontiguousarray(array[row:row + _COPY_ROWS]).tobytes())
+      for array in parts:
+        for row in range(0, len(array), _COPY_ROWS):
+          f.write(np.ascontiguousarray(array[row:row + _COPY_ROWS]).tobytes())
     f.write(b'\0' * (_aligned(f.tell()) - f.tell()))
 
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from concepthash_jax import errors
 from concepthash_jax import index as index_lib
+from concepthash_jax import knn
 from concepthash_jax.index import concepts as concepts_lib
-from concepthash_jax.index import engine
 from concepthash_jax.index import storage
 
 _BATCH_ROWS = 1 << 18  # Rows per Arrow batch written or scanned.
@@ -215,7 +215,7 @@ def _scan(tbl, query, k, nbit, num_concepts, weights, ids):
     codes = batch['code'].values.to_numpy().reshape(len(batch), -1)
     words = np.ascontiguousarray(codes).view('<u8')
     position = batch['position'].to_numpy()
-    found, dist = engine.Searcher(words, nbit, num_concepts=num_concepts).search(
+    found, dist = knn.Searcher(words, nbit, num_concepts=num_concepts).search(
         query, min(k, len(words)), weights=weights)
     if ids:
       key_of.update(zip(position[found].ravel().tolist(),

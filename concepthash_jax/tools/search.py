@@ -143,11 +143,11 @@ def build_index(hasher, *, split=None, folder=None, data_root=None):
                              **fields)
 
 
-def add_folder(index, hasher, folder, out=sys.stdout):
-  """`index` extended by the images of `folder` it does not hold yet.
+def add_folder(index, hasher, folder, index_path, out=sys.stdout):
+  """Appends the images of `folder` that `index` does not hold to `index_path`.
 
   Returns:
-    (the new index, number of images added).
+    (the index as now saved, number of images added).
   """
   if index.labels is not None and np.ndim(index.labels) != 1:
     raise SearchError('this index has multi-label rows; --add appends '
@@ -161,16 +161,17 @@ def add_folder(index, hasher, folder, out=sys.stdout):
           'are already in the index; skipped.', file=out)
   if not paths:
     return index, 0
-  names = index.info.get('class_names') or []
-  labels, names = folder_labels(paths, folder, names)
+  labels, names = folder_labels(paths, folder,
+                                index.info.get('class_names') or [])
   enc = hasher.encode(paths)
-  extended = index.extend(enc['codes'], labels, paths=paths)
-  extended.info['class_names'] = names
-  return extended, len(paths)
+  index.append_to_file(index_path, enc['codes'], labels, paths=paths,
+                       info=dict(index.info, class_names=names))
+  return index_lib.CodeIndex.load(index_path), len(paths)
 
 
-def check_index(index, hasher, where, out=sys.stderr):
-  """One clear error when the index's codes are not this model's."""
+def check_index(index, hasher, where, out=None):
+  """One clear error when the index's codes are not this model's (a warning to
+  `out`, default stderr, when the index records no model fingerprint)."""
   if index.nbit != hasher.nbit:
     raise SearchError(
         f'{where} holds {index.nbit}-bit codes but the model {hasher.source} '
@@ -179,7 +180,7 @@ def check_index(index, hasher, where, out=sys.stderr):
   if index.fingerprint is None:
     print(f'warning: {where} records no model fingerprint (built by an older '
           'version); results are only right if it was built with this model.',
-          file=out)
+          file=out or sys.stderr)
   elif index.fingerprint != hasher.fingerprint:
     raise SearchError(
         f'{where} was built by another model (fingerprint '
@@ -402,9 +403,9 @@ def prepare_pages(folder):
     while parent and not os.path.exists(parent):
       parent = os.path.dirname(parent)
     if os.path.exists(folder) or not os.path.isdir(parent):
-      blocker = folder if os.path.exists(folder) else parent
-      raise SearchError(f'--why {folder}: {blocker} is a file, not a folder; '
-                        'give a folder path for the pages.')
+      where = folder if os.path.exists(folder) else f'{folder}: {parent}'
+      raise SearchError(f'--why {where} is a file, not a folder; give a folder '
+                        'path for the pages.')
   safe_files.ensure_folder(folder, 'see-why pages')
   with safe_files.write_errors(folder, 'choose a writable folder for --why'):
     safe_files.write_marker(folder, 'pages')
@@ -468,8 +469,11 @@ def _split_query_item(hasher, query, data_root):
 
 
 def open_database(hasher, *, index_path, db_split, db_folder, add, data_root,
-                  out):
-  """The index the flags name: built (and saved), extended, or read."""
+                  out, saved=None):
+  """The index the flags name: built (and saved), extended, or read.
+
+  `saved` is the index at `index_path` when the caller has opened it already.
+  """
   if sum(map(bool, (db_split, db_folder, add))) > 1:
     raise SearchError('Pass one of --db_split, --db_folder and --add.')
   if add and not index_path:
@@ -488,12 +492,10 @@ def open_database(hasher, *, index_path, db_split, db_folder, add, data_root,
   if not index_path:
     raise SearchError('No database: pass --db_split or --db_folder (and --index '
                       'to keep it), --index of a saved one, or --store.')
-  index = index_lib.CodeIndex.load(index_path)
+  index = saved or index_lib.CodeIndex.load(index_path)
   if add:
     check_index(index, hasher, index_path)
-    index, added = add_folder(index, hasher, add, out=out)
-    if added:
-      index.save(index_path)
+    index, added = add_folder(index, hasher, add, index_path, out=out)
     print(f'--add: {added} images appended, {len(index)} codes -> {index_path}',
           file=out)
   return index
@@ -534,6 +536,9 @@ def search_and_explain(*, model, index_path=None, db_split=None,
                       'give --why_max >= 0, --print_max >= 0 and --k >= 1.')
   if why:
     prepare_pages(why)
+  saved = None
+  if index_path and not (db_split or db_folder or store):
+    saved = index_lib.CodeIndex.load(index_path)  # A bad file fails fast.
   hasher = (model if isinstance(model, inference.ConceptHasher)
             else inference.ConceptHasher.load(model))
   weights = query_weights(hasher.num_concepts, concepts, weights)
@@ -545,16 +550,14 @@ def search_and_explain(*, model, index_path=None, db_split=None,
   else:
     index = open_database(hasher, index_path=index_path, db_split=db_split,
                           db_folder=db_folder, add=add, data_root=data_root,
-                          out=out)
+                          out=out, saved=saved)
     check_index(index, hasher, index_path or 'the index')
-  try:
-    queries = collect_queries(hasher, images=list(images), folder=folder,
-                              texts=list(texts), split=query_split,
-                              data_root=data_root, compose=list(compose))
-  except SearchError as e:
-    if add and 'No query' in str(e):  # --add alone: the index was the job.
-      return {'queries': [], 'index': index}
-    raise
+  asked = (images, folder, texts, query_split, compose)
+  if not any(asked) and (add or (index_path and (db_split or db_folder))):
+    return {'queries': [], 'index': index}  # Building the index was the job.
+  queries = collect_queries(hasher, images=list(images), folder=folder,
+                            texts=list(texts), split=query_split,
+                            data_root=data_root, compose=list(compose))
   if store:
     index, positions, distances = open_store(
         hasher, store, store_table, queries, k, weights)
