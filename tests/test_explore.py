@@ -272,3 +272,22 @@ def test_one_database_and_a_free_port_or_fatal(tmp_path):
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1].startswith('FATAL: ')
   assert 'Traceback' not in result.stderr
+
+
+def test_overlays_are_drawn_for_the_shown_results_only_and_cached(served,
+                                                                  monkeypatch):
+  explorer, client, _ = served
+  calls = []
+  real = engine.search_tool.neighbour_items
+  monkeypatch.setattr(engine.search_tool, 'neighbour_items',
+                      lambda h, i, positions, d: calls.append(list(positions))
+                      or real(h, i, positions, d))
+  item = client.post('/api/query/item', json={'position': 20}).json()
+  shown = [r['position'] for r in client.post(
+      '/api/search', json={'query': item['id'], 'k': 5}).json()['results']]
+  explorer._drawn.clear()  # pylint: disable=protected-access
+  for position in shown:
+    for concept in range(4):
+      assert client.get(f'/img/db/{position}/{concept}.png').status_code == 200
+  assert len(calls) == 1 and sorted(calls[0]) == sorted(shown)
+  assert sorted(explorer._drawn) == sorted(shown)  # pylint: disable=protected-access
