@@ -1,10 +1,10 @@
 r"""mAP@R evaluator speed and peak memory: ours vs the official algorithm in numpy.
 
-  python benchmarks/evaluator.py                       # CUB, 16/32/64 bits
-  python benchmarks/evaluator.py --sizes=cub,nabirds --repeats=3
-  python benchmarks/evaluator.py --sizes=100k_1m --bits=64 --reference_queries=100
-  python benchmarks/evaluator.py --kernel=xla           # the jitted path
-  python benchmarks/evaluator.py --variant=popcnt       # as on AVX2-only CPUs
+  python -m benchmarks.evaluator                       # CUB, 16/32/64 bits
+  python -m benchmarks.evaluator --sizes=cub,nabirds --repeats=3
+  python -m benchmarks.evaluator --sizes=100k_1m --bits=64 --reference_queries=100
+  python -m benchmarks.evaluator --kernel=xla           # the jitted path
+  python -m benchmarks.evaluator --variant=popcnt       # as on AVX2-only CPUs
 
 Reference: the official `calculate_mAP` algorithm (the batch path of
 `utils/hashing.py`, which ConceptHash's experiments import; the file lives in
@@ -30,7 +30,6 @@ queries (XOR + popcount of every pair; then also counting each distance into
 a histogram), extrapolated to all queries.
 """
 import os
-import sys
 import threading
 import time
 
@@ -38,10 +37,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from concepthash_jax import evaluation  # pylint: disable=g-import-not-at-top
+from concepthash_jax import evaluation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('sizes', ['cub'], 'Settings: cub, nabirds, 100k_1m.')
