@@ -126,7 +126,7 @@ def _damage(path, how):
 
 
 @pytest.mark.parametrize('damaged,how', [
-    ('default/_METADATA', 'truncate'),  # The JSONDecodeError of issue 18.
+    ('default/_METADATA', 'truncate'),  # orbax's JSONDecodeError on a torn _METADATA.
     ('metrics/metrics', 'garbage'),  # Orbax's manager fails to open on it.
     ('default/d', 'truncate'),  # Array bytes.
 ])

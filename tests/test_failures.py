@@ -1,4 +1,4 @@
-"""Faults and bad input end to end (issue 18): launch.py's exit codes and one-line
+"""Faults and bad input end to end: launch.py's exit codes and one-line
 errors, the workdir lock, cleanup of a failed run. (Resuming past an unreadable
 checkpoint and the workdir config check reuse test_train.py's reference run.)"""
 import os

@@ -364,8 +364,8 @@ def trivial_augment_wide(image, keypoints, rng, *, interpolation='bicubic'):
 
 # Ops whose output pixel depends only on the same input pixel (with the
 # crop's 1-pixel border for Sharpness's 3x3 smoothing, and the whole image's
-# mean grey for Contrast): applied after the crop they give the same pixels
-# on 224^2 instead of 256 x 341, bit for bit.
+# mean grey for Contrast): applied after the crop they give the same pixels,
+# bit for bit, on the smaller crop.
 _CROP_FIRST_OPS = ('Identity', 'Brightness', 'Color', 'Posterize', 'Solarize',
                    'Contrast', 'Sharpness', 'TranslateX', 'TranslateY')
 
@@ -482,12 +482,12 @@ def normalize(image):
 def to_model_input(images):
   """CLIP-normalises uint8 batches inside the jitted step; float passes through.
 
-  `data.batches` ships uint8 pixels (4x less host->device traffic than
-  float32) and the steps call this first. The values are looked up in
+  `data.batches` ships uint8 pixels (a quarter of float32's host->device
+  traffic) and the steps call this first. The values are looked up in
   `_NORMALIZED` (numpy's `normalize` of every byte) rather than recomputed:
   XLA rounds `(x / 255 - mean) / std` differently from numpy in the last bit
-  for 566 of the 768 (byte, channel) pairs, which was enough to change a
-  whole training run (synthetic default mAP@R 0.9688 -> 0.9603).
+  for most (byte, channel) pairs, and a last-bit difference in the inputs
+  changes a whole training run.
 
   Args:
     images: uint8 (..., 3) pixels (numpy or jax, traced or not), or an

@@ -91,8 +91,8 @@ def init_clip_params(clip_config, rng) -> dict:
     numpy arrays.
   """
   # On the host, as numpy like weights read from a checkpoint: XLA:GPU spends
-  # minutes compiling this one-off init (B/32 on an H100: > 150 s), XLA:CPU
-  # seconds; callers place the result on their mesh.
+  # minutes compiling this one-off init where XLA:CPU spends seconds; callers
+  # place the result on their mesh.
   cpu = jax.local_devices(backend='cpu')[0]
   with jax.default_device(cpu):
     params = jax.jit(lambda key: _init_clip_params(clip_config, key))(
