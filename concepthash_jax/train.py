@@ -28,6 +28,7 @@ from concepthash_jax import checkpointing
 from concepthash_jax import configuration
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
+from concepthash_jax import evaluation
 from concepthash_jax import metrics_log
 from concepthash_jax import models
 from concepthash_jax import optim
@@ -389,10 +390,11 @@ class _Run:
     """Evaluates mAP@R, updates the best, reports it, checkpoints with it."""
     self.flush(step)
     variables = {'params': self.state.params, **self.state.model_state}
-    result = encoding.evaluate(
-        self.model, variables, self.test_ds, self.train_ds, self.config.data,
-        eval_cfg=self.config.eval, mesh=self.mesh,
-        cpu_matmul=self.config.train.cpu_matmul)
+    encoded = [encoding.encode_split(
+        self.model, variables, ds, self.config.data, mesh=self.mesh,
+        desc=f'eval {role}', cpu_matmul=self.config.train.cpu_matmul)
+               for role, ds in (('queries', self.test_ds), ('database', self.train_ds))]
+    result = evaluation.score(*encoded, self.config.eval, mesh=self.mesh)
     self.eval_result, self.last_eval = result, step
     self.best = max(self.best or 0.0, result['map_at_r'])
     self.log.write(step, {'eval/map_at_r': result['map_at_r'],

@@ -18,6 +18,7 @@ import numpy as np
 
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
+from concepthash_jax import evaluation
 from concepthash_jax import figures
 from concepthash_jax import index as index_lib
 from concepthash_jax import inference
@@ -79,7 +80,7 @@ def main(argv):
   np.savez_compressed(out, **query)
   index_path = os.path.splitext(out)[0] + '.index.npz'
   index_lib.CodeIndex(database['codes'], database['labels']).save(index_path)
-  scores = encoding.score(query, database, config.eval, curves=True)
+  scores = evaluation.score(query, database, config.eval, curves=True)
   score, chance = scores['map_at_r'], scores['chance_map_at_r']
   # Retrieval curves beside the codes: OUT_STEM.retrieval.json + two plots.
   stem = os.path.splitext(out)[0] + '.'

@@ -39,6 +39,7 @@ import tqdm
 
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
+from concepthash_jax import evaluation
 from concepthash_jax import figures
 from concepthash_jax import inference
 from concepthash_jax import interpret
@@ -77,10 +78,10 @@ class _Inputs:
 
 def _retrieval(inp: _Inputs):
   """Table 5 (class and family mAP@R beside chance), PR curve and P@k."""
-  r, ties = encoding.retrieval_cutoff(inp.config.eval), inp.config.eval.ties
+  r, ties = evaluation.retrieval_cutoff(inp.config.eval), inp.config.eval.ties
   numbers = interpret.retrieval_by_level(inp.test_enc, inp.train_enc,
                                          inp.family_of, R=r, ties=ties)
-  curves = encoding.score(inp.test_enc, inp.train_enc, inp.config.eval,
+  curves = evaluation.score(inp.test_enc, inp.train_enc, inp.config.eval,
                           curves=True)
   numbers['pr_precision'] = curves['pr_precision']
   numbers['pr_recall'] = curves['pr_recall']
