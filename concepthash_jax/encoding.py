@@ -139,9 +139,17 @@ def encode_split(model, variables, ds, data_cfg, *, keep=('codes',),
   return result
 
 
-def class_centers(model, variables, image_size) -> np.ndarray:
-  """o_c (C, K) float64 of a trained model (read from one forward; independent of it)."""
-  pixels = np.zeros((1, *image_size, 3), np.float32)
+def class_centers(model, variables, image_size: int) -> np.ndarray:
+  """o_c (C, K) float32: a trained model's class centers, read off one forward.
+
+  The centers do not depend on the image, so the forward runs on one blank one.
+
+  Args:
+    model: ConceptHash module.
+    variables: {'params', 'batch_stats', 'centers'}.
+    image_size: side of the square model input.
+  """
+  pixels = np.zeros((1, image_size, image_size, 3), np.float32)
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[1])
   return np.asarray(jax.device_get(forward(variables, pixels)['class_centers']),
-                    np.float64)
+                    np.float32)

@@ -310,10 +310,8 @@ class ConceptHasher:
   def class_centers(self) -> np.ndarray:
     """o_c (C, K) float32: the trained class centers, from one forward."""
     if self._class_centers is None:
-      pixels = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
-      aux = jax.jit(lambda v, x: self.model.apply(v, x, train=False)[1])(
-          self.variables, pixels)
-      self._class_centers = np.asarray(aux['class_centers'], np.float32)
+      self._class_centers = encoding.class_centers(self.model, self.variables,
+                                                   self.image_size)
     return self._class_centers
 
   # --------------------------------------------------------------- images

@@ -19,12 +19,12 @@ import numpy as np
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
 from concepthash_jax import evaluation
-from concepthash_jax import figures
 from concepthash_jax import index as index_lib
 from concepthash_jax import inference
-from concepthash_jax import report
 from concepthash_jax import sharding
 from concepthash_jax import xla_flags
+from concepthash_jax.interpret import figures
+from concepthash_jax.interpret import report
 from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS

@@ -40,15 +40,15 @@ import tqdm
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
 from concepthash_jax import evaluation
-from concepthash_jax import figures
 from concepthash_jax import inference
 from concepthash_jax import interpret
-from concepthash_jax import report
 from concepthash_jax import run_files
 from concepthash_jax import sharding
 from concepthash_jax import xla_flags
-from concepthash_jax.tools import cli
 from concepthash_jax.data import core as data_core
+from concepthash_jax.interpret import figures
+from concepthash_jax.interpret import report
+from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
 
@@ -165,7 +165,8 @@ def _localisation(inp: _Inputs, *, loc_method, loc_classes):
 
 def _centers(inp: _Inputs):
   """Fig. 5: family structure of the class centers and their t-SNE."""
-  centers = encoding.class_centers(inp.model, inp.variables, inp.size)
+  centers = encoding.class_centers(inp.model, inp.variables,
+                                   inp.config.data.image_size).astype(np.float64)
   numbers = {'centers': interpret.family_similarity(centers, inp.family_of)}
   if len(centers) < 3:
     return numbers, []
