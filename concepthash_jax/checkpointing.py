@@ -24,6 +24,7 @@ same step number would otherwise collide with the one it saves next).
 `WorkdirLock` keeps a second run off a workdir that a live run is using.
 """
 import datetime
+import errno
 import functools
 import json
 import os
@@ -143,6 +144,21 @@ def _does_not_fit(error: Exception) -> bool:
       or 'tree structures do not match' in text)
 
 
+def _disk_full(error: BaseException) -> bool:
+  """Whether a save failed for want of space (orbax/tensorstore or the OS)."""
+  for _ in range(8):  # The error, its cause, their causes (bounded).
+    if error is None:
+      return False
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC,
+                                                      errno.EDQUOT):
+      return True
+    text = str(error)
+    if 'RESOURCE_EXHAUSTED' in text or 'No space left on device' in text:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with our retention rules.
 
@@ -253,9 +269,29 @@ class Checkpointer:
         return
       manager.delete(step)
     metrics = None if map_at_r is None else {METRIC: float(map_at_r)}
-    manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
-                 force=True)
-    manager.wait_until_finished()
+    try:
+      manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
+                   force=True)
+      manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if not _disk_full(e):
+        raise
+      self._remove_partial(step)
+      kept = [s for s in self.all_steps() if s != step]
+      resume = (f'a rerun resumes from step {kept[-1]}' if kept else
+                'no earlier checkpoint is kept: a rerun starts from step 0')
+      raise errors.CheckpointError(
+          f'Cannot save checkpoint step {step} in {self.directory}: the disk '
+          f'is full; free space there and rerun the same command ({resume})'
+      ) from e
+
+  def _remove_partial(self, step: int):
+    """Deletes the temporary folder of a save of `step` that failed (frees its space)."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if name.startswith(f'{step}.orbax-checkpoint-tmp'):
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def restore(self, abstract_state, step: Optional[int] = None, *,
               fallback: bool = False):

@@ -19,6 +19,7 @@ import json
 import os
 from typing import Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,14 +30,17 @@ from flax import traverse_util
 from concepthash_jax import checkpointing
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
+from concepthash_jax import errors
 from concepthash_jax import exporting
 from concepthash_jax import models
 from concepthash_jax import optim
 from concepthash_jax import run_files
+from concepthash_jax import safe_files
 from concepthash_jax import sharding
 from concepthash_jax import train
 from concepthash_jax import xla_flags
 from concepthash_jax.data import folders
+from concepthash_jax.data import pixels as pixels_lib
 from concepthash_jax.data import transforms
 from concepthash_jax.interop import hf
 from concepthash_jax.models import concepthash
@@ -59,6 +63,23 @@ def restore_for_inference(workdir: str, *, step: Optional[int] = None,
     {'params', 'batch_stats', 'centers'} ready for `model.apply(...,
     train=False)` on the default device(s).
   """
+  return restore_step_for_inference(workdir, step=step, which=which)[:4]
+
+
+def restore_step_for_inference(workdir: str, *, step: Optional[int] = None,
+                               which: str = 'latest'):
+  """`restore_for_inference` plus the step actually restored.
+
+  An unreadable latest or best checkpoint falls back to the newest readable
+  one, so the step restored may be older than the one asked for.
+
+  Returns:
+    (config, model, variables, class_names, restored step).
+
+  Raises:
+    errors.CheckpointError: no checkpoint can be read ('No readable checkpoint
+      in ...', or 'No checkpoint in ...' for a run that never saved one).
+  """
   config = run_files.read_run_config(workdir)
   clip_config = run_files.read_clip_config(workdir)
   class_names = run_files.read_class_names(workdir)
@@ -77,18 +98,34 @@ def restore_for_inference(workdir: str, *, step: Optional[int] = None,
   try:
     if step is None:
       if which not in ('latest', 'best'):
-        raise ValueError(f"which={which!r}; valid: ['latest', 'best']")
+        raise errors.ConfigError(f"which={which!r}; valid: ['latest', 'best']")
       step = ckpt.best_step() if which == 'best' else ckpt.latest_step()
       step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(
-          f'{checkpointing.checkpoint_dir(workdir)} holds no checkpoint; train '
+    if step is None and not ckpt.unreadable:
+      raise errors.CheckpointError(
+          f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train '
           f'the run first (concepthash-train ... --workdir={workdir}).')
+    # With only unreadable steps, restore names each and why.
     state = ckpt.restore(abstract, step, fallback=fallback)
   finally:
     ckpt.close()
+  restored = int(jax.device_get(state.step))
   return config, model, {'params': state.params, **state.model_state}, \
-      class_names
+      class_names, restored
+
+
+def _results_of_step(workdir: str, step: int):
+  """The run's results.json when it describes `step`, else None (with a warning)."""
+  results_path = os.path.join(workdir, run_files.RESULTS_FILE)
+  if not os.path.isfile(results_path):
+    return None
+  with open(results_path) as f:
+    results = json.load(f)
+  if results.get('step') != step:
+    logging.warning('%s describes step %s, not the restored step %d; they are '
+                    'left out.', results_path, results.get('step'), step)
+    return None
+  return results
 
 
 def abstract_variables(model, image_size: int) -> dict:
@@ -162,7 +199,11 @@ def list_images(folder: str) -> list:
 
 
 def _as_items(images) -> list:
-  """PIL images, uint8 arrays, file paths or folders -> a flat list of items."""
+  """PIL images, image arrays, file paths or folders -> a flat list of items.
+
+  An array of 4 dimensions is a batch (N, H, W, C); of 2 or 3, one image
+  (data/pixels.py says which shapes and dtypes are accepted).
+  """
   if isinstance(images, (str, os.PathLike, Image.Image)):
     images = [images]
   elif isinstance(images, np.ndarray):
@@ -176,21 +217,24 @@ def _as_items(images) -> list:
       items.append(item)
     else:
       raise TypeError(f'Cannot encode a {type(item).__name__}; pass PIL images, '
-                      'uint8 (H, W, 3) arrays, image paths or folders.')
+                      f'image arrays ({pixels_lib.ACCEPTED}), image paths or '
+                      'folders.')
   if not items:
     raise ValueError('encode got no images.')
   return items
 
 
-def _pixels(item):
-  """An item as something the test transform takes (file read here)."""
+def _pixels(item, position: int):
+  """An item as uint8 (H, W, 3) RGB for the test transform (file read here).
+
+  Raises:
+    data.CorruptImageError: a file cannot be read (names it).
+    pixels.ImageFormatError: an array or PIL image of a shape, dtype or range
+      that is not a picture (names its position and shape).
+  """
   if isinstance(item, str):
-    return folders.load_image(item)  # CorruptImageError names the file.
-  if isinstance(item, np.ndarray):
-    if item.dtype != np.uint8 or item.ndim not in (2, 3):
-      raise ValueError(f'Image arrays must be uint8 (H, W, 3) or (H, W); got '
-                       f'{item.dtype} {item.shape}.')
-  return item
+    return folders.load_image(item)
+  return pixels_lib.to_rgb(item, f'image {position} ({type(item).__name__})')
 
 
 class ConceptHasher:
@@ -232,24 +276,19 @@ class ConceptHasher:
     Raises:
       exporting.ExportError / FileNotFoundError: with the file and the fix.
     """
-    if exporting.is_export(path):
+    if exporting.is_export(path) or (not os.path.exists(path) and
+                                     safe_files.set_aside_folders(path)):
       return cls._from_export(path)
     is_run = (os.path.isfile(os.path.join(path, run_files.CONFIG_FILE)) and
               os.path.isdir(checkpointing.checkpoint_dir(path)))
     if is_run:
-      config, model, variables, class_names = restore_for_inference(
-          path, which=which, step=step)
-      results_path = os.path.join(path, run_files.RESULTS_FILE)
-      results = None
-      if os.path.isfile(results_path):
-        with open(results_path) as f:
-          results = json.load(f)
+      config, model, variables, class_names, restored = (
+          restore_step_for_inference(path, which=which, step=step))
       return cls(config=config,
                  clip_config=run_files.read_clip_config(path),
                  model=model, variables=variables, class_names=class_names,
                  source=path, tokenizer_source=config.model.clip,
-                 results=results,
-                 step=None if results is None else results.get('step'))
+                 results=_results_of_step(path, restored), step=restored)
     raise exporting.ExportError(
         f'{path} is neither a training workdir ({run_files.CONFIG_FILE} + '
         f'checkpoints/) nor an export ({exporting.WEIGHTS_FILE}); pass one, or '
@@ -322,8 +361,10 @@ class ConceptHasher:
     """Binary codes of images.
 
     Args:
-      images: a PIL image, uint8 array (H, W, 3) or (N, H, W, 3), file path,
-        folder (its images, recursively, sorted by path), or a list of these.
+      images: a PIL image (any mode), an image array (H, W), (H, W, 1),
+        (H, W, 3), (H, W, 4) or a batch (N, H, W, C) of uint8, uint16 or float
+        in [0, 1] (data/pixels.py), a file path, a folder (its images,
+        recursively, sorted by path), or a list of these.
       attention: also return the concept attention maps.
       display: also return the model inputs as uint8 images (what the
         attention maps are drawn on).
@@ -338,6 +379,8 @@ class ConceptHasher:
 
     Raises:
       data.CorruptImageError: an image file cannot be read (names it).
+      pixels.ImageFormatError: an array or image that is not a picture of an
+        accepted shape, dtype or range (one sentence naming it).
     """
     items = _as_items(images)
     batch_size = int(batch_size or self.config.data.eval_batch_size)
@@ -353,7 +396,7 @@ class ConceptHasher:
       chunk = items[start:start + batch_size]
       shown = np.zeros((batch_size, size, size, 3), np.uint8)
       for i, item in enumerate(chunk):
-        shown[i] = np.asarray(self.transform.apply(_pixels(item))[0])
+        shown[i] = np.asarray(self.transform.apply(_pixels(item, start + i))[0])
       out = jax.device_get(step(self.variables, shown))  # uint8: normalised in the step.
       for k in keys:
         parts[k].append(np.asarray(out[k])[:len(chunk)])

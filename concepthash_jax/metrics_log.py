@@ -14,6 +14,24 @@ import numpy as np
 import tqdm
 
 from concepthash_jax import run_files
+from concepthash_jax import safe_files
+
+
+def _parse_line(line: str, path: str):
+  """One metrics line as a dict; None for a blank or torn one (said once).
+
+  A run killed while appending leaves a partial last line; the steps after
+  its checkpoint are replayed, so dropping that line loses nothing.
+  """
+  if not line.strip():
+    return None
+  try:
+    record = json.loads(line)
+  except ValueError:
+    logging.warning('Dropping an unreadable line of %s (a run killed while '
+                    'writing it): %r', path, line[:80])
+    return None
+  return record if isinstance(record, dict) else None
 
 
 class MetricsLogger:
@@ -48,9 +66,11 @@ class MetricsLogger:
     kept = []
     if os.path.exists(path):
       with open(path) as f:
-        kept = [l for l in f if l.strip() and json.loads(l)['step'] <= start_step]
-    with open(path, 'w') as f:
-      f.writelines(kept)
+        kept = [l for l in f if (_parse_line(l, path) or {}).get(
+            'step', start_step + 1) <= start_step]
+    # Replaced atomically: a crash here must not lose the kept history.
+    safe_files.write_text(path, ''.join(
+        l if l.endswith('\n') else l + '\n' for l in kept))
     self.history = [json.loads(l) for l in kept]
     self.jsonl = open(path, 'a')
     import tensorboardX  # pylint: disable=g-import-not-at-top

@@ -15,9 +15,12 @@ A folder the product owns carries a marker file, `MARKER`, naming its kind
 can tell a folder of ours from a user's folder that merely has the same name.
 """
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import secrets
+import shutil
 from typing import Callable, Optional
 
 from concepthash_jax import errors
@@ -175,10 +178,155 @@ def folder_kind(folder: str) -> Optional[str]:
     return None
 
 
+def file_on_path(folder: str) -> Optional[str]:
+  """The nearest existing ancestor of `folder` (itself included) that is not a folder."""
+  current = os.path.abspath(folder)
+  while not os.path.lexists(current):
+    parent = os.path.dirname(current)
+    if parent == current:
+      return None
+    current = parent
+  return None if os.path.isdir(current) else current
+
+
 def ensure_folder(folder: str, what: str, fix: str = '') -> None:
   """Creates `folder` (and parents), or one WriteError sentence naming it."""
-  if os.path.exists(folder) and not os.path.isdir(folder):
+  blocker = file_on_path(folder)
+  if blocker == os.path.abspath(folder):
     raise WriteError(f'{folder} is a file, not a folder; give a folder path '
                      f'for the {what}.')
+  if blocker:
+    raise WriteError(f'{folder}: {blocker} is a file, and a folder is needed '
+                     f'there; give another folder path for the {what}.')
   with write_errors(folder, fix):
     os.makedirs(folder, exist_ok=True)
+
+
+_RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths atomically (Linux).
+_AT_FDCWD = -100
+
+
+def _exchange(first: str, second: str) -> bool:
+  """Swaps two existing paths in one atomic step; False where unsupported."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = libc.renameat2
+  except (OSError, AttributeError):
+    return False
+  if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second),
+               _RENAME_EXCHANGE) == 0:
+    return True
+  code = ctypes.get_errno()
+  if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    return False  # This file system cannot exchange: two renames instead.
+  raise OSError(code, os.strerror(code), second)
+
+
+def replace_folder(staged: str, path: str) -> None:
+  """Puts the finished folder `staged` at `path`; the folder that was there goes.
+
+  Where the system can (Linux renameat2), the two folders are exchanged in one
+  atomic step, so `path` always holds the whole old folder or the whole new
+  one. Elsewhere the old folder is renamed aside first and renamed back if the
+  second rename fails; only a kill between the two renames leaves `path`
+  missing, with the old folder beside it under a `.old-` name.
+
+  Args:
+    staged: a complete folder, a sibling of `path` (same file system).
+    path: the destination; a folder or absent.
+  """
+  if not os.path.lexists(path):
+    os.rename(staged, path)
+  elif _exchange(staged, path):
+    shutil.rmtree(staged)  # Now the old folder.
+  else:
+    old = aside_name(path)
+    os.rename(path, old)
+    try:
+      os.rename(staged, path)
+    except BaseException:
+      os.rename(old, path)
+      raise
+    shutil.rmtree(old)
+  _fsync_folder(os.path.dirname(os.path.abspath(path)) or '.')
+
+
+def aside_name(path: str) -> str:
+  """A unique sibling name for the old folder while `replace_folder` runs."""
+  folder, name = os.path.split(os.path.abspath(path))
+  return os.path.join(folder,
+                      f'.{name}.old-{os.getpid()}-{secrets.token_hex(4)}')
+
+
+def _pid_of(entry: str, prefix: str):
+  """The process id in a sibling name '<prefix><pid>-<hex>', or None."""
+  try:
+    return int(entry[len(prefix):].split('-', 1)[0])
+  except ValueError:
+    return None
+
+
+def _running(pid) -> bool:
+  if pid is None:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def remove_stale_siblings(path: str) -> None:
+  """Removes what killed writers of `path` left beside it (their process is gone).
+
+  Call after a new `path` is in place: a set-aside old folder is then out of
+  date, and a half-written temporary one never became anything.
+  """
+  folder, name = os.path.split(os.path.abspath(path))
+  for entry in os.listdir(folder):
+    for prefix in (f'.{name}.old-', f'.{name}.tmp-'):
+      if entry.startswith(prefix) and not _running(_pid_of(entry, prefix)):
+        stale = os.path.join(folder, entry)
+        if os.path.isdir(stale) and not os.path.islink(stale):
+          shutil.rmtree(stale, ignore_errors=True)
+        else:
+          os.remove(stale)
+
+
+def set_aside_folders(path: str) -> list:
+  """Old folders a killed `replace_folder` left beside `path` (newest first)."""
+  folder, name = os.path.split(os.path.abspath(path))
+  try:
+    entries = os.listdir(folder)
+  except OSError:
+    return []
+  found = [os.path.join(folder, e) for e in entries
+           if e.startswith(f'.{name}.old-')]
+  return sorted(found, key=os.path.getmtime, reverse=True)
+
+
+@contextlib.contextmanager
+def staged_folder(path: str, *, fix: str = ''):
+  """Yields an empty temporary sibling of `path`; on success it replaces `path`.
+
+  On any exception the temporary folder is removed and `path` is untouched;
+  an OSError becomes one WriteError naming `path`.
+  """
+  with write_errors(path, fix):
+    parent = os.path.dirname(os.path.abspath(path))
+    blocker = file_on_path(parent)
+    if blocker:
+      raise WriteError(f'{path}: {blocker} is a file, and a folder is needed '
+                       'there; choose another path.')
+    os.makedirs(parent, exist_ok=True)
+    staged = temporary_name(path)
+    os.mkdir(staged)
+    try:
+      yield staged
+      replace_folder(staged, path)
+      staged = None
+    finally:
+      if staged is not None:
+        shutil.rmtree(staged, ignore_errors=True)

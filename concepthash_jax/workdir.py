@@ -1,6 +1,11 @@
 """A run's workdir: one run at a time, a config its checkpoints can continue, a history.
 
 `guarded` wraps `train_and_evaluate(config, workdir)`:
+  0. folder: a workdir is a new or empty folder, or one that already is a
+     workdir (marker `.concepthash_jax` of kind 'workdir', or a run's files:
+     config.json with checkpoints/, config_history.jsonl, metrics.jsonl); an
+     export, a cache or a folder holding other files is refused untouched;
+     the marker is written when the run starts;
   1. lock: `checkpointing.WorkdirLock` (process 0): a second run on a busy
      workdir stops at once, naming the process that holds it;
   2. config: when the workdir holds a checkpoint, the new config is compared
@@ -26,9 +31,11 @@ import jax
 from concepthash_jax import checkpointing
 from concepthash_jax import errors
 from concepthash_jax import run_files
+from concepthash_jax import safe_files
 
 CONFIG_FILE = run_files.CONFIG_FILE
 HISTORY_FILE = 'config_history.jsonl'
+WORKDIR_KIND = 'workdir'  # safe_files marker kind of a run directory.
 
 # Keys whose change leaves the saved state valid and its meaning intact, with
 # the reason: allowed when resuming, logged and recorded in the history. Every
@@ -56,6 +63,8 @@ HARMLESS = {
     'data.root': 'where the same dataset lives',
     'data.tfds_data_dir': 'where the same dataset lives',
     'data.on_corrupt': 'only matters when a file is damaged',
+    'data.cache': 'where the same first-stage pixels are read from',
+    'data.cache_dir': 'where the same first-stage pixels are read from',
     'model.remat': 'memory of the backward pass, same values',
 }
 
@@ -163,6 +172,62 @@ def check_and_record(workdir: str, config_dict: dict):
         'config': config_dict})
 
 
+def _is_run_config(path: str) -> bool:
+  """Whether `path` is a run's config.json (not an export's, not a stranger's)."""
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return (isinstance(stored, dict) and 'format' not in stored and
+          {'model', 'data'} <= stored.keys())
+
+
+def is_workdir(folder: str) -> bool:
+  """Whether `folder` is a run directory: its marker, or the files a run writes."""
+  kind = safe_files.folder_kind(folder)
+  if kind is not None:
+    return kind == WORKDIR_KIND
+  has = lambda name: os.path.exists(os.path.join(folder, name))
+  if has(HISTORY_FILE) or has(run_files.METRICS_FILE):
+    return True
+  config = os.path.join(folder, CONFIG_FILE)
+  return _is_run_config(config) or (
+      has(CONFIG_FILE) and os.path.isdir(checkpointing.checkpoint_dir(folder)))
+
+
+def check_folder(workdir: str):
+  """Refuses a --workdir that is not new, empty or already a workdir.
+
+  Raises:
+    WorkdirError: one sentence naming the folder, what it holds and the fix.
+  """
+  if not os.path.lexists(workdir):
+    blocker = safe_files.file_on_path(workdir)
+    if blocker:
+      raise errors.WorkdirError(
+          f'--workdir={workdir}: {blocker} is a file, and a folder is needed '
+          'there; choose another --workdir')
+    return
+  if not os.path.isdir(workdir):
+    raise errors.WorkdirError(f'--workdir={workdir} is a file, not a folder; '
+                              'give a new or empty folder for the run')
+  kind = safe_files.folder_kind(workdir)
+  entries = sorted(os.listdir(workdir))
+  if not entries or is_workdir(workdir):
+    return
+  if kind is None and os.path.isfile(os.path.join(workdir,
+                                                  'model.safetensors')):
+    kind = 'export'
+  what = (f'a concepthash_jax {kind} folder' if kind else
+          'a folder holding other files (' + ', '.join(entries[:3]) +
+          (', ...' if len(entries) > 3 else '') + ')')
+  raise errors.WorkdirError(
+      f'--workdir={workdir} is {what}, not a training workdir; a run would '
+      'overwrite its files: give a new or empty folder, or the workdir of an '
+      'earlier run to continue it')
+
+
 def _holds_only(workdir: str, own_files) -> bool:
   """Whether `workdir` has no file except `own_files` (empty folders allowed)."""
   for folder, _, files in os.walk(workdir):
@@ -177,11 +242,12 @@ def guarded(train_fn):
   @functools.wraps(train_fn)
   def wrapper(config, workdir, *args, **kwargs):
     workdir = os.path.abspath(workdir)
+    check_folder(workdir)
     created = not os.path.exists(workdir)
     lock = checkpointing.WorkdirLock(workdir)
     busy = None
     if jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
+      safe_files.ensure_folder(workdir, 'run')
       try:
         lock.acquire()
       except errors.WorkdirError as e:
@@ -190,10 +256,13 @@ def guarded(train_fn):
       raise busy or errors.WorkdirError(
           f'{workdir} is in use by another run (see the log of process 0)')
     try:
+      if jax.process_index() == 0 and safe_files.folder_kind(workdir) is None:
+        safe_files.write_marker(workdir, WORKDIR_KIND)
       check_and_record(workdir, json.loads(config.to_json()))
       return train_fn(config, workdir, *args, **kwargs)
     except BaseException:
-      own = {lock.path, os.path.join(workdir, HISTORY_FILE)}
+      own = {lock.path, os.path.join(workdir, HISTORY_FILE),
+             os.path.join(workdir, safe_files.MARKER)}
       if created and jax.process_index() == 0 and _holds_only(workdir, own):
         lock.release()
         shutil.rmtree(workdir, ignore_errors=True)

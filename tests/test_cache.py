@@ -132,7 +132,8 @@ def test_cache_is_built_once_reused_and_rebuilt_when_files_change(
   assert len(builds) == 1
   folder = builds[0]
   assert sorted(os.listdir(folder)) == [
-      'manifest.json', 'offsets.npy', 'pixels.npy', 'shapes.npy',
+      '.concepthash_jax', 'manifest.json', 'offsets.npy', 'pixels.npy',
+      'shapes.npy',
       'source_sizes.npy']
   # Another image in place of the first: new bytes -> rebuilt, new pixels.
   path = ds.paths[0]

@@ -62,8 +62,9 @@ def test_cli_export_then_fresh_offline_process_gives_run_codes_and_map(
   hasher, results, own_codes = run
   out = pathlib.Path(exported)
   assert sorted(os.listdir(out)) == sorted([
-      'centers.safetensors', 'class_names.json', 'config.json',
-      'model.safetensors', 'official.safetensors', 'results.json'])
+      '.concepthash_jax', 'centers.safetensors', 'class_names.json',
+      'config.json', 'manifest.json', 'model.safetensors',
+      'official.safetensors', 'results.json'])
   weights = st.load_file(str(out / 'model.safetensors'))
   assert not any('opt_state' in k or k.startswith('step') for k in weights)
   assert any(k.startswith('text_model/') for k in weights)
@@ -123,6 +124,12 @@ def test_missing_or_corrupt_export_is_one_clear_error(exported, tmp_path):
   shutil.copytree(exported, broken)
   (broken / 'model.safetensors').write_bytes(b'\x00' * 20)  # Truncated copy.
   with pytest.raises(exporting.ExportError,
+                     match='model.safetensors has 20 bytes.*re-export'):
+    inference.ConceptHasher.load(str(broken))
+  # An export from before manifests: each reader names its file.
+  os.remove(broken / exporting.MANIFEST_FILE)
+  os.remove(broken / '.concepthash_jax')
+  with pytest.raises(exporting.ExportError,
                      match='model.safetensors cannot be read.*re-export'):
     inference.ConceptHasher.load(str(broken))
   shutil.copy(os.path.join(exported, 'model.safetensors'), broken)
@@ -139,5 +146,5 @@ def test_missing_or_corrupt_export_is_one_clear_error(exported, tmp_path):
       cwd=lib.ROOT, env=OFFLINE_ENV, capture_output=True, text=True,
       timeout=120, check=False)
   assert cli.returncode == 2
-  assert cli.stderr.strip().splitlines()[-1].startswith('export: ')
+  assert cli.stderr.strip().splitlines()[-1].startswith('FATAL: ')
   assert 'neither a training workdir' in cli.stderr

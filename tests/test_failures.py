@@ -57,7 +57,8 @@ def test_failed_run_removes_the_workdir_it_created_and_keeps_others(tmp_path):
   mine = tmp_path / 'mine'
   mine.mkdir()
   (mine / 'notes.txt').write_text('kept')
-  with pytest.raises(errors.MissingFileError):
+  with pytest.raises(errors.WorkdirError, match='folder holding other files'):
     train.train_and_evaluate(lib.load_config(missing), str(mine))
+  assert os.listdir(mine) == ['notes.txt']
   assert (mine / 'notes.txt').read_text() == 'kept'
   assert not (mine / checkpointing.LOCK_FILE).exists()

@@ -10,6 +10,7 @@ Override any key from the command line, e.g.
 An unknown key is an error (the config is locked).
 """
 import ml_collections
+from ml_collections import config_dict
 
 from concepthash_jax.configs import common
 
@@ -80,7 +81,10 @@ def get_config():
   data.worker_type = 'thread'
   # Decode + resize once: the train Resize / test Resize+CenterCrop output is cached as
   # uint8 on disk and reused by every epoch and run (rebuilt when files change).
-  data.cache = True
+  # True: reuse while every file's size and mtime match (cheap; trusts them) |
+  # 'verify': also compare sha256 of the files, rebuild on a change | 'rebuild':
+  # rebuild it now | False: no cache. Typed `object` so a string can override a bool.
+  data.cache = config_dict.FieldReference(True, field_type=object)
   data.cache_dir = ''  # '' = $XDG_CACHE_HOME/concepthash_jax (~/.cache/concepthash_jax).
   data.on_corrupt = 'raise'  # 'raise' (error names the file) | 'skip' (count and go on).
   # Built-in dataset (data/synthetic.py): <= 24 classes; clutter = mean number

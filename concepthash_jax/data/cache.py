@@ -7,8 +7,8 @@ so the input pipeline reads their uint8 output from disk instead. A cache is
 a folder under `data.cache_dir`:
 
   manifest.json   what it was built from: cache format, Pillow version,
-                  the ops with their settings, and (path, bytes, mtime_ns)
-                  of every source file
+                  the ops with their settings, (path, bytes, mtime_ns)
+                  of every source file, and under 'sha256' their hashes
   pixels.npy      uint8 (total,): image i is pixels[offsets[i]:][:H*W*3]
   shapes.npy      int64 (N, 3): (H, W, 3) of each cached image
   offsets.npy     int64 (N,)
@@ -17,8 +17,20 @@ a folder under `data.cache_dir`:
 
 It is reused while the manifest matches (every later epoch and run) and
 rebuilt when a source file, its size or mtime, the ops or Pillow change.
-It is built in a temporary folder renamed into place once complete, so a
-killed build never leaves a cache that looks valid.
+That check is cheap (one stat per file) and trusts (size, mtime): a file
+rewritten with other content of the same size and its old mtime keeps its
+stale pixels. `data.cache` says how much to trust:
+
+  True       the cheap check above (the default)
+  'verify'   also hashes every source file (sha256, stored at build time) and
+             rebuilds the cache when any differs; once per process
+  'rebuild'  rebuilds the cache now, whatever it holds; once per process
+  False      no cache: every image is decoded each time
+
+It is built in a temporary folder that then replaces the old one whole, so a
+killed build never leaves a cache that looks valid; a cache whose arrays are
+torn (a truncated pixels.npy) is rebuilt with a warning naming it. Each cache
+folder carries the marker `.concepthash_jax` of kind 'cache' (safe_files).
 
 Sources with files on disk are cached: 'folders' (one file per image) and
 'tfds' (the split's array_record shards). 'synthetic' generates its images
@@ -32,18 +44,27 @@ import os
 import shutil
 import socket
 
+from absl import logging
 import numpy as np
 import PIL
 from PIL import Image
 import tqdm
 
 from concepthash_jax import errors
+from concepthash_jax import safe_files
 
 _FORMAT = 1  # Bump when the folder layout changes.
 # Errors that mean the cache folder cannot be written: a config fix.
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
                errno.EDQUOT, errno.ENOTDIR)
 _ARRAYS = ('pixels', 'shapes', 'offsets', 'source_sizes')
+CACHE_KIND = 'cache'  # safe_files marker kind of a cache folder.
+MODES = (True, False, 'verify', 'rebuild')  # Values of data.cache.
+_HASHES = 'sha256'  # Manifest key of the source files' hashes (not compared).
+# (folder, data.cache) already verified or rebuilt by this process: 'verify'
+# and 'rebuild' act once per process, not at every epoch's or evaluation's
+# batches.
+_checked_this_process = set()
 
 
 def default_dir():
@@ -94,6 +115,55 @@ def _read_manifest(folder):
       return json.load(f)
   except (OSError, ValueError):
     return None
+
+
+def _without_hashes(stored):
+  """A stored manifest without the hashes (what the cheap check compares)."""
+  if not isinstance(stored, dict):
+    return stored
+  return {k: v for k, v in stored.items() if k != _HASHES}
+
+
+def _sha256(path):
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def file_hashes(files, num_workers=1):
+  """sha256 of each file, in order (threads: hashing releases the GIL)."""
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+    return list(pool.map(_sha256, files))
+
+
+def torn(folder, meta):
+  """Why the arrays of a cache folder cannot serve `meta`, or '' when intact."""
+  try:
+    shapes = np.load(os.path.join(folder, 'shapes.npy'))
+    offsets = np.load(os.path.join(folder, 'offsets.npy'))
+    sizes = np.load(os.path.join(folder, 'source_sizes.npy'))
+    pixels = np.load(os.path.join(folder, 'pixels.npy'), mmap_mode='r')
+  except (OSError, ValueError, EOFError) as e:
+    return f'{type(e).__name__}: {e}'
+  count = meta['images']
+  if len(shapes) != count or len(offsets) != count or len(sizes) != count:
+    return f'{len(offsets)} images stored, {count} in the split'
+  want = int(np.prod(shapes, axis=1).sum()) if count else 0
+  if pixels.size != want:
+    return f'pixels.npy holds {pixels.size} values, the shapes need {want}'
+  return ''
+
+
+def _is_ours(folder):
+  """Whether `folder` is a cache this module built (marker, manifest or arrays)."""
+  if safe_files.folder_kind(folder) == CACHE_KIND:
+    return True
+  if os.path.exists(os.path.join(folder, 'manifest.json')):
+    return True
+  own = {f'{name}.npy' for name in _ARRAYS}
+  return set(os.listdir(folder)) <= own
 
 
 class FirstStageCache:
@@ -155,7 +225,12 @@ def _remove_stale_builds(folder):
 
 
 def _build(dataset, first_stage, meta, folder, num_workers):
-  """Writes the cache into a temporary folder and renames it to `folder`."""
+  """Writes the cache into a temporary folder that then replaces `folder`."""
+  if os.path.isdir(folder) and not _is_ours(folder):
+    raise errors.ConfigError(
+        f'{folder} is in the way of the image cache and was not written by '
+        'concepthash_jax; move it away, or set data.cache_dir to another '
+        'folder')
   os.makedirs(os.path.dirname(folder), exist_ok=True)
   _remove_stale_builds(folder)
   tmp = f'{folder}.tmp-{socket.gethostname()}-{os.getpid()}'
@@ -163,16 +238,10 @@ def _build(dataset, first_stage, meta, folder, num_workers):
   os.makedirs(tmp)
   try:
     _write(dataset, first_stage, meta, tmp, num_workers)
+    safe_files.replace_folder(tmp, folder)
   except BaseException:  # Interrupted or failed: leave nothing half-written.
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  if os.path.exists(folder):  # Out of date: swap it for the new one.
-    old = f'{folder}.old-{socket.gethostname()}-{os.getpid()}'
-    os.rename(folder, old)
-    os.rename(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.rename(tmp, folder)
 
 
 def _write(dataset, first_stage, meta, tmp, num_workers):
@@ -208,18 +277,58 @@ def _write(dataset, first_stage, meta, tmp, num_workers):
                    desc=f'caching {dataset.name} {dataset.split} '
                    f'(once) in {os.path.dirname(tmp)}'))
   pixels.flush()
-  del pixels
+  pixels = None  # Closes the map before the folder is renamed.
   for name, value in (('shapes', shapes), ('offsets', offsets),
                       ('source_sizes', source_sizes)):
     np.save(os.path.join(tmp, f'{name}.npy'), value)
+  hashes = file_hashes([f for f, _, _ in meta['files']], num_workers)
+  safe_files.write_marker(tmp, CACHE_KIND)
   # The manifest last: a folder without it is never taken for a cache.
-  with open(os.path.join(tmp, 'manifest.json'), 'w') as f:
-    json.dump(meta, f)
-    f.flush()
-    os.fsync(f.fileno())
+  safe_files.write_json(os.path.join(tmp, 'manifest.json'),
+                        {**meta, _HASHES: hashes})
 
 
-def first_stage_cache(dataset, first_stage, *, cache_dir, num_workers=1):
+def _why_rebuild(folder, meta, mode, num_workers):
+  """Why the cache in `folder` must be (re)built for `meta`, or '' to reuse it."""
+  stored = _read_manifest(folder)
+  if _without_hashes(stored) != meta:
+    return 'new' if stored is None else 'out of date'
+  damage = torn(folder, meta)
+  if damage:
+    logging.warning('The image cache %s is damaged (%s); rebuilding it.',
+                    folder, damage)
+    return 'damaged'
+  if mode not in ('verify', 'rebuild') or (folder, mode) in _checked_this_process:
+    return ''
+  _checked_this_process.add((folder, mode))
+  if mode == 'rebuild':
+    logging.warning('data.cache=rebuild: rebuilding the image cache %s.',
+                    folder)
+    return 'rebuild'
+  hashes = file_hashes([f for f, _, _ in meta['files']], num_workers)
+  changed = [f for (f, _, _), old, new in zip(
+      meta['files'], stored.get(_HASHES) or [None] * len(hashes), hashes)
+             if old != new]
+  if changed:
+    logging.warning('data.cache=verify: %d source file(s) of the image cache '
+                    '%s changed without a new size or mtime (first: %s); '
+                    'rebuilding it.', len(changed), folder, changed[0])
+    return 'changed'
+  return ''
+
+
+def check_mode(mode):
+  """Refuses a data.cache value that is not one of MODES (ConfigError)."""
+  if isinstance(mode, bool) or mode in ('verify', 'rebuild'):
+    return
+  raise errors.ConfigError(
+      f'data.cache={mode!r}; valid: True (reuse while file sizes and mtimes '
+      "match), 'verify' (also compare file hashes), 'rebuild' (rebuild now), "
+      'False (no cache)')
+
+
+def first_stage_cache(dataset, first_stage, *, cache_dir, num_workers=1,
+                      mode=True):
   """The dataset's cache of `first_stage`, built (with a progress bar) if needed.
 
   Args:
@@ -227,16 +336,27 @@ def first_stage_cache(dataset, first_stage, *, cache_dir, num_workers=1):
     first_stage: transforms.Compose of deterministic ops (non-empty).
     cache_dir: parent folder of the caches ('' = `default_dir()`).
     num_workers: decode threads for a build.
+    mode: data.cache: True, 'verify' or 'rebuild' (module doc).
 
   Returns:
     A FirstStageCache, or None when the dataset has no files to key a cache
     on (the synthetic source).
+
+  Raises:
+    errors.ConfigError: `cache_dir` is a file or cannot be written, or `mode`
+      is not a valid data.cache.
   """
+  check_mode(mode)
   if not first_stage.ops or source_files(dataset) is None:
     return None
+  root = os.path.expanduser(cache_dir or default_dir())
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise errors.ConfigError(
+        f'data.cache_dir={root!r} is a file, not a folder; set data.cache_dir '
+        f"to a folder ('' for {default_dir()}), or data.cache=False")
   meta = manifest(dataset, first_stage)
-  folder = _folder(cache_dir or default_dir(), meta)
-  if _read_manifest(folder) != meta:
+  folder = _folder(root, meta)
+  if _why_rebuild(folder, meta, mode, num_workers):
     try:
       _build(dataset, first_stage, meta, folder, num_workers)
     except OSError as e:
@@ -246,4 +366,5 @@ def first_stage_cache(dataset, first_stage, *, cache_dir, num_workers=1):
           f'Cannot write the image cache in {os.path.dirname(folder)} '
           f'({e.strerror}); set data.cache_dir to a writable folder with '
           'space, or data.cache=False') from e
+    _checked_this_process.add((folder, mode))
   return FirstStageCache(folder)

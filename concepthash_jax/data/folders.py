@@ -27,6 +27,7 @@ from PIL import Image
 
 from concepthash_jax import errors
 from concepthash_jax.data import core
+from concepthash_jax.data import pixels as pixels_lib
 
 _CUB_LAYOUT = ('CUB_200_2011/ with images/, images.txt, image_class_labels.txt, '
                'train_test_split.txt, classes.txt (optional parts/parts.txt, '
@@ -48,14 +49,16 @@ UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.Decompression
 
 
 def load_image(path):
-  """Reads an image file as uint8 (H, W, 3) RGB.
+  """Reads an image file as uint8 (H, W, 3) RGB (16-bit and float scaled: data/pixels.py).
 
   Raises:
     CorruptImageError: naming `path`, when it is missing or not decodable.
   """
   try:
     with Image.open(path) as image:
-      return np.asarray(image.convert('RGB'))
+      return pixels_lib.pil_to_rgb(image, path)
+  except pixels_lib.ImageFormatError as e:
+    raise core.CorruptImageError(str(e)) from e
   except UNREADABLE_IMAGE_ERRORS as e:
     raise core.CorruptImageError(f'Cannot read image {path}: {e}') from e
 

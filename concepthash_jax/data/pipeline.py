@@ -317,7 +317,7 @@ def _step_batches(dataset, data_cfg, *, train, batch_size, seed,
   if data_cfg.cache:
     first_stage = cache_lib.first_stage_cache(
         dataset, transform.split()[0], cache_dir=data_cfg.cache_dir,
-        num_workers=data_cfg.num_workers)
+        num_workers=data_cfg.num_workers, mode=data_cfg.cache)
   load = _Example(dataset, transform, seed=seed, train=train,
                   image_size=data_cfg.image_size, cache=first_stage,
                   display=display)

@@ -14,6 +14,7 @@ import ml_collections
 
 from concepthash_jax import configs as configs_pkg
 from concepthash_jax import errors
+from concepthash_jax import safe_files
 from concepthash_jax import xla_flags
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(configs_pkg.__file__))
@@ -117,10 +118,37 @@ def exit_user_error(error):
   sys.exit(errors.EXIT_USER_ERROR)
 
 
+def os_error_message(error: OSError) -> str:
+  """One sentence naming the path an OSError is about, and the fix."""
+  path = error.filename if error.filename is not None else '(no path given)'
+  if error.filename2 is not None:
+    path = f'{path} -> {error.filename2}'
+  return safe_files.describe_os_error(error, os.fsdecode(path)
+                                      if isinstance(path, bytes) else str(path))
+
+
+def call_main(main: Callable, argv):
+  """`main(argv)`; a UserError, or an OSError about a path, ends in one FATAL line.
+
+  Any other exception is a fault of the code and keeps its traceback.
+  """
+  try:
+    return main(argv)
+  except errors.UserError as e:
+    exit_user_error(e)
+  except OSError as e:
+    if e.filename is None:
+      raise  # Not about a path the user gave (a socket, a library fault).
+    exit_user_error(os_error_message(e))
+
+
 def run(main: Callable, doc: str,
         define_flags: Optional[Callable[[], None]] = None,
         flags_parser: Callable = app.parse_flags_with_usage) -> None:
   """Defines the tool's flags, answers --help (exit 0), else absl's app.run.
+
+  A user's mistake (errors.UserError, or an OSError naming a path) raised by
+  `main` ends in one `FATAL:` line and exit status 2, without a traceback.
 
   Args:
     main: absl main(argv).
@@ -150,6 +178,6 @@ def run(main: Callable, doc: str,
           config if isinstance(config, ml_collections.ConfigDict) else None)
     except errors.UserError as e:
       exit_user_error(e)
-    return main(argv)
+    return call_main(main, argv)
 
   app.run(main_with_cache, flags_parser=flags_parser)

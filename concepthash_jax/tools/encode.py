@@ -10,7 +10,6 @@ it OUT with suffix `.index.npz`, a searchable code index of the database
 of the split against the database beside the chance level of a random ranking
 (docs/method.md §5.2).
 """
-import json
 import os
 
 from absl import flags
@@ -21,6 +20,7 @@ from concepthash_jax import encoding
 from concepthash_jax import evaluation
 from concepthash_jax import index as index_lib
 from concepthash_jax import inference
+from concepthash_jax import safe_files
 from concepthash_jax import sharding
 from concepthash_jax import xla_flags
 from concepthash_jax.interpret import figures
@@ -69,23 +69,33 @@ def encode_run(workdir: str, split: str, *, checkpoint: str = 'latest',
   return config, query, database
 
 
+def is_codes_file(path: str) -> bool:
+  """Whether `path` is an .npz of codes this tool wrote (may be replaced)."""
+  try:
+    with np.load(path) as stored:
+      return 'codes' in stored.files and 'labels' in stored.files
+  except (OSError, ValueError, EOFError):
+    return False
+
+
 def main(argv):
-  """Entry point."""
+  """Entry point; a user's mistake ends in one FATAL line (cli.run)."""
   del argv
   out = FLAGS.out or os.path.join(FLAGS.workdir, f'codes_{FLAGS.split}.npz')
   config, query, database = encode_run(
       FLAGS.workdir, FLAGS.split, checkpoint=FLAGS.checkpoint,
       data_root=FLAGS.data_root)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  np.savez_compressed(out, **query)
+  safe_files.check_replaceable(out, 'codes file', is_ours=is_codes_file)
+  safe_files.ensure_folder(os.path.dirname(os.path.abspath(out)), 'codes file')
+  with safe_files.atomic_write(out) as f:
+    np.savez_compressed(f, **query)
   index_path = os.path.splitext(out)[0] + '.index.npz'
   index_lib.CodeIndex(database['codes'], database['labels']).save(index_path)
   scores = evaluation.score(query, database, config.eval, curves=True)
   score, chance = scores['map_at_r'], scores['chance_map_at_r']
   # Retrieval curves beside the codes: OUT_STEM.retrieval.json + two plots.
   stem = os.path.splitext(out)[0] + '.'
-  with open(stem + 'retrieval.json', 'w') as f:
-    json.dump(report.jsonable(scores), f, indent=1)
+  safe_files.write_json(stem + 'retrieval.json', report.jsonable(scores))
   curve_paths = figures.plot_retrieval_curves(
       stem, scores, f'{FLAGS.split} vs train database, {config.data.name}')
   print(f'{FLAGS.split}: {len(query["codes"])} codes of {query["codes"].shape[1]}'

@@ -13,13 +13,13 @@ The export (see `concepthash_jax.exporting`) holds parameters only, no optimizer
 state, and loads offline with `inference.ConceptHasher.load(DIR)`.
 """
 import os
-import sys
 
 from absl import flags
 import jax
 import numpy as np
 from flax import traverse_util
 
+from concepthash_jax import errors
 from concepthash_jax import exporting
 from concepthash_jax import inference
 from concepthash_jax.interop import hf
@@ -93,19 +93,21 @@ def export_hasher(hasher, out: str, *, trained_only: bool = False,
           'base_clip': base_clip or config.model.clip,
           'trained_only': bool(trained_only), 'step': hasher.step,
           'nbit': hasher.nbit, 'num_concepts': hasher.num_concepts}
+  exporting.check_destination(out)  # Before any slow work.
   tokenizer = hasher.tokenizer() if config.model.center_type == 'language' else None
+  official_state = None
+  if official_file:
+    grid = hasher.image_size // hasher.clip_config.vision_config.patch_size
+    official_state = exporting.official_state_dict(
+        variables, extras=_official_extras(hasher.clip_params(), grid * grid,
+                                           hasher.step))
   exporting.write_export(
       out, meta=meta, variables=stored,
       text_params=None if trained_only else hasher.text_params(),
       class_names=hasher.class_names, class_centers=hasher.class_centers,
       results=hasher.results,
-      tokenizer=tokenizer if isinstance(tokenizer, hf.HFTokenizer) else None)
-  if official_file:
-    grid = hasher.image_size // hasher.clip_config.vision_config.patch_size
-    exporting.write_official(
-        os.path.join(out, exporting.OFFICIAL_FILE),
-        exporting.official_state_dict(variables, extras=_official_extras(
-            hasher.clip_params(), grid * grid, hasher.step)))
+      tokenizer=tokenizer if isinstance(tokenizer, hf.HFTokenizer) else None,
+      official_state=official_state)
   return meta
 
 
@@ -126,27 +128,26 @@ def import_official(official_path: str, like: str, out: str):
 
 
 def main(argv):
-  """Entry point; user mistakes end in one sentence on stderr, exit code 2."""
+  """Entry point; user mistakes end in one FATAL line (cli.run), exit code 2."""
   del argv
-  try:
-    if FLAGS.from_official:
-      if not (FLAGS.like and FLAGS.out):
-        raise ValueError('--from_official needs --like (an export or workdir of '
-                         'the same model) and --out.')
-      import_official(FLAGS.from_official, FLAGS.like, FLAGS.out)
-      print(f'{FLAGS.from_official} -> {FLAGS.out}')
-      return
-    if not (FLAGS.workdir and FLAGS.out):
-      raise ValueError('Pass --workdir (a trained run) and --out (the export '
-                       'directory), or --from_official FILE --like DIR --out DIR.')
-    if FLAGS.base_clip and not FLAGS.trained_only:
-      raise ValueError('--base_clip only applies with --trained_only.')
-    hasher = inference.ConceptHasher.load(FLAGS.workdir, which=FLAGS.checkpoint)
-    export_hasher(hasher, FLAGS.out, trained_only=FLAGS.trained_only,
-                  base_clip=FLAGS.base_clip, official_file=FLAGS.official)
-  except (exporting.ExportError, FileNotFoundError, ValueError) as e:
-    print(f'export: {e}', file=sys.stderr)
-    sys.exit(2)
+  if FLAGS.from_official:
+    if not (FLAGS.like and FLAGS.out):
+      raise errors.ConfigError('--from_official needs --like (an export or '
+                               'workdir of the same model) and --out.')
+    exporting.check_destination(FLAGS.out)
+    import_official(FLAGS.from_official, FLAGS.like, FLAGS.out)
+    print(f'{FLAGS.from_official} -> {FLAGS.out}')
+    return
+  if not (FLAGS.workdir and FLAGS.out):
+    raise errors.ConfigError('Pass --workdir (a trained run) and --out (the '
+                             'export directory), or --from_official FILE '
+                             '--like DIR --out DIR.')
+  if FLAGS.base_clip and not FLAGS.trained_only:
+    raise errors.ConfigError('--base_clip only applies with --trained_only.')
+  exporting.check_destination(FLAGS.out)  # Before the slow restore.
+  hasher = inference.ConceptHasher.load(FLAGS.workdir, which=FLAGS.checkpoint)
+  export_hasher(hasher, FLAGS.out, trained_only=FLAGS.trained_only,
+                base_clip=FLAGS.base_clip, official_file=FLAGS.official)
   size = sum(os.path.getsize(os.path.join(FLAGS.out, f))
              for f in os.listdir(FLAGS.out))
   print(f'{FLAGS.workdir} -> {FLAGS.out} ({size / 2**20:.1f} MiB'

@@ -118,9 +118,18 @@ def parse_flags(argv):
     sys.exit(errors.EXIT_USER_ERROR)
 
 
+# Orbax's own log of a save that failed for want of space (a traceback per
+# writer thread): the FATAL line that follows says it once, with the fix.
+_REPORTED_BY_US = ('No space left on device', 'RESOURCE_EXHAUSTED')
+
+
 def _quiet_orbax(record) -> bool:
-  """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
-  return record.levelno >= py_logging.WARNING or 'orbax' not in record.pathname
+  """Drops orbax's per-save INFO chatter and its disk-full tracebacks."""
+  if 'orbax' not in record.pathname:
+    return True
+  if record.levelno < py_logging.WARNING:
+    return False
+  return not any(text in record.getMessage() for text in _REPORTED_BY_US)
 
 
 def main(argv):
