@@ -294,7 +294,7 @@ class Checkpointer:
         shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def restore(self, abstract_state, step: Optional[int] = None, *,
-              fallback: bool = False):
+              fallback: bool = False, partial: bool = False):
     """Restores a step into the structure/shardings given.
 
     Args:
@@ -304,6 +304,9 @@ class Checkpointer:
       fallback: when `step` cannot be read, warn and use the newest readable
         step instead of failing (for a step picked as latest/best, not one
         the user asked for).
+      partial: `abstract_state` names only some of the saved entries (a dict
+        of top-level TrainState fields); only those are read, so a reader
+        needs no optimizer to rebuild the rest.
 
     Returns:
       The restored state (jax.Arrays placed per the shardings).
@@ -314,7 +317,7 @@ class Checkpointer:
     """
     if step is not None and not fallback:
       try:
-        return self._restore_step(abstract_state, step)
+        return self._restore_step(abstract_state, step, partial)
       except Exception as e:  # pylint: disable=broad-except
         raise errors.CheckpointError(
             f'Checkpoint step {step} at {self._step_path(step)} cannot be '
@@ -324,7 +327,7 @@ class Checkpointer:
     candidates += [s for s in reversed(self.all_steps()) if s != step]
     for candidate in candidates:
       try:
-        return self._restore_step(abstract_state, candidate)
+        return self._restore_step(abstract_state, candidate, partial)
       except Exception as e:  # pylint: disable=broad-except
         if _does_not_fit(e):  # Intact, but another model: older ones too.
           raise errors.CheckpointError(
@@ -345,13 +348,19 @@ class Checkpointer:
   def _step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def _restore_step(self, abstract_state, step: int):
+  def _restore_step(self, abstract_state, step: int, partial: bool = False):
     """Reads one step's state with a plain orbax checkpointer (no manager)."""
     if step not in step_dirs(self.directory):
       raise FileNotFoundError(f'no directory {self._step_path(step)}')
+    path = os.path.join(self._step_path(step), 'default')
+    if partial:
+      with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+        return reader.restore(path, args=ocp.args.PyTreeRestore(
+            item=abstract_state, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(
+                abstract_state)))
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as reader:
-      return reader.restore(os.path.join(self._step_path(step), 'default'),
-                            args=ocp.args.StandardRestore(abstract_state))
+      return reader.restore(path, args=ocp.args.StandardRestore(abstract_state))
 
   def close(self):
     """Waits for pending writes and releases the manager."""

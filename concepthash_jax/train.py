@@ -147,15 +147,6 @@ def jit_train_step(loss_fn: Callable, model, tx, trainable_mask, schedule,
 # ------------------------------------------------------------ state
 
 
-def load_backbone(model_cfg, seed: int):
-  """(CLIPConfig, params) of config model.clip: hub name, local dir or 'random' (seeded)."""
-  if model_cfg.clip == 'random':
-    clip_config = hf.random_clip_config(model_cfg.random_clip)
-    return clip_config, hf.init_clip_params(clip_config,
-                                            jax.random.PRNGKey(seed))
-  return hf.load_clip(model_cfg.clip)
-
-
 def center_embeddings(model_cfg, clip_config, clip_params, class_names):
   """Text-tower features e_c (C, T) of the class prompts, or None if unused."""
   if model_cfg.center_type != 'language':
@@ -338,7 +329,7 @@ class _Run:
     self.stop_step = (min(total_steps, config.train.max_steps)
                       if config.train.max_steps > 0 else total_steps)
 
-    clip_config, clip_params = load_backbone(config.model, config.seed)
+    clip_config, clip_params = hf.load_backbone(config.model, config.seed)
     text_embeds = center_embeddings(config.model, clip_config, clip_params,
                                     self.class_names)
     # The text tower is needed only for the centers: keep it out of the state.

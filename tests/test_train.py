@@ -192,7 +192,8 @@ def test_inference_skips_a_torn_newest_checkpoint_and_leaves_it(reference, tmp_p
                                                                  caplog):
   workdir = _copy_of(reference, tmp_path)
   metadata, torn = _tear_newest_checkpoint(workdir)
-  inference.restore_for_inference(workdir)
+  older = checkpointing.step_dirs(checkpointing.checkpoint_dir(workdir))[-2]
+  assert inference.ConceptHasher.load(workdir).step == older
   step_dir = os.path.join(checkpointing.checkpoint_dir(workdir), '120')
   assert f'Skipping checkpoint step 120: {step_dir}' in caplog.text
   with open(metadata, 'rb') as f:
@@ -221,8 +222,9 @@ def test_resume_past_a_torn_checkpoint_records_a_harmless_config_change(referenc
 def encoded_test_split(reference):
   """(config, ds, codes): the reference run restored, its test split encoded in
   batches of 5 with attention and keypoints."""
-  config, model, variables, class_names = inference.restore_for_inference(reference[0])
-  assert len(class_names) == 4 and config.model.nbit == 8
+  hasher = inference.ConceptHasher.load(reference[0])
+  config, model, variables = hasher.config, hasher.model, hasher.variables
+  assert len(hasher.class_names) == 4 and config.model.nbit == 8
   from concepthash_jax import data  # pylint: disable=g-import-not-at-top
   ds = data.build(config.data, 'test')
   codes = encoding.encode_split(

@@ -407,3 +407,12 @@ def hf_golden_outputs(clip_config, params, pixel_values_nchw, input_ids,
   out.update({'text/last_hidden_state': last, 'text/pooler_output': aux['pooler_output'],
               'text/text_embeds': aux['pooler_output'] @ params['text_projection']['kernel']})
   return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def load_backbone(model_cfg, seed: int):
+  """(CLIPConfig, params) of config model.clip: hub name, local dir or 'random' (seeded)."""
+  if model_cfg.clip == 'random':
+    clip_config = random_clip_config(model_cfg.random_clip)
+    return clip_config, init_clip_params(clip_config,
+                                            jax.random.PRNGKey(seed))
+  return load_clip(model_cfg.clip)

@@ -22,7 +22,6 @@ from concepthash_jax import index as index_lib
 from concepthash_jax import inference
 from concepthash_jax import safe_files
 from concepthash_jax import sharding
-from concepthash_jax import xla_flags
 from concepthash_jax.interpret import figures
 from concepthash_jax.interpret import report
 from concepthash_jax.tools import cli
@@ -52,17 +51,17 @@ def encode_run(workdir: str, split: str, *, checkpoint: str = 'latest',
   Returns:
     (config, codes of `split` (dict of numpy), codes of the database).
   """
-  config, model, variables, _ = inference.restore_for_inference(
-      workdir, which=checkpoint)
+  hasher = inference.ConceptHasher.load(workdir, which=checkpoint)
+  config = hasher.config
   if data_root is not None:
     config.data.root = data_root
   mesh = sharding.create_mesh()
 
   def encode(name):
     return encoding.encode_split(
-        model, variables, data_lib.build(config.data, name), config.data,
-        keep=('codes', 'attention', 'keypoints'), mesh=mesh,
-        cpu_matmul=xla_flags.cpu_matmul_of(config))
+        hasher.model, hasher.variables, data_lib.build(config.data, name),
+        config.data, keep=('codes', 'attention', 'keypoints'), mesh=mesh,
+        cpu_matmul=hasher.cpu_matmul)
 
   database = encode('train')
   query = database if split == 'train' else encode(split)

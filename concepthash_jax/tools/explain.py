@@ -44,7 +44,6 @@ from concepthash_jax import inference
 from concepthash_jax import interpret
 from concepthash_jax import run_files
 from concepthash_jax import sharding
-from concepthash_jax import xla_flags
 from concepthash_jax.data import core as data_core
 from concepthash_jax.interpret import figures
 from concepthash_jax.interpret import report
@@ -182,8 +181,9 @@ def _centers(inp: _Inputs):
 def _encode(workdir, out_dir, *, checkpoint, data_root, max_images,
             num_display) -> _Inputs:
   """Restores the run and encodes both splits (test with display images)."""
-  config, model, variables, class_names = inference.restore_for_inference(
-      workdir, which=checkpoint)
+  hasher = inference.ConceptHasher.load(workdir, which=checkpoint)
+  config, model, variables = hasher.config, hasher.model, hasher.variables
+  class_names = hasher.class_names
   if data_root is not None:
     config.data.root = data_root
   mesh = sharding.create_mesh()
@@ -192,7 +192,7 @@ def _encode(workdir, out_dir, *, checkpoint, data_root, max_images,
   keep = ('codes', 'attention', 'boxes', 'keypoints')
   encode = functools.partial(encoding.encode_split, model, variables,
                              data_cfg=config.data, max_images=max_images,
-                             mesh=mesh, cpu_matmul=xla_flags.cpu_matmul_of(config))
+                             mesh=mesh, cpu_matmul=hasher.cpu_matmul)
   family_of, family_names = data_core.families(train_ds)
   return _Inputs(
       config=config, model=model, variables=variables,
