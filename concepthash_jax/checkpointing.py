@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 from typing import Any, Callable, Optional
 
@@ -159,6 +160,21 @@ def _disk_full(error: BaseException) -> bool:
   return False
 
 
+def _without_closed_loop_noise(hook):
+  """`hook` minus the 'Event loop is closed' that failed orbax writes leave.
+
+  When one write of a save fails, orbax closes its event loop while the other
+  writes still finish; each of their callbacks then reports the closed loop
+  as an unraisable exception, a traceback apiece after the real error.
+  """
+  def filtered(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and 'Event loop is closed' in str(value):
+      return
+    hook(unraisable)
+  return filtered
+
+
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with our retention rules.
 
@@ -269,13 +285,17 @@ class Checkpointer:
         return
       manager.delete(step)
     metrics = None if map_at_r is None else {METRIC: float(map_at_r)}
+    hook = sys.unraisablehook
+    sys.unraisablehook = _without_closed_loop_noise(hook)
     try:
       manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
                    force=True)
       manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       if not _disk_full(e):
+        sys.unraisablehook = hook
         raise
+      # Kept: the failed writes' callbacks keep firing after this returns.
       self._remove_partial(step)
       kept = [s for s in self.all_steps() if s != step]
       resume = (f'a rerun resumes from step {kept[-1]}' if kept else
@@ -284,6 +304,7 @@ class Checkpointer:
           f'Cannot save checkpoint step {step} in {self.directory}: the disk '
           f'is full; free space there and rerun the same command ({resume})'
       ) from e
+    sys.unraisablehook = hook
 
   def _remove_partial(self, step: int):
     """Deletes the temporary folder of a save of `step` that failed (frees its space)."""

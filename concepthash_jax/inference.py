@@ -71,7 +71,8 @@ def _restore_run(workdir: str, *, step: Optional[int] = None,
 
   Raises:
     errors.CheckpointError: no checkpoint can be read ('No readable checkpoint
-      in ...', or 'No checkpoint in ...' for a run that never saved one).
+      in ...').
+    errors.MissingFileError: the run never saved a checkpoint.
   """
   config = run_files.read_run_config(workdir)
   clip_config = run_files.read_clip_config(workdir)
@@ -91,8 +92,8 @@ def _restore_run(workdir: str, *, step: Optional[int] = None,
       step = ckpt.best_step() if which == 'best' else ckpt.latest_step()
       step = ckpt.latest_step() if step is None else step
     if step is None and not ckpt.unreadable:
-      raise errors.CheckpointError(
-          f'No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train '
+      raise errors.MissingFileError(
+          f'{checkpointing.checkpoint_dir(workdir)} holds no checkpoint; train '
           f'the run first (concepthash-train ... --workdir={workdir}).')
     # With only unreadable steps, restore names each and why.
     state = ckpt.restore(wanted, step, fallback=fallback, partial=True)

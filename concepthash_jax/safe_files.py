@@ -315,6 +315,8 @@ def staged_folder(path: str, *, fix: str = ''):
   an OSError becomes one WriteError naming `path`.
   """
   with write_errors(path, fix):
+    if os.path.islink(path):  # Replace the folder it points to, keep the link.
+      path = os.path.realpath(path)
     parent = os.path.dirname(os.path.abspath(path))
     blocker = file_on_path(parent)
     if blocker:

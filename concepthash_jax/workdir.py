@@ -3,7 +3,8 @@
 `guarded` wraps `train_and_evaluate(config, workdir)`:
   0. folder: a workdir is a new or empty folder, or one that already is a
      workdir (marker `.concepthash_jax` of kind 'workdir', or a run's files:
-     config.json with checkpoints/, config_history.jsonl, metrics.jsonl); an
+     config.json with checkpoints/, config_history.jsonl, metrics.jsonl,
+     run.lock); an
      export, a cache or a folder holding other files is refused untouched;
      the marker is written when the run starts;
   1. lock: `checkpointing.WorkdirLock` (process 0): a second run on a busy
@@ -189,7 +190,8 @@ def is_workdir(folder: str) -> bool:
   if kind is not None:
     return kind == WORKDIR_KIND
   has = lambda name: os.path.exists(os.path.join(folder, name))
-  if has(HISTORY_FILE) or has(run_files.METRICS_FILE):
+  if (has(HISTORY_FILE) or has(run_files.METRICS_FILE) or
+      has(checkpointing.LOCK_FILE)):  # A run starting there holds the lock first.
     return True
   config = os.path.join(folder, CONFIG_FILE)
   return _is_run_config(config) or (

@@ -11,7 +11,6 @@ from PIL import Image
 
 import train_testlib as lib
 from concepthash_jax import data
-from concepthash_jax import errors
 from concepthash_jax import exporting
 from concepthash_jax import inference
 from concepthash_jax import optim
@@ -77,8 +76,8 @@ def test_unreadable_image_and_bad_inputs_are_named(hasher, tmp_path):
     hasher.encode([str(bad)])
   with pytest.raises(data.CorruptImageError, match='missing.png'):
     hasher.encode(str(tmp_path / 'missing.png'))
-  with pytest.raises(ValueError, match=r'values in \[2, 2\]; float images must lie'):
-    hasher.encode(np.full((8, 8, 3), 2.0, np.float32))
+  with pytest.raises(ValueError, match=r'values in \[255, 255\].*uint8'):
+    hasher.encode(np.full((8, 8, 3), 255, np.float32))
   (tmp_path / 'empty').mkdir()
   with pytest.raises(FileNotFoundError, match='No images'):
     hasher.encode(str(tmp_path / 'empty'))
@@ -90,7 +89,7 @@ def test_load_rejects_what_is_neither_run_nor_export(hasher, tmp_path):
   for name in ('config.json', 'clip_config.json', 'class_names.json'):
     shutil.copy(os.path.join(hasher.source, name), tmp_path)
   (tmp_path / 'checkpoints').mkdir()  # A run that never saved a step.
-  with pytest.raises(errors.CheckpointError, match='No checkpoint in .*train the run'):
+  with pytest.raises(FileNotFoundError, match='holds no checkpoint'):
     inference.ConceptHasher.load(str(tmp_path))
 
 

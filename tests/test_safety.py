@@ -492,3 +492,29 @@ def test_metrics_log_drops_a_torn_line_and_rewrites_atomically(tmp_path):
   log.close()
   assert (tmp_path / 'metrics.jsonl').read_text() == ''.join(lines[:2])
   assert [h['step'] for h in log.history] == [1, 2]
+
+
+def test_os_error_at_a_tool_boundary_is_one_fatal_line(tmp_path, capsys):
+  from concepthash_jax.tools import cli  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'a_file').write_text('x')
+
+  def main(argv):
+    del argv
+    with open(tmp_path / 'a_file' / 'out.json', 'w'):
+      pass
+  with pytest.raises(SystemExit) as e:
+    cli.call_main(main, ['tool'])
+  assert e.value.code == 2
+  assert capsys.readouterr().err == (
+      f'FATAL: {tmp_path / "a_file" / "out.json"}: Not a directory; a file '
+      'stands where a folder is needed on this path; choose another path\n')
+
+
+def test_export_through_a_link_replaces_the_folder_and_keeps_the_link(tmp_path):
+  write_tiny_export(tmp_path / 'real', 'old')
+  os.symlink(tmp_path / 'real', tmp_path / 'link')
+  write_tiny_export(tmp_path / 'link', 'new')
+  assert os.path.islink(tmp_path / 'link')
+  assert exporting.read_export(str(tmp_path / 'link'))['class_names'] == [
+      'new-a', 'new-b']
+  assert sorted(os.listdir(tmp_path)) == ['link', 'real']

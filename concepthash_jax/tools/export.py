@@ -10,7 +10,9 @@ r"""Exports a trained run for use anywhere; converts to and from the authors' Py
       # export, taking config, class names and text tower from the export/run DIR
 
 The export (see `concepthash_jax.exporting`) holds parameters only, no optimizer
-state, and loads offline with `inference.ConceptHasher.load(DIR)`.
+state, and loads offline with `inference.ConceptHasher.load(DIR)`. --out is a new
+or empty folder, or an earlier export, which is replaced whole (written beside
+it, then swapped in); a workdir or a folder holding other files is refused.
 """
 import os
 
