@@ -32,6 +32,7 @@ from concepthash_jax import evaluation
 from concepthash_jax import metrics_log
 from concepthash_jax import models
 from concepthash_jax import optim
+from concepthash_jax import preemption
 from concepthash_jax import run_files
 from concepthash_jax import sharding
 from concepthash_jax import workdir as workdir_lib
@@ -362,7 +363,7 @@ class _Run:
         batch_size=config.data.batch_size)
     self.best = self.log.best_logged('eval/map_at_r')
     self.last_eval, self.eval_result = None, None
-    self.preempt = checkpointing.PreemptionFlag().install()
+    self.preempt = preemption.PreemptionFlag().install()
 
   def flush(self, step: int):
     """Fetches the pending step metrics, checks them, logs their mean."""

@@ -215,7 +215,7 @@ def test_resume_past_a_torn_checkpoint_records_a_harmless_config_change(referenc
   assert history[-1]['changed'] == {'train.keep_checkpoints': [2, 3]}
   with open(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as f:
     assert json.load(f)['train']['keep_checkpoints'] == 3
-  assert not os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
 
 
 @pytest.fixture(scope='module')
