@@ -6,7 +6,6 @@ import sys
 import textwrap
 import types
 
-import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
