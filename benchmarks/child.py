@@ -10,8 +10,14 @@ Defines no flags: the benchmark scripts import one another, and absl flags defin
 clash.
 """
 import json
+import os
 import shlex
 import subprocess
+import sys
+
+# The folder that holds the `benchmarks` package: children run from it, so
+# `python -m benchmarks.NAME` finds the package whatever the parent's working folder.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The end of a failed child's stderr that goes into the error: its traceback, not the
 # whole log.
@@ -26,6 +32,17 @@ def print_json(obj: dict, prefix: str = 'RESULT ') -> None:
     prefix: what the line starts with (the parent's run_json `prefix`).
   """
   print(prefix + json.dumps(obj), flush=True)
+
+
+def module_command(module: str, *args: str, python: str = sys.executable) -> list:
+  """The command line that runs benchmark `module` (`benchmarks.NAME`) as a child.
+
+  Args:
+    module: the module's dotted name; a script passes its own `__spec__.name`.
+    *args: its command-line arguments.
+    python: the interpreter (another environment's, for a side that needs torch).
+  """
+  return [python, '-m', module, *args]
 
 
 def run_json(cmd: list, prefix: str = 'RESULT ') -> dict:
@@ -43,7 +60,8 @@ def run_json(cmd: list, prefix: str = 'RESULT ') -> dict:
     RuntimeError: the child exited non-zero or printed no result line; the message names
       the command, its exit code and the end of its stderr.
   """
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                       cwd=_PACKAGE_PARENT)
   # The `{` keeps a bare-JSON child's other stdout lines out when prefix is ''.
   lines = [l for l in out.stdout.splitlines() if l.startswith(prefix + '{')]
   if out.returncode or not lines:

@@ -1,10 +1,10 @@
 r"""mAP@R evaluator speed and peak memory: ours vs the official algorithm in numpy.
 
-  python benchmarks/evaluator.py                       # CUB, 16/32/64 bits
-  python benchmarks/evaluator.py --sizes=cub,nabirds --repeats=3
-  python benchmarks/evaluator.py --sizes=100k_1m --bits=64 --reference_queries=100
-  python benchmarks/evaluator.py --kernel=xla           # the jitted path
-  python benchmarks/evaluator.py --variant=popcnt       # as on AVX2-only CPUs
+  python -m benchmarks.evaluator                       # CUB, 16/32/64 bits
+  python -m benchmarks.evaluator --sizes=cub,nabirds --repeats=3
+  python -m benchmarks.evaluator --sizes=100k_1m --bits=64 --reference_queries=100
+  python -m benchmarks.evaluator --kernel=xla           # the jitted path
+  python -m benchmarks.evaluator --variant=popcnt       # as on AVX2-only CPUs
 
 Reference: the official `calculate_mAP` algorithm (the batch path of
 `utils/hashing.py`, which ConceptHash's experiments import; the file lives in
@@ -30,7 +30,6 @@ queries (XOR + popcount of every pair; then also counting each distance into
 a histogram), extrapolated to all queries.
 """
 import os
-import sys
 import threading
 import time
 
@@ -38,10 +37,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from concepthash_jax import evaluation  # pylint: disable=g-import-not-at-top
+from concepthash_jax import evaluation
+from concepthash_jax.evaluation import native
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('sizes', ['cub'], 'Settings: cub, nabirds, 100k_1m.')
@@ -195,7 +192,7 @@ def bench(size, nbit):
                     first=first[m]['seconds'] if m in first else None,
                     value=float(ap.mean()),
                     speedup=ref_time / best if ref_time else None))
-  if big and evaluation._hamming is not None:
+  if big and native.kernel_module() is not None:
     rows.extend(floor_rows(size, nbit, q_packed, db_packed))
   return rows
 
@@ -204,13 +201,13 @@ def floor_rows(size, nbit, q_packed, db_packed):
   """The pass alone (no labels, ranks or AP), extrapolated to all queries."""
   num_q = len(q_packed.bits)
   sub = min(FLAGS.floor_queries, num_q)
-  qbits = evaluation._words64(q_packed.bits[:sub])
-  dbits = evaluation._words64(db_packed.bits)
+  qbits = native.words64(q_packed.bits[:sub])
+  dbits = native.words64(db_packed.bits)
   rows = []
   for counts, what in ((False, 'XOR + popcount'),
                        (True, 'XOR + popcount + count')):
-    run = timed(lambda c=counts: evaluation._hamming.floor(
-        qbits, dbits, nbit, c, evaluation._cpu_threads()))
+    run = timed(lambda c=counts: native.kernel_module().floor(
+        qbits, dbits, nbit, c, native.cpu_threads()))
     rows.append(row(size, nbit, f'floor: {what}', [run], scale=num_q / sub))
   return rows
 
@@ -251,9 +248,9 @@ def machine():
   wanted = ('popcnt', 'avx2', 'avx512f', 'avx512bw', 'avx512vl',
             'avx512_vpopcntdq')
   have = ' '.join(f for f in wanted if f in flags_)
-  variant = (evaluation._hamming.variant() if evaluation._hamming is not None
+  variant = (native.kernel_module().variant() if native.kernel_module() is not None
              else 'not built')
-  return (f'{model}, {evaluation._cpu_threads()} cores, flags: {have}; '
+  return (f'{model}, {native.cpu_threads()} cores, flags: {have}; '
           f'kernel={FLAGS.kernel}, native variant: {variant}')
 
 
@@ -261,7 +258,7 @@ def main(argv):
   """Runs every requested setting and prints the table."""
   del argv
   if FLAGS.variant:
-    evaluation._hamming.set_variant(FLAGS.variant)
+    native.kernel_module().set_variant(FLAGS.variant)
   print(machine(), flush=True)
   rows = []
   for size in FLAGS.sizes:

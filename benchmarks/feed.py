@@ -1,7 +1,7 @@
 """Does the input pipeline keep the accelerator busy? The training loop's feed, timed.
 
-  python benchmarks/feed.py --batch=256 --workers=16,8 --dtype=bfloat16     # GPU host
-  python benchmarks/feed.py --batch=8 --workers=2 --images=64 --epochs=1    # smoke run
+  python -m benchmarks.feed --batch=256 --workers=16,8 --dtype=bfloat16     # GPU host
+  python -m benchmarks.feed --batch=8 --workers=2 --images=64 --epochs=1    # smoke run
 
 Writes `--images` CUB-sized JPEGs (input_pipeline.write_cub), compiles the shipped train
 step for the uint8 batches `data.batches` ships (configs/cub.py, random ViT-B/32
@@ -23,9 +23,9 @@ import time
 from absl import app
 from absl import flags
 
-import input_pipeline  # benchmarks/input_pipeline.py: write_cub
-import table  # benchmarks/table.py: print_table
-import train_step  # benchmarks/train_step.py: build_ours, cpu_line
+from benchmarks import input_pipeline
+from benchmarks import table
+from benchmarks import train_step
 
 FLAGS = flags.FLAGS
 # --batch comes from train_step's flags.

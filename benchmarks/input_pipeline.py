@@ -1,9 +1,9 @@
 """Input pipeline throughput: ours (`data.batches`) against torchvision's, same files.
 
-  python benchmarks/input_pipeline.py                      # 2 rounds, 2 and 1 workers
-  python benchmarks/input_pipeline.py --rounds=1 --workers=2 --images=320
-  python benchmarks/input_pipeline.py --map_check     # mAP@R with / without the cache
-  python benchmarks/input_pipeline.py --torchvision=false --uncached=false --transforms=train \
+  python -m benchmarks.input_pipeline                      # 2 rounds, 2 and 1 workers
+  python -m benchmarks.input_pipeline --rounds=1 --workers=2 --images=320
+  python -m benchmarks.input_pipeline --map_check     # mAP@R with / without the cache
+  python -m benchmarks.input_pipeline --torchvision=false --uncached=false --transforms=train \
       --workers=2 --epochs=3 --worker_types=thread,process --iterators=run,epoch
 
 Writes `--images` CUB-sized JPEGs (500 x 375, textured, quality 90) in the official
@@ -13,8 +13,8 @@ each row in its own process:
                workers): train Resize(256) -> RandomHorizontalFlip ->
                TrivialAugmentWide(bicubic) -> CenterCrop(224) -> ToTensor ->
                Normalize(CLIP); test Resize(256, bicubic) -> CenterCrop(224) ->
-               ToTensor -> Normalize. Runs in its own environment (`--torch_python`,
-               default /work/venv-torch/bin/python: torch, torchvision, pillow, numpy);
+               ToTensor -> Normalize. Runs under `--torch_python` (default: this
+               interpreter), an environment with torch, torchvision, pillow and numpy;
                torch is not a dependency of this project.
   ours         data.batches on data.source=folders, uint8 batches (normalised inside
                the jitted step, not on the host), thread workers (`--worker_types`);
@@ -37,12 +37,11 @@ import time
 import numpy as np
 from PIL import Image
 
-import child  # benchmarks/child.py: run_json, print_json
-import table  # benchmarks/table.py: print_header, print_row
+from benchmarks import child
+from benchmarks import table
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _write_jpeg(path, seed, index):
@@ -132,7 +131,6 @@ def run_torchvision(args):
 
 def run_ours(args):
   """One row of ours: img/s of the epoch after a warm-up epoch."""
-  sys.path.insert(0, _REPO)
   from concepthash_jax import data  # pylint: disable=g-import-not-at-top
   from concepthash_jax.configs import base  # pylint: disable=g-import-not-at-top
 
@@ -172,10 +170,10 @@ def map_check(args):
   runs differ only in data.cache, so equal mAP@R (and loss) means the cached
   pipeline fed the same pixels.
   """
-  sys.path.insert(0, _REPO)
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from concepthash_jax import train  # pylint: disable=g-import-not-at-top
+  from concepthash_jax.configs import cub  # pylint: disable=g-import-not-at-top
 
   root = os.path.join(args.data, 'map_check')
   write_cub(root, 80, seed=1, test_every=4)
@@ -192,8 +190,7 @@ def map_check(args):
           'optim.warmup_epochs=1', 'optim.lr=0.05', 'eval.every_epochs=2']
   results = {}
   for cache in (True, False):
-    argv = ['prog', '--config=' + os.path.join(_REPO, 'concepthash_jax',
-                                              'configs', 'cub.py')] + [
+    argv = ['prog', '--config=' + cub.__file__] + [
         f'--config.{kv}' for kv in tiny + [f'data.cache={cache}',
                                            f'data.cache_dir={root}/cache']]
     fv = flags.FlagValues()
@@ -231,8 +228,9 @@ def run_row(args, which, **overrides):
   """Runs one row in its own process; returns its result dict."""
   python = args.torch_python if which == 'torchvision' else sys.executable
   options = dict(data=args.data, batch=args.batch, **overrides)
-  return child.run_json([python, os.path.abspath(__file__), f'--child={which}'] + [
-      f'--{k}={v}' for k, v in options.items()])
+  return child.run_json(child.module_command(
+      __spec__.name, f'--child={which}', *[f'--{k}={v}' for k, v in options.items()],
+      python=python))
 
 
 def main():
@@ -255,7 +253,8 @@ def main():
                       "epochs, as train.py), 'epoch' (one per epoch)")
   parser.add_argument('--data', default='', help='folder for the JPEGs '
                       '(default: a temporary folder)')
-  parser.add_argument('--torch_python', default='/work/venv-torch/bin/python')
+  parser.add_argument('--torch_python', default=sys.executable,
+                      help='a Python with torch and torchvision, for the torchvision rows')
   parser.add_argument('--map_check', action='store_true',
                       help='instead: mAP@R of a tiny CUB-folder training run '
                       'with and without the cache')

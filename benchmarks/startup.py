@@ -1,7 +1,7 @@
 """Time to the first train step, with the persistent compilation cache cold and warm.
 
-  python benchmarks/startup.py                 # ViT-B/32, batch 32, float32, 2 warm runs
-  python benchmarks/startup.py --dtype=bfloat16 --warm_runs=1
+  python -m benchmarks.startup                 # ViT-B/32, batch 32, float32, 2 warm runs
+  python -m benchmarks.startup --dtype=bfloat16 --warm_runs=1
 
 Every row is a fresh process on the shipped path (configs/cub.py, random ViT-B/32
 weights, train.create_train_state, train.jit_train_step, encoding.jitted_encode_step),
@@ -13,16 +13,15 @@ temporary one per invocation, removed at the end. Prints a markdown table in sec
 """
 import os
 import shutil
-import sys
 import tempfile
 import time
 
 from absl import app
 from absl import flags
 
-import child  # benchmarks/child.py: run_json, print_json
-import table  # benchmarks/table.py: print_table
-import train_step  # benchmarks/train_step.py: build_ours, cpu_line; defines --batch
+from benchmarks import child
+from benchmarks import table
+from benchmarks import train_step  # Defines --batch.
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'config.model.dtype.')
@@ -61,9 +60,9 @@ def main(argv):
     rows = []
     for run in range(1 + FLAGS.warm_runs):
       t0 = time.perf_counter()
-      rows.append(child.run_json([
-          sys.executable, os.path.abspath(__file__), f'--child_cache={cache_dir}',
-          f'--dtype={FLAGS.dtype}', f'--batch={FLAGS.batch}']))
+      rows.append(child.run_json(child.module_command(
+          __spec__.name, f'--child_cache={cache_dir}', f'--dtype={FLAGS.dtype}',
+          f'--batch={FLAGS.batch}')))
       # Interpreter start, imports, every part, the first step and the exit.
       rows[-1]['process_s'] = time.perf_counter() - t0
       rows[-1]['run'] = 'cold' if not run else f'warm {run}'

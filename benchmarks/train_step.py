@@ -1,7 +1,7 @@
 """Train-step and eval-forward throughput of the shipped step, plus peak RSS.
 
-  python benchmarks/train_step.py                  # ViT-B/32, batch 32, 224 px, fp32 + bf16
-  python benchmarks/train_step.py --dtypes=float32 --steps=5
+  python -m benchmarks.train_step                  # ViT-B/32, batch 32, 224 px, fp32 + bf16
+  python -m benchmarks.train_step --dtypes=float32 --steps=5
 
 Each setting runs in its own process (so peak RSS is that setting's alone) and
 uses the real path: configs/cub.py with random B/32 weights
@@ -11,21 +11,16 @@ training, encoding.jitted_encode_step for the eval forward. Prints a markdown ta
 import os
 import resource
 import statistics
-import sys
 import time
 
 from absl import app
 from absl import flags
 
-import child  # benchmarks/child.py: run_json, print_json
-import table  # benchmarks/table.py: print_table
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
+from benchmarks import child
+from benchmarks import table
 # Imports jax but starts no backend, so XLA_FLAGS set later still apply.
-from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
-from concepthash_jax.models import clip  # pylint: disable=g-import-not-at-top
+from concepthash_jax import xla_flags
+from concepthash_jax.models import clip
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes to run.')
@@ -60,49 +55,11 @@ def cpu_line() -> str:
   return f'{model}, {os.cpu_count()} cores, {" ".join(wanted)}'
 
 
-def jax_forward_backward(fn, args, grad, cpu_matmul: str = 'auto') -> tuple:
-  """(forward, forward + VJP) closures timing `fn(*args)` jitted, each blocking until done.
-
-  Args:
-    fn: the JAX function.
-    args: its arguments; the VJP is taken with respect to all of them.
-    grad: the output's cotangent.
-    cpu_matmul: train.cpu_matmul, whose compiler options both compiles get.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from concepthash_jax import xla_flags  # pylint: disable=g-import-not-at-top
-  options = xla_flags.compiler_options(cpu_matmul)
-  forward = jax.jit(fn, compiler_options=options)
-  backward = jax.jit(lambda args, grad: jax.vjp(fn, *args)[1](grad), compiler_options=options)
-  return (lambda: jax.block_until_ready(forward(*args)),
-          lambda: jax.block_until_ready(backward(args, grad)))
-
-
-def torch_forward_backward(compute, inputs, grad) -> tuple:
-  """(forward, forward + backward) closures timing a PyTorch computation.
-
-  Args:
-    compute: () -> tensor, the computation on `inputs` (tensors with requires_grad).
-    inputs: the tensors the backward differentiates with respect to.
-    grad: the output's cotangent.
-  """
-  import torch  # pylint: disable=g-import-not-at-top
-
-  def forward():
-    with torch.no_grad():
-      compute()
-
-  def backward():
-    torch.autograd.grad(compute(), inputs, grad)
-
-  return forward, backward
-
-
 def interleave(fns: dict, rounds: int) -> dict:
   """{name: [seconds per round]}: every fn timed once per round; round 0 warms up.
 
   Interleaving puts measurements of different fns seconds apart, so a box whose speed
-  drifts from minute to minute still gives fair ratios (cpu_side_by_side, cpu_matmul).
+  drifts from minute to minute still gives fair ratios (side_by_side).
   """
   times = {k: [] for k in fns}
   for r in range(rounds + 1):
@@ -112,12 +69,6 @@ def interleave(fns: dict, rounds: int) -> dict:
       if r:
         times[k].append(time.perf_counter() - t0)
   return times
-
-
-def print_step_heading(details: str) -> None:
-  """The CPU line and the setup line above a table of the shipped step's variants."""
-  print(cpu_line())
-  print(f'ViT-B/32, batch {FLAGS.batch}, {details}\n')
 
 
 def speed_up(base: list, other: list) -> tuple:
@@ -132,18 +83,15 @@ def speed_up(base: list, other: list) -> tuple:
 
 
 def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
-               cpu_matmul: str = 'auto', full_final_layer: bool = False,
-               uint8_images: bool = False, devices=None):
+               cpu_matmul: str = 'auto', uint8_images: bool = False):
   """The shipped train step and eval forward as closures: (train, eval, info).
 
   `train()` runs one step and returns its metrics, `eval()` one encode forward; both
   block until done. Call xla_flags.configure_xla_flags (or set XLA_FLAGS) before this.
   `cpu_matmul` (config train.cpu_matmul) goes with both compiles, so one process can
-  hold both libraries side by side. `full_final_layer` runs the final ViT layer on every
-  token, as the authors' model does (ConceptHash.full_final_layer; default: CLS and the
-  concept tokens only). `uint8_images` compiles the step for the uint8 batches that
-  `data.batches` ships (normalised inside the step), as training does. `devices`: the
-  mesh's devices (default: all, as training takes them). `info['eval_at'](n)` compiles
+  hold both libraries side by side. `uint8_images` compiles the step for the uint8 batches
+  that `data.batches` ships (normalised inside the step), as training does.
+  `info['eval_at'](n)` compiles
   the eval forward for another batch size n and returns its closure.
   """
   import jax  # pylint: disable=g-import-not-at-top
@@ -165,9 +113,8 @@ def build_ours(dtype: str, batch: int, num_classes: int, remat: str,
   rng = np.random.default_rng(0)
   text = rng.normal(size=(num_classes,
                           clip_config.text_config.hidden_size)).astype('f4')
-  model = models.build_model(config.model, clip_config, num_classes).clone(
-      full_final_layer=full_final_layer)
-  mesh = sharding.create_mesh(devices)
+  model = models.build_model(config.model, clip_config, num_classes)
+  mesh = sharding.create_mesh()
   steps_per_epoch = 5994 // batch
   tx = optim.make_optimizer(config.optim, steps_per_epoch)
   schedule = optim.make_schedule(config.optim, steps_per_epoch)
@@ -269,13 +216,13 @@ def main(argv):
     return
   rows = []
   for dtype in FLAGS.dtypes:
-    cmd = [sys.executable, os.path.abspath(__file__), f'--child={dtype}',
+    cmd = child.module_command(__spec__.name, f'--child={dtype}',
            f'--batch={FLAGS.batch}', f'--steps={FLAGS.steps}',
            f'--eval_steps={FLAGS.eval_steps}',
            f'--num_classes={FLAGS.num_classes}', f'--remat={FLAGS.remat}',
            f'--cpu_concurrency_scheduler={FLAGS.cpu_concurrency_scheduler}',
            f'--cpu_matmul={FLAGS.cpu_matmul}',
-           f'--matmul_precision={FLAGS.matmul_precision}']
+           f'--matmul_precision={FLAGS.matmul_precision}')
     rows.append(child.run_json(cmd))
   print(cpu_line())
   print(f'ViT-B/32 ConceptHash (M=4, 64 bits, {FLAGS.num_classes} classes), '

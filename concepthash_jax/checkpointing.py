@@ -2,8 +2,9 @@
 
 Kept under `workdir/checkpoints/<step>/`: the latest `keep` steps plus the one
 with the best eval mAP@R (its metrics are stored beside it). A SIGTERM
-(preemption, `kill`, Ctrl-\\) only sets a flag; the loop notices it at the next
-check, saves the current step and returns normally, so no write is torn.
+(preemption, `kill`, Ctrl-\\) only sets a flag (preemption.py); the loop notices
+it at the next check, saves the current step and returns normally, so no write is
+torn.
 
 Resume order (first that exists wins), as `restore_or_initialize` implements:
   1. workdir: the newest checkpoint in this run's own directory (a restarted
@@ -20,96 +21,22 @@ directory) is skipped with a warning naming its step and path, and the newest
 readable one is used instead; it is never deleted. Before this run writes its
 own checkpoints it moves such a step aside to `checkpoints_unreadable/` (the
 same step number would otherwise collide with the one it saves next).
-
-`WorkdirLock` keeps a second run off a workdir that a live run is using.
 """
-import datetime
 import errno
-import functools
 import json
 import os
 import shutil
-import signal
-import socket
 import sys
-import threading
 from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from concepthash_jax import errors
 
 METRIC = 'map_at_r'
 _pp = ocp.checkpoint_managers.preservation_policy
-
-
-class PreemptionFlag:
-  """Set by SIGTERM (and by jax's preemption service on multi-host jobs)."""
-
-  def __init__(self):
-    self._event = threading.Event()
-    self._previous = None
-
-  def install(self):
-    """Installs the SIGTERM handler (main thread only; a no-op elsewhere)."""
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def uninstall(self):
-    """Restores the handler that was there before `install`."""
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    """Signal handler: only records the request, the loop does the work."""
-    self._event.set()
-
-  def set(self):
-    """Requests a stop as SIGTERM would (tests, callers)."""
-    self._event.set()
-
-  def requested(self, step: int) -> bool:
-    """True when this process got SIGTERM or the job reached a preemption point.
-
-    Args:
-      step: the current step (for jax's multi-host preemption sync point).
-
-    Returns:
-      Whether the loop should save and stop now. On multi-host jobs every
-      process must call this at the same steps; the result is agreed by an
-      all-reduce so all processes save the same step.
-    """
-    local = self._event.is_set()
-    try:
-      synced = bool(ocp.multihost.reached_preemption(step))
-    except Exception:  # pylint: disable=broad-except
-      synced = False  # No preemption service (single process).
-    return any_process(local) or synced
-
-
-def any_process(flag: bool) -> bool:
-  """Logical OR of a host-local bool over all processes."""
-  # One scalar per local device, reduced over every device of the job;
-  # identical code on one process (it reduces over its own devices only).
-  mesh, reduce_max = _flag_reducer()
-  local = np.full((len(jax.local_devices()),), flag, np.int32)
-  arr = jax.make_array_from_process_local_data(
-      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('p')), local)
-  return bool(np.asarray(reduce_max(arr)))
-
-
-@functools.lru_cache(maxsize=None)
-def _flag_reducer():
-  """(mesh over all devices, jitted replicated max), built once."""
-  mesh = jax.make_mesh((jax.device_count(),), ('p',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return mesh, jax.jit(lambda x: x.max(), out_shardings=out)
 
 
 def step_dirs(directory: str) -> list:
@@ -315,7 +242,7 @@ class Checkpointer:
         shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def restore(self, abstract_state, step: Optional[int] = None, *,
-              fallback: bool = False):
+              fallback: bool = False, partial: bool = False):
     """Restores a step into the structure/shardings given.
 
     Args:
@@ -325,6 +252,9 @@ class Checkpointer:
       fallback: when `step` cannot be read, warn and use the newest readable
         step instead of failing (for a step picked as latest/best, not one
         the user asked for).
+      partial: `abstract_state` names only some of the saved entries (a dict
+        of top-level TrainState fields); only those are read, so a reader
+        needs no optimizer to rebuild the rest.
 
     Returns:
       The restored state (jax.Arrays placed per the shardings).
@@ -335,7 +265,7 @@ class Checkpointer:
     """
     if step is not None and not fallback:
       try:
-        return self._restore_step(abstract_state, step)
+        return self._restore_step(abstract_state, step, partial)
       except Exception as e:  # pylint: disable=broad-except
         raise errors.CheckpointError(
             f'Checkpoint step {step} at {self._step_path(step)} cannot be '
@@ -345,7 +275,7 @@ class Checkpointer:
     candidates += [s for s in reversed(self.all_steps()) if s != step]
     for candidate in candidates:
       try:
-        return self._restore_step(abstract_state, candidate)
+        return self._restore_step(abstract_state, candidate, partial)
       except Exception as e:  # pylint: disable=broad-except
         if _does_not_fit(e):  # Intact, but another model: older ones too.
           raise errors.CheckpointError(
@@ -366,13 +296,19 @@ class Checkpointer:
   def _step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def _restore_step(self, abstract_state, step: int):
+  def _restore_step(self, abstract_state, step: int, partial: bool = False):
     """Reads one step's state with a plain orbax checkpointer (no manager)."""
     if step not in step_dirs(self.directory):
       raise FileNotFoundError(f'no directory {self._step_path(step)}')
+    path = os.path.join(self._step_path(step), 'default')
+    if partial:
+      with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+        return reader.restore(path, args=ocp.args.PyTreeRestore(
+            item=abstract_state, partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(
+                abstract_state)))
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as reader:
-      return reader.restore(os.path.join(self._step_path(step), 'default'),
-                            args=ocp.args.StandardRestore(abstract_state))
+      return reader.restore(path, args=ocp.args.StandardRestore(abstract_state))
 
   def close(self):
     """Waits for pending writes and releases the manager."""
@@ -425,109 +361,3 @@ def restore_or_initialize(checkpointer: Checkpointer, abstract_state, *,
       other.close()
     return reset_fn(init_fn(), restored), 'init'
   return init_fn(), 'scratch'
-
-
-# ------------------------------------------------------------ workdir lock
-
-LOCK_FILE = 'run.lock'
-
-
-def _process_start(pid: int) -> Optional[str]:
-  """Start time of `pid` in clock ticks since boot (Linux), to tell reused pids apart."""
-  try:
-    with open(f'/proc/{pid}/stat') as f:
-      fields = f.read().rsplit(')', 1)[1].split()
-  except (OSError, IndexError):
-    return None
-  # fields[0] is the state (field 3 of stat); 'Z' = exited, not yet reaped.
-  return None if fields[0] == 'Z' else fields[19]
-
-
-def _alive(pid: int, start: Optional[str]) -> bool:
-  """Whether process `pid` (started at `start`, if known) still runs on this host."""
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True  # Another user's process.
-  now = _process_start(pid)
-  if os.path.isdir('/proc') and now is None:
-    return False  # Zombie, or gone since os.kill.
-  return start is None or now is None or now == start
-
-
-class WorkdirLock:
-  """One run per workdir: `workdir/run.lock` names the process that holds it.
-
-  Taken with O_EXCL, so two runs starting together cannot both win. A lock
-  whose process is gone (same host, pid not running or reused) is stale: a
-  SIGKILLed run must not block its own resume, so it is replaced with a
-  warning. A lock from another host cannot be checked and is refused; the
-  message says how to clear it. On a multi-host job only process 0 takes it
-  (one job = one lock).
-  """
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
-    self.held = False
-
-  def _holder(self) -> dict:
-    """The lock file's record ({} when it cannot be parsed)."""
-    try:
-      with open(self.path) as f:
-        return json.load(f)
-    except (OSError, ValueError):
-      return {}
-
-  def acquire(self) -> 'WorkdirLock':
-    """Takes the lock or raises WorkdirError naming the process that holds it."""
-    me = {'pid': os.getpid(), 'host': socket.gethostname(),
-          'start': _process_start(os.getpid()),
-          'since': datetime.datetime.now().isoformat(timespec='seconds')}
-    for _ in range(3):  # Retry after removing a stale lock (racing runs).
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        holder = self._holder()
-        if not self._is_stale(holder, me['host']):
-          raise errors.WorkdirError(self._busy_message(holder)) from None
-        logging.warning('Removing the stale lock %s of pid %s on %s (that '
-                        'process is no longer running).', self.path,
-                        holder.get('pid'), holder.get('host'))
-        try:
-          os.remove(self.path)
-        except FileNotFoundError:
-          pass  # Another starting run removed it first.
-        continue
-      with os.fdopen(fd, 'w') as f:
-        json.dump(me, f)
-      self.held = True
-      return self
-    raise errors.WorkdirError(self._busy_message(self._holder()))
-
-  @staticmethod
-  def _is_stale(holder: dict, host: str) -> bool:
-    """A same-host lock whose process is gone."""
-    if not holder or holder.get('host') != host:
-      return False
-    return not _alive(int(holder['pid']), holder.get('start'))
-
-  def _busy_message(self, holder: dict) -> str:
-    workdir = os.path.dirname(self.path)
-    if not holder:
-      return (f'{self.path} exists but cannot be read; if no run is using '
-              f'{workdir}, delete that file and start again')
-    return (f"{workdir} is in use by pid {holder.get('pid')} on host "
-            f"{holder.get('host')} (since {holder.get('since')}); wait for "
-            'that run to finish or use another --workdir (if that process is '
-            f'gone, delete {self.path})')
-
-  def release(self):
-    """Removes the lock file (if this object took it)."""
-    if self.held:
-      self.held = False
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass

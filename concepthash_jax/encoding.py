@@ -1,4 +1,4 @@
-"""Encoding splits into codes and scoring them: eval-mode forward, mAP@R, chance.
+"""Encoding splits into codes: the eval-mode forward over a dataset.
 
 `encode_split` is the one pass over a dataset with a trained model (the
 training loop's evaluation, tools/encode.py, tools/explain.py); `encode_step`
@@ -15,7 +15,6 @@ import numpy as np
 import tqdm
 
 from concepthash_jax import data as data_lib
-from concepthash_jax import evaluation
 from concepthash_jax import sharding
 from concepthash_jax import xla_flags
 from concepthash_jax.data import transforms
@@ -140,100 +139,17 @@ def encode_split(model, variables, ds, data_cfg, *, keep=('codes',),
   return result
 
 
-def retrieval_cutoff(eval_cfg) -> Optional[int]:
-  """config eval.R as `evaluation.map_at_r`'s R (None = whole database)."""
-  return None if eval_cfg.R is None or eval_cfg.R < 0 else int(eval_cfg.R)
+def class_centers(model, variables, image_size: int) -> np.ndarray:
+  """o_c (C, K) float32: a trained model's class centers, read off one forward.
 
-
-def precision_ks(num_database: int) -> tuple:
-  """k = 1, 2, 5, 10, 20, 50, ... up to the database size (P@k-vs-k plots)."""
-  ks, decade = [], 1
-  while decade <= num_database:
-    ks += [k for k in (decade, 2 * decade, 5 * decade) if k <= num_database]
-    decade *= 10
-  return tuple(ks)
-
-
-def score(query: dict, database: dict, eval_cfg, *,
-          curves: bool = False, mesh=None) -> dict:
-  """mAP@R of encoded queries against an encoded database, beside chance.
+  The centers do not depend on the image, so the forward runs on one blank one.
 
   Args:
-    query, database: `encode_split` results with 'codes' and 'labels'.
-    eval_cfg: config `eval` (R, ties).
-    curves: also the precision-recall curve over Hamming radii and P@k.
-    mesh: devices the evaluator splits the database over (None: one).
-
-  Returns:
-    {'map_at_r', 'chance_map_at_r', 'num_queries', 'num_database'}; with
-    `curves`, 'pr_precision', 'pr_recall' ((K + 1,) for radii 0..K) and
-    'precision_at_k' {'k': [...], 'precision': [...]}.
+    model: ConceptHash module.
+    variables: {'params', 'batch_stats', 'centers'}.
+    image_size: side of the square model input.
   """
-  ks = precision_ks(len(database['labels'])) if curves else ()
-  metrics = evaluation.retrieval_metrics(
-      query['codes'], query['labels'], database['codes'], database['labels'],
-      R=retrieval_cutoff(eval_cfg), ties=eval_cfg.ties, topk=ks, radius=0,
-      mesh=mesh)
-  out = {'map_at_r': float(metrics['map_at_r']),
-         'chance_map_at_r': chance_map_at_r(query['labels'],
-                                            database['labels']),
-         'num_queries': len(query['labels']),
-         'num_database': len(database['labels'])}
-  if curves:
-    out['pr_precision'] = metrics['pr_precision']
-    out['pr_recall'] = metrics['pr_recall']
-    out['precision_at_k'] = {
-        'k': list(ks), 'precision': [metrics[f'precision_at_{k}'] for k in ks]}
-  return out
-
-
-def class_centers(model, variables, image_size) -> np.ndarray:
-  """o_c (C, K) float64 of a trained model (read from one forward; independent of it)."""
-  pixels = np.zeros((1, *image_size, 3), np.float32)
+  pixels = np.zeros((1, image_size, image_size, 3), np.float32)
   forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[1])
   return np.asarray(jax.device_get(forward(variables, pixels)['class_centers']),
-                    np.float64)
-
-
-def chance_map_at_r(query_labels, db_labels) -> float:
-  """Expected mAP@R (R = whole database) of a uniformly random ranking.
-
-  For a query with n relevant items among N, E[AP] =
-  (n-1)/(N-1) + (H_N/N) (N-n)/(N-1) (H_N the harmonic number): about the
-  fraction of relevant items, slightly above it for small N. Queries with
-  n = 0 score 0.
-
-  Args:
-    query_labels: (Q,) int or (Q, C) multi-hot.
-    db_labels: (N,) int or (N, C) multi-hot.
-
-  Returns:
-    The expectation, averaged over queries.
-  """
-  q, d = np.asarray(query_labels), np.asarray(db_labels)
-  if q.ndim == 1:
-    classes, counts = np.unique(d, return_counts=True)
-    lookup = dict(zip(classes.tolist(), counts.tolist()))
-    n = np.array([lookup.get(c, 0) for c in q.tolist()], np.float64)
-  else:
-    n = ((q.astype(np.float32) @ d.T.astype(np.float32)) > 0).sum(1)
-    n = n.astype(np.float64)
-  size = float(len(d))
-  if size <= 1:
-    return float(np.mean(n > 0))
-  harmonic = np.sum(1.0 / np.arange(1, len(d) + 1))
-  expected = (n - 1) / (size - 1) + harmonic / size * (size - n) / (size - 1)
-  return float(np.mean(np.where(n > 0, expected, 0.0)))
-
-
-def evaluate(model, variables, query_ds, db_ds, data_cfg, *, eval_cfg,
-             mesh=None, batch_size: Optional[int] = None,
-             cpu_matmul: str = 'auto') -> dict:
-  """mAP@R of the query split against the database split, and its chance level."""
-  query = encode_split(model, variables, query_ds, data_cfg,
-                       batch_size=batch_size, mesh=mesh, desc='eval queries',
-                       cpu_matmul=cpu_matmul)
-  database = encode_split(model, variables, db_ds, data_cfg,
-                          batch_size=batch_size, mesh=mesh,
-                          desc='eval database', cpu_matmul=cpu_matmul)
-  return score(query, database, eval_cfg, mesh=mesh)
+                    np.float32)

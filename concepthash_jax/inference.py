@@ -24,6 +24,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 from PIL import Image
 import tqdm
 from flax import traverse_util
@@ -34,11 +36,9 @@ from concepthash_jax import encoding
 from concepthash_jax import errors
 from concepthash_jax import exporting
 from concepthash_jax import models
-from concepthash_jax import optim
 from concepthash_jax import run_files
 from concepthash_jax import safe_files
 from concepthash_jax import sharding
-from concepthash_jax import train
 from concepthash_jax import xla_flags
 from concepthash_jax.data import folders
 from concepthash_jax.data import pixels as pixels_lib
@@ -50,9 +50,15 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
                     '.tiff')
 
 
-def restore_for_inference(workdir: str, *, step: Optional[int] = None,
-                          which: str = 'latest'):
-  """Loads a trained run for encoding/explaining; needs no dataset or network.
+def _restore_run(workdir: str, *, step: Optional[int] = None,
+                 which: str = 'latest'):
+  """A run's model and the variables of one checkpoint; no dataset or network.
+
+  Only the model's variables are read from the checkpoint (an orbax partial
+  restore of `params` and `model_state`), so neither the optimizer nor the
+  TrainState of the code that trained the run has to be rebuilt. An
+  unreadable latest or best checkpoint falls back to the newest readable one,
+  so the step restored may be older than the one asked for.
 
   Args:
     workdir: a run directory written by `train.train_and_evaluate`.
@@ -60,22 +66,9 @@ def restore_for_inference(workdir: str, *, step: Optional[int] = None,
     which: 'latest' (the final model, as in results.json) or 'best'.
 
   Returns:
-    (config, model, variables, class_names): variables =
-    {'params', 'batch_stats', 'centers'} ready for `model.apply(...,
-    train=False)` on the default device(s).
-  """
-  return restore_step_for_inference(workdir, step=step, which=which)[:4]
-
-
-def restore_step_for_inference(workdir: str, *, step: Optional[int] = None,
-                               which: str = 'latest'):
-  """`restore_for_inference` plus the step actually restored.
-
-  An unreadable latest or best checkpoint falls back to the newest readable
-  one, so the step restored may be older than the one asked for.
-
-  Returns:
-    (config, model, variables, class_names, restored step).
+    (config, clip_config, model, variables, class_names, restored step):
+    variables = {'params', 'batch_stats', 'centers'} ready for
+    `model.apply(..., train=False)`, replicated over this process's devices.
 
   Raises:
     errors.CheckpointError: no checkpoint can be read ('No readable checkpoint
@@ -86,15 +79,11 @@ def restore_step_for_inference(workdir: str, *, step: Optional[int] = None,
   clip_config = run_files.read_clip_config(workdir)
   class_names = run_files.read_class_names(workdir)
   model = models.build_model(config.model, clip_config, len(class_names))
-  mesh = sharding.create_mesh()
-  tx = optim.make_optimizer(config.optim, 1)  # Structure only.
-  abstract_clip = run_files.abstract_vision_params(clip_config)
-  abstract_text = None
-  if config.model.center_type == 'language':
-    abstract_text = jax.ShapeDtypeStruct(
-        (len(class_names), clip_config.text_config.hidden_size), jnp.float32)
-  _, abstract, _, _ = train.create_train_state(config, model, tx, abstract_clip,
-                                               abstract_text, mesh)
+  replicated = NamedSharding(sharding.create_mesh(), PartitionSpec())
+  place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+  variables = jax.tree.map(place, abstract_variables(model, config.data.image_size))
+  wanted = {'step': place(jax.ShapeDtypeStruct((), jnp.int32)),
+            'params': variables.pop('params'), 'model_state': variables}
   ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
   fallback = step is None  # An unreadable latest/best: the newest readable.
   try:
@@ -108,12 +97,12 @@ def restore_step_for_inference(workdir: str, *, step: Optional[int] = None,
           f'{checkpointing.checkpoint_dir(workdir)} holds no checkpoint; train '
           f'the run first (concepthash-train ... --workdir={workdir}).')
     # With only unreadable steps, restore names each and why.
-    state = ckpt.restore(abstract, step, fallback=fallback)
+    state = ckpt.restore(wanted, step, fallback=fallback, partial=True)
   finally:
     ckpt.close()
-  restored = int(jax.device_get(state.step))
-  return config, model, {'params': state.params, **state.model_state}, \
-      class_names, restored
+  return (config, clip_config, model,
+          {'params': state['params'], **state['model_state']}, class_names,
+          int(jax.device_get(state['step'])))
 
 
 def _results_of_step(workdir: str, step: int):
@@ -152,12 +141,12 @@ def base_clip(config, base: Optional[str] = None):
 
 @functools.lru_cache(maxsize=1)
 def _load_clip_cached(name: str, random_cfg: str, seed: int):
-  """train.load_backbone keyed by hashable values (see base_clip)."""
+  """hf.load_backbone keyed by hashable values (see base_clip)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   model_cfg = ml_collections.ConfigDict({'clip': name})
   if random_cfg:
     model_cfg.random_clip = ml_collections.ConfigDict(json.loads(random_cfg))
-  return train.load_backbone(model_cfg, seed)
+  return hf.load_backbone(model_cfg, seed)
 
 
 def _assemble(abstract: dict, stored: dict, frozen_vision, where: str) -> dict:
@@ -284,10 +273,9 @@ class ConceptHasher:
     is_run = (os.path.isfile(os.path.join(path, run_files.CONFIG_FILE)) and
               os.path.isdir(checkpointing.checkpoint_dir(path)))
     if is_run:
-      config, model, variables, class_names, restored = (
-          restore_step_for_inference(path, which=which, step=step))
-      return cls(config=config,
-                 clip_config=run_files.read_clip_config(path),
+      config, clip_config, model, variables, class_names, restored = (
+          _restore_run(path, which=which, step=step))
+      return cls(config=config, clip_config=clip_config,
                  model=model, variables=variables, class_names=class_names,
                  source=path, tokenizer_source=config.model.clip,
                  results=_results_of_step(path, restored), step=restored)
@@ -362,10 +350,8 @@ class ConceptHasher:
   def class_centers(self) -> np.ndarray:
     """o_c (C, K) float32: the trained class centers, from one forward."""
     if self._class_centers is None:
-      pixels = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
-      aux = jax.jit(lambda v, x: self.model.apply(v, x, train=False)[1])(
-          self.variables, pixels)
-      self._class_centers = np.asarray(aux['class_centers'], np.float32)
+      self._class_centers = encoding.class_centers(self.model, self.variables,
+                                                   self.image_size)
     return self._class_centers
 
   # --------------------------------------------------------------- images

@@ -28,9 +28,11 @@ from concepthash_jax import checkpointing
 from concepthash_jax import configuration
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
+from concepthash_jax import evaluation
 from concepthash_jax import metrics_log
 from concepthash_jax import models
 from concepthash_jax import optim
+from concepthash_jax import preemption
 from concepthash_jax import run_files
 from concepthash_jax import sharding
 from concepthash_jax import workdir as workdir_lib
@@ -144,15 +146,6 @@ def jit_train_step(loss_fn: Callable, model, tx, trainable_mask, schedule,
 
 
 # ------------------------------------------------------------ state
-
-
-def load_backbone(model_cfg, seed: int):
-  """(CLIPConfig, params) of config model.clip: hub name, local dir or 'random' (seeded)."""
-  if model_cfg.clip == 'random':
-    clip_config = hf.random_clip_config(model_cfg.random_clip)
-    return clip_config, hf.init_clip_params(clip_config,
-                                            jax.random.PRNGKey(seed))
-  return hf.load_clip(model_cfg.clip)
 
 
 def center_embeddings(model_cfg, clip_config, clip_params, class_names):
@@ -337,7 +330,7 @@ class _Run:
     self.stop_step = (min(total_steps, config.train.max_steps)
                       if config.train.max_steps > 0 else total_steps)
 
-    clip_config, clip_params = load_backbone(config.model, config.seed)
+    clip_config, clip_params = hf.load_backbone(config.model, config.seed)
     text_embeds = center_embeddings(config.model, clip_config, clip_params,
                                     self.class_names)
     # The text tower is needed only for the centers: keep it out of the state.
@@ -370,7 +363,7 @@ class _Run:
         batch_size=config.data.batch_size)
     self.best = self.log.best_logged('eval/map_at_r')
     self.last_eval, self.eval_result = None, None
-    self.preempt = checkpointing.PreemptionFlag().install()
+    self.preempt = preemption.PreemptionFlag().install()
 
   def flush(self, step: int):
     """Fetches the pending step metrics, checks them, logs their mean."""
@@ -389,10 +382,11 @@ class _Run:
     """Evaluates mAP@R, updates the best, reports it, checkpoints with it."""
     self.flush(step)
     variables = {'params': self.state.params, **self.state.model_state}
-    result = encoding.evaluate(
-        self.model, variables, self.test_ds, self.train_ds, self.config.data,
-        eval_cfg=self.config.eval, mesh=self.mesh,
-        cpu_matmul=self.config.train.cpu_matmul)
+    encoded = [encoding.encode_split(
+        self.model, variables, ds, self.config.data, mesh=self.mesh,
+        desc=f'eval {role}', cpu_matmul=self.config.train.cpu_matmul)
+               for role, ds in (('queries', self.test_ds), ('database', self.train_ds))]
+    result = evaluation.score(*encoded, self.config.eval, mesh=self.mesh)
     self.eval_result, self.last_eval = result, step
     self.best = max(self.best or 0.0, result['map_at_r'])
     self.log.write(step, {'eval/map_at_r': result['map_at_r'],

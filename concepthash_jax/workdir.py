@@ -7,7 +7,7 @@
      run.lock); an
      export, a cache or a folder holding other files is refused untouched;
      the marker is written when the run starts;
-  1. lock: `checkpointing.WorkdirLock` (process 0): a second run on a busy
+  1. lock: `WorkdirLock` (process 0): a second run on a busy
      workdir stops at once, naming the process that holds it;
   2. config: when the workdir holds a checkpoint, the new config is compared
      with the stored config.json; a changed key that is not in `HARMLESS`
@@ -25,12 +25,15 @@ import functools
 import json
 import os
 import shutil
+import socket
+from typing import Optional
 
 from absl import logging
 import jax
 
 from concepthash_jax import checkpointing
 from concepthash_jax import errors
+from concepthash_jax import preemption
 from concepthash_jax import run_files
 from concepthash_jax import safe_files
 
@@ -191,7 +194,7 @@ def is_workdir(folder: str) -> bool:
     return kind == WORKDIR_KIND
   has = lambda name: os.path.exists(os.path.join(folder, name))
   if (has(HISTORY_FILE) or has(run_files.METRICS_FILE) or
-      has(checkpointing.LOCK_FILE)):  # A run starting there holds the lock first.
+      has(LOCK_FILE)):  # A run starting there holds the lock first.
     return True
   config = os.path.join(folder, CONFIG_FILE)
   return _is_run_config(config) or (
@@ -246,7 +249,7 @@ def guarded(train_fn):
     workdir = os.path.abspath(workdir)
     check_folder(workdir)
     created = not os.path.exists(workdir)
-    lock = checkpointing.WorkdirLock(workdir)
+    lock = WorkdirLock(workdir)
     busy = None
     if jax.process_index() == 0:
       safe_files.ensure_folder(workdir, 'run')
@@ -254,7 +257,7 @@ def guarded(train_fn):
         lock.acquire()
       except errors.WorkdirError as e:
         busy = e
-    if checkpointing.any_process(busy is not None):
+    if preemption.any_process(busy is not None):
       raise busy or errors.WorkdirError(
           f'{workdir} is in use by another run (see the log of process 0)')
     try:
@@ -273,3 +276,109 @@ def guarded(train_fn):
       lock.release()
 
   return wrapper
+
+
+# ------------------------------------------------------------ workdir lock
+
+LOCK_FILE = 'run.lock'
+
+
+def _process_start(pid: int) -> Optional[str]:
+  """Start time of `pid` in clock ticks since boot (Linux), to tell reused pids apart."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      fields = f.read().rsplit(')', 1)[1].split()
+  except (OSError, IndexError):
+    return None
+  # fields[0] is the state (field 3 of stat); 'Z' = exited, not yet reaped.
+  return None if fields[0] == 'Z' else fields[19]
+
+
+def _alive(pid: int, start: Optional[str]) -> bool:
+  """Whether process `pid` (started at `start`, if known) still runs on this host."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Another user's process.
+  now = _process_start(pid)
+  if os.path.isdir('/proc') and now is None:
+    return False  # Zombie, or gone since os.kill.
+  return start is None or now is None or now == start
+
+
+class WorkdirLock:
+  """One run per workdir: `workdir/run.lock` names the process that holds it.
+
+  Taken with O_EXCL, so two runs starting together cannot both win. A lock
+  whose process is gone (same host, pid not running or reused) is stale: a
+  SIGKILLed run must not block its own resume, so it is replaced with a
+  warning. A lock from another host cannot be checked and is refused; the
+  message says how to clear it. On a multi-host job only process 0 takes it
+  (one job = one lock).
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self.held = False
+
+  def _holder(self) -> dict:
+    """The lock file's record ({} when it cannot be parsed)."""
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return {}
+
+  def acquire(self) -> 'WorkdirLock':
+    """Takes the lock or raises WorkdirError naming the process that holds it."""
+    me = {'pid': os.getpid(), 'host': socket.gethostname(),
+          'start': _process_start(os.getpid()),
+          'since': datetime.datetime.now().isoformat(timespec='seconds')}
+    for _ in range(3):  # Retry after removing a stale lock (racing runs).
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        holder = self._holder()
+        if not self._is_stale(holder, me['host']):
+          raise errors.WorkdirError(self._busy_message(holder)) from None
+        logging.warning('Removing the stale lock %s of pid %s on %s (that '
+                        'process is no longer running).', self.path,
+                        holder.get('pid'), holder.get('host'))
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass  # Another starting run removed it first.
+        continue
+      with os.fdopen(fd, 'w') as f:
+        json.dump(me, f)
+      self.held = True
+      return self
+    raise errors.WorkdirError(self._busy_message(self._holder()))
+
+  @staticmethod
+  def _is_stale(holder: dict, host: str) -> bool:
+    """A same-host lock whose process is gone."""
+    if not holder or holder.get('host') != host:
+      return False
+    return not _alive(int(holder['pid']), holder.get('start'))
+
+  def _busy_message(self, holder: dict) -> str:
+    workdir = os.path.dirname(self.path)
+    if not holder:
+      return (f'{self.path} exists but cannot be read; if no run is using '
+              f'{workdir}, delete that file and start again')
+    return (f"{workdir} is in use by pid {holder.get('pid')} on host "
+            f"{holder.get('host')} (since {holder.get('since')}); wait for "
+            'that run to finish or use another --workdir (if that process is '
+            f'gone, delete {self.path})')
+
+  def release(self):
+    """Removes the lock file (if this object took it)."""
+    if self.held:
+      self.held = False
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass

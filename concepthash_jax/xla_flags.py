@@ -22,12 +22,11 @@ import jax.numpy as jnp
 from concepthash_jax import errors
 
 # XLA:CPU matrix-multiply library for `train.cpu_matmul`. XLA's default hands dots to
-# YNNPACK; turning YNN fusions off sends them to Eigen. Side by side (BENCHMARKS.md, "CPU
-# train step and eval forward against the authors' step"): on an Intel Xeon with AVX-512 (2 x 512-bit FMA, AMX), float32
-# ran the ViT-B/32 train step 1.11x and the eval forward 1.20x faster on Eigen, while
-# bfloat16 needs YNNPACK (its bf16 kernels; Eigen's bf16 eval forward was 2.1x
-# slower); on an AMD Zen 4, YNNPACK already ran float32 at that CPU's peak. 'auto'
-# follows those figures.
+# YNNPACK; turning YNN fusions off sends them to Eigen. 'auto' takes whichever runs the
+# float32 products faster on the CPU at hand (Eigen on Intel CPUs with AVX-512, where
+# YNNPACK's float32 kernels trail it; YNNPACK elsewhere, where it reaches the CPU's peak)
+# and YNNPACK for bfloat16, whose bf16-in/f32-out kernels Eigen lacks (BENCHMARKS.md,
+# "Against the authors' step").
 CPU_MATMUL = ('auto', 'ynnpack', 'eigen')
 # jax.jit compiler_options of each library.
 CPU_MATMUL_OPTIONS = {'ynnpack': {}, 'eigen': {'xla_cpu_experimental_ynn_fusion_type': ''}}
@@ -112,12 +111,11 @@ def configure_xla_flags(config) -> str:
 # is written to disk, keyed by the program, its compile options, the XLA flags, the
 # devices and the jax version, so a later process (a resumed or repeated run, the
 # encode / explain / search tools) loads the executable a fresh compile would give
-# instead of compiling again. ViT-B/32 on 2 CPU cores: first step done 62.7 s after
-# the process started cold, 24-28 s warm (BENCHMARKS.md, "Start-up"). On GPUs JAX also
-# keeps XLA's autotuning results there.
-# Beyond this size the least recently used entries go (the ViT-B/32 train, eval and init
-# programs take 3.3 MB on the CPU). JAX's size cap locks the folder with the filelock
-# package, hence its place in setup.cfg.
+# instead of compiling again (BENCHMARKS.md, "Start-up"). On GPUs JAX also keeps XLA's
+# autotuning results there.
+# Beyond this size the least recently used entries go; it holds the programs of many runs
+# of many configs. JAX's size cap locks the folder with the filelock package, hence its
+# place in setup.cfg.
 COMPILATION_CACHE_MAX_BYTES = 4 << 30
 # The environment variables by which a user chooses JAX's cache themselves; theirs wins.
 _USER_CACHE_ENV = ('JAX_COMPILATION_CACHE_DIR', 'JAX_ENABLE_COMPILATION_CACHE')

@@ -93,9 +93,9 @@ def run(name, loss_fn):
   config.eval.every_epochs = FLAGS.epochs
   workdir = os.path.join(FLAGS.workdir, name)
   results = train.train_and_evaluate(config, workdir)
-  _, model, variables, _ = inference.restore_for_inference(workdir)
+  hasher = inference.ConceptHasher.load(workdir)
   test = data.build(config.data, 'test')
-  encoded = encoding.encode_split(model, variables, test, config.data,
+  encoded = encoding.encode_split(hasher.model, hasher.variables, test, config.data,
                                   keep=('attention',))
   return results, mean_concept_similarity(encoded['concept_attn'])
 

@@ -30,8 +30,9 @@ def pytest_configure(config):
   # and compiling their steps is most of a tiny run's time. The key covers the
   # program, compile options, XLA flags, devices and jax version, so a hit is the
   # executable a fresh compile would give. A fresh folder per session (cold, as
-  # CI is); programs from 0.2 s, as tools and restored runs compile the text
-  # encoder and encode steps (~0.3-1 s) again and again (JAX's default: 1 s).
+  # CI is). The threshold is below JAX's default so that the small programs the
+  # tools and restored runs compile again and again (text encoder, encode steps)
+  # are cached too.
   # pytest-xdist's workers start after this hook ran in the controller, with its
   # environment: they share its folder, which the controller removes at the end.
   folder = (os.environ.get('JAX_COMPILATION_CACHE_DIR')

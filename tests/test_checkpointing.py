@@ -15,7 +15,9 @@ import pytest
 
 import train_testlib as lib
 from concepthash_jax import checkpointing
+from concepthash_jax import preemption
 from concepthash_jax import sharding
+from concepthash_jax import workdir as workdir_lib
 
 
 @flax.struct.dataclass
@@ -73,7 +75,7 @@ def test_saving_metrics_for_an_existing_step_replaces_it(tmp_path):
 
 
 def test_sigterm_sets_the_flag_instead_of_killing():
-  flag = checkpointing.PreemptionFlag().install()
+  flag = preemption.PreemptionFlag().install()
   try:
     assert not flag.requested(0)
     os.kill(os.getpid(), signal.SIGTERM)
@@ -126,7 +128,7 @@ def _damage(path, how):
 
 
 @pytest.mark.parametrize('damaged,how', [
-    ('default/_METADATA', 'truncate'),  # The JSONDecodeError of issue 18.
+    ('default/_METADATA', 'truncate'),  # orbax's JSONDecodeError on a torn _METADATA.
     ('metrics/metrics', 'garbage'),  # Orbax's manager fails to open on it.
     ('default/d', 'truncate'),  # Array bytes.
 ])
@@ -181,8 +183,8 @@ def test_no_readable_checkpoint_names_the_directory_and_each_step(tmp_path):
 
 _HOLD_LOCK = '''
 import sys, time
-from concepthash_jax import checkpointing
-checkpointing.WorkdirLock(sys.argv[1]).acquire()
+from concepthash_jax import workdir
+workdir.WorkdirLock(sys.argv[1]).acquire()
 print('locked', flush=True)
 time.sleep(120)
 '''
@@ -201,17 +203,17 @@ def test_workdir_lock_refuses_a_live_holder_and_replaces_a_killed_one(
     with pytest.raises(checkpointing.errors.WorkdirError,
                        match=f'{workdir} is in use by pid {holder.pid} on '
                        f'host {socket.gethostname()}'):
-      checkpointing.WorkdirLock(workdir).acquire()
+      workdir_lib.WorkdirLock(workdir).acquire()
   finally:
     holder.kill()  # SIGKILL: the lock file stays behind.
     holder.wait()
-  assert os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))
-  lock = checkpointing.WorkdirLock(workdir).acquire()
+  assert os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
+  lock = workdir_lib.WorkdirLock(workdir).acquire()
   assert f'stale lock {os.path.join(workdir, "run.lock")} of pid ' \
          f'{holder.pid}' in caplog.text
   with pytest.raises(checkpointing.errors.WorkdirError,
                      match=f'in use by pid {os.getpid()}'):
-    checkpointing.WorkdirLock(workdir).acquire()
+    workdir_lib.WorkdirLock(workdir).acquire()
   lock.release()
   assert not os.path.exists(lock.path)
   # Another host's lock cannot be checked: refused, with how to clear it.
@@ -219,7 +221,7 @@ def test_workdir_lock_refuses_a_live_holder_and_replaces_a_killed_one(
     json.dump({'pid': 1, 'host': 'other-host', 'since': 'then'}, f)
   with pytest.raises(checkpointing.errors.WorkdirError,
                      match=r'pid 1 on host other-host .*delete .*run\.lock'):
-    checkpointing.WorkdirLock(workdir).acquire()
+    workdir_lib.WorkdirLock(workdir).acquire()
 
 
 def test_a_checkpoint_of_another_model_is_not_taken_for_a_damaged_one(

@@ -143,7 +143,7 @@ def _adapted(params_plain, config, adapter_dim, rng=0):
   """Adapter-enabled vision params: fresh adapters, CLIP weights from params_plain."""
   module = hf.vision_module_from_config(config.vision_config, adapter_dim=adapter_dim)
   pixels = jnp.zeros((1, 32, 32, 3))
-  init = jax.jit(module.init)  # Eager init of even this tiny tower takes ~10 s.
+  init = jax.jit(module.init)  # Eager init runs op by op, slow even for this tiny tower.
   fresh = traverse_util.flatten_dict(init(jax.random.PRNGKey(rng), pixels)['params'])
   plain = traverse_util.flatten_dict(params_plain)
   assert set(plain) <= set(fresh)
@@ -381,8 +381,8 @@ def test_layer_norm_in_bfloat16_matches_flax_and_keeps_float32_params():
 def test_layer_norm_sums_escape_the_cpu_reduce_window_rewrite():
   # The reason models/layer_norm.py exists: on XLA:CPU, flax's layer norm gradient has
   # its long sums rewritten into reduce-windows (a pass over the activation each); ours
-  # has none. If flax's stops showing any, XLA dropped the rewrite: measure again
-  # (benchmarks/layer_norm.py) before keeping the hand-written gradient.
+  # has none. If flax's stops showing any, XLA dropped the rewrite: compare the two on
+  # the whole train step again before keeping the hand-written gradient.
   x = jnp.ones((4, 6, 64), jnp.float32)
   ours, theirs, variables = _both_layer_norms(x)
   def windows(module):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from concepthash_jax import evaluation
-from concepthash_jax import report
+from concepthash_jax.interpret import report
 from concepthash_jax.tools import explain
 
 

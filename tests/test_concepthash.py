@@ -304,7 +304,7 @@ def test_vit_b32_forward_backward_runs_on_cpu():
   pixels = jax.random.normal(rng, (2, 224, 224, 3))
 
   # Frozen weights, state and pixels are arguments, not closed-over constants: as
-  # constants XLA folds the patch embedding at compile time (~3x the compile).
+  # constants XLA folds the patch embedding at compile time, a much longer compile.
   def loss_fn(trainable, frozen, variables, pixels):
     (_, aux), _ = model.apply({'params': optim.merge_params(trainable, frozen), **variables},
                               pixels, train=True, rngs={'dropout': rng},

@@ -12,9 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # The checkout's package when it is not installed.
 
 from concepthash_jax import configuration  # pylint: disable=g-import-not-at-top
-from concepthash_jax import report  # pylint: disable=g-import-not-at-top
 from concepthash_jax import run_files  # pylint: disable=g-import-not-at-top
 from concepthash_jax import train  # pylint: disable=g-import-not-at-top
+from concepthash_jax.interpret import report  # pylint: disable=g-import-not-at-top
 from concepthash_jax.tools import ablate  # pylint: disable=g-import-not-at-top
 from concepthash_jax.tools import explain  # pylint: disable=g-import-not-at-top
 from concepthash_jax.configs import synthetic  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,4 @@
-"""Faults and bad input end to end (issue 18): launch.py's exit codes and one-line
+"""Faults and bad input end to end: launch.py's exit codes and one-line
 errors, the workdir lock, cleanup of a failed run. (Resuming past an unreadable
 checkpoint and the workdir config check reuse test_train.py's reference run.)"""
 import os
@@ -8,8 +8,8 @@ import sys
 import pytest
 
 import train_testlib as lib
-from concepthash_jax import checkpointing
 from concepthash_jax import errors
+from concepthash_jax import workdir as workdir_lib
 from concepthash_jax import train
 
 SUBPROCESS_ENV = dict(os.environ, JAX_PLATFORMS='cpu')
@@ -27,7 +27,7 @@ def _launch(workdir, overrides):
 def test_launch_user_errors_print_one_line_and_exit_2(tmp_path):
   busy = str(tmp_path / 'busy')
   os.makedirs(busy)
-  lock = checkpointing.WorkdirLock(busy).acquire()
+  lock = workdir_lib.WorkdirLock(busy).acquire()
   try:
     procs = {'config': _launch(tmp_path / 'new', {'model.nbit': 6}),
              'busy': _launch(busy, {})}
@@ -61,4 +61,4 @@ def test_failed_run_removes_the_workdir_it_created_and_keeps_others(tmp_path):
     train.train_and_evaluate(lib.load_config(missing), str(mine))
   assert os.listdir(mine) == ['notes.txt']
   assert (mine / 'notes.txt').read_text() == 'kept'
-  assert not (mine / checkpointing.LOCK_FILE).exists()
+  assert not (mine / workdir_lib.LOCK_FILE).exists()

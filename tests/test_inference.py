@@ -1,7 +1,10 @@
 """inference.ConceptHasher on a tiny trained run: images in every form, text, errors."""
+import ast
+import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,6 +13,7 @@ import train_testlib as lib
 from concepthash_jax import data
 from concepthash_jax import exporting
 from concepthash_jax import inference
+from concepthash_jax import optim
 
 
 @pytest.fixture(scope='module')
@@ -87,3 +91,35 @@ def test_load_rejects_what_is_neither_run_nor_export(hasher, tmp_path):
   (tmp_path / 'checkpoints').mkdir()  # A run that never saved a step.
   with pytest.raises(FileNotFoundError, match='holds no checkpoint'):
     inference.ConceptHasher.load(str(tmp_path))
+
+
+def test_load_restores_the_model_variables_without_the_optimizer(hasher, tmp_path,
+                                                                 monkeypatch):
+  # A run keeps loading after its optimizer config, or the optimizer code, changed.
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(hasher.source, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  config['optim']['momentum'] = 0.0
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(config, f)
+
+  def no_optimizer(*args, **kwargs):
+    raise AssertionError('inference built an optimizer')
+
+  monkeypatch.setattr(optim, 'make_optimizer', no_optimizer)
+  loaded = inference.ConceptHasher.load(workdir)
+  assert loaded.step == hasher.step
+  ours, theirs = jax.tree.leaves(loaded.variables), jax.tree.leaves(hasher.variables)
+  assert jax.tree.structure(loaded.variables) == jax.tree.structure(hasher.variables)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_inference_imports_no_training_code():
+  with open(inference.__file__) as f:
+    tree = ast.parse(f.read())
+  imported = {alias.name for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom) and node.module == 'concepthash_jax'
+              for alias in node.names}
+  assert not imported & {'train', 'optim'}, imported

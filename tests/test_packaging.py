@@ -24,7 +24,8 @@ import train_testlib as lib
 
 ROOT = lib.ROOT
 DATA = os.path.join(ROOT, 'tests', 'data')
-SCRIPTS = ('train', 'encode', 'explain', 'ablate', 'parity', 'export', 'search')
+SCRIPTS = ('train', 'encode', 'explain', 'ablate', 'parity', 'export', 'search',
+           'explore')
 TORCH_NOTICE = 'PyTorch was not found'
 # Shell continuations that a non-raw docstring glues into one line.
 GLUED = re.compile(r'\S {2,}--\w')
@@ -103,29 +104,25 @@ def test_every_console_script_helps_and_exits_0(venv):
   bin_dir, env, work = venv
   results = _run_together([[str(bin_dir / f'concepthash-{name}'), '--help']
                            for name in SCRIPTS], work, env)
-  helps = {}
   for name, result in zip(SCRIPTS, results):
     out = result.stdout
     assert result.returncode == 0, (name, result.stderr[-2000:])
     assert not GLUED.search(out) and not UNRESOLVED_SECTION.search(out), (name, out)
-    helps[name] = out
-  train_help = helps['train']
-  for config in ('base', 'synthetic', 'cub', 'cars', 'aircraft', 'nabirds', 'paper'):
-    assert re.search(rf'\b{config}\b', train_help), config
-  assert 'configs/base.py' in train_help and 'docs/method.md' in train_help
-  assert '--workdir' in train_help and '--config' in train_help
-  assert 'part_hits.png' in helps['explain']
-  quicker = helps['ablate'].split('Quicker', 1)[1].split('\n\n', 1)[0]
-  assert '--config.optim.epochs=' in quicker
-  assert 'docs/method.md §6.2' in helps['parity']
 
 
-def test_train_by_config_name_caching_its_programs_and_parity_outside_the_checkout(venv):
+@pytest.fixture(scope='module')
+def first_commands(venv):
+  """A tiny training run by config name and the parity command, run side by side
+  outside the checkout, as a user's first: (train result, parity result, workdir,
+  the train's cache folder, parity's output, train's env).
+
+  Each is mostly imports and compiles on one core, so they overlap.
+  """
   bin_dir, env, work = venv
   workdir = work / 'runs' / 'tiny'
   out = work / 'hf_ours.npz'
-  # As a user's first run: no JAX cache of their own (not the session's), the default
-  # folder under XDG_CACHE_HOME; every program cached, however quick its compile.
+  # No JAX cache of their own (not the session's), the default folder under
+  # XDG_CACHE_HOME; every program cached, however quick its compile.
   user_cache = work / 'user_cache'
   train_env = {k: v for k, v in env.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
   train_env.update(XDG_CACHE_HOME=str(user_cache),
@@ -136,14 +133,29 @@ def test_train_by_config_name_caching_its_programs_and_parity_outside_the_checko
       [str(bin_dir / 'concepthash-parity'), os.path.join(DATA, 'hf_clip_tiny.npz'),
        '--clip', os.path.join(DATA, 'tiny_clip'), '--out', str(out)]], work,
       [train_env, env])
-  assert train.returncode == 0, train.stderr[-3000:]
+  return train, parity, workdir, user_cache / 'concepthash_jax' / 'xla', out, train_env
+
+
+def _results(workdir):
   with open(workdir / 'results.json') as f:
-    results = json.load(f)
+    return json.load(f)
+
+
+def test_train_by_config_name_outside_the_checkout(first_commands):
+  train, _, workdir, _, _, _ = first_commands
+  assert train.returncode == 0, train.stderr[-3000:]
+  results = _results(workdir)
   assert results['step'] == 2 and results['nbit'] == 8
   assert results['dataset'] == 'synthetic' and 0.0 <= results['map_at_r'] <= 1.0
-  hosts = os.listdir(user_cache / 'concepthash_jax' / 'xla')  # This machine's kind alone.
+
+
+def test_train_caches_its_programs_and_survives_torn_entries(venv, first_commands):
+  bin_dir, _, work = venv
+  train, _, workdir, cache, _, train_env = first_commands
+  assert train.returncode == 0, train.stderr[-3000:]
+  hosts = os.listdir(cache)  # This machine's kind alone.
   assert len(hosts) == 1, hosts
-  folder = user_cache / 'concepthash_jax' / 'xla' / hosts[0]
+  folder = cache / hosts[0]
   cached = os.listdir(folder)
   for program in ('jit_train_step-', 'jit__init_state-', 'jit_encode_step-'):
     assert any(n.startswith(program) and n.endswith('-cache') for n in cached), cached
@@ -157,15 +169,16 @@ def test_train_by_config_name_caching_its_programs_and_parity_outside_the_checko
                 f'--workdir={work / "runs" / "again"}', *TINY_RUN], work, train_env)
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'Error reading persistent compilation cache entry' in again.stderr
-  with open(work / 'runs' / 'again' / 'results.json') as f:
-    assert json.load(f)['map_at_r'] == results['map_at_r']
+  assert _results(work / 'runs' / 'again')['map_at_r'] == _results(workdir)['map_at_r']
 
+
+def test_parity_outside_the_checkout_matches_the_goldens(first_commands):
+  _, parity, _, _, out, _ = first_commands
   assert parity.returncode == 0, parity.stderr[-3000:]
   with np.load(os.path.join(DATA, 'hf_clip_tiny.npz')) as golden, np.load(out) as ours:
     assert set(ours.files) == {k for k in golden.files if k.startswith(('vision/', 'text/'))}
     for key in ours.files:
       np.testing.assert_allclose(ours[key], golden[key], atol=1e-4, rtol=0, err_msg=key)
-
 
 
 def test_docs_method_references_name_existing_sections():

@@ -4,8 +4,8 @@ import os
 import socket
 import sys
 import textwrap
+import types
 
-import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -36,8 +36,14 @@ def test_global_batch_and_back_on_one_process():
 
 
 def test_batch_size_must_split_over_devices():
-  mesh = sharding.create_mesh()
-  sharding.check_batch_size(jax.device_count() * 3, mesh)
+  # A stand-in for a 4-device mesh: only its data axis's size is read.
+  four_devices = types.SimpleNamespace(shape={sharding.DATA_AXIS: 4})
+  sharding.check_batch_size(12, four_devices)
+  with pytest.raises(ValueError, match=r'data\.batch_size=10 must be divisible by '
+                     r'the number of devices \(4\) and processes \(1\)'):
+    sharding.check_batch_size(10, four_devices)
+  with pytest.raises(ValueError, match=r'^data\.eval_batch_size=6 '):
+    sharding.check_batch_size(6, four_devices, what='data.eval_batch_size')
 
 
 # ------------------------------------------------- multi-device training

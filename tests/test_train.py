@@ -20,6 +20,7 @@ from concepthash_jax import checkpointing
 from concepthash_jax import configuration
 from concepthash_jax import encoding
 from concepthash_jax import errors
+from concepthash_jax import index as index_lib
 from concepthash_jax import inference
 from concepthash_jax import train
 from concepthash_jax import workdir as workdir_lib
@@ -156,16 +157,28 @@ def test_sigterm_saves_exits_cleanly_and_resume_is_bit_identical(reference,
   _assert_same_run(workdir, reference[0])
 
 
-def test_config_check_history_and_unreadable_newest_checkpoint(
-    reference, tmp_path, caplog):
+def _copy_of(reference, tmp_path):
+  """A copy of the reference run's workdir, to change without touching the original."""
   workdir = str(tmp_path / 'run')
   shutil.copytree(reference[0], workdir)
+  return workdir
+
+
+def _tear_newest_checkpoint(workdir):
+  """Truncates the newest checkpoint's _METADATA; returns (its path, its torn bytes)."""
   ckpt_dir = checkpointing.checkpoint_dir(workdir)
   steps = checkpointing.step_dirs(ckpt_dir)
   assert steps[-1] == 120 and len(steps) >= 2
-  before = lib.files_under(workdir)
+  metadata = os.path.join(ckpt_dir, '120', 'default', '_METADATA')
+  with open(metadata, 'r+b') as f:
+    f.truncate(os.path.getsize(metadata) // 2)
+  with open(metadata, 'rb') as f:
+    return metadata, f.read()
 
-  # State-changing keys: one sentence naming them, nothing on disk touched.
+
+def test_state_changing_config_on_a_run_is_refused_naming_the_keys(reference, tmp_path):
+  workdir = _copy_of(reference, tmp_path)
+  before = lib.files_under(workdir)
   with pytest.raises(errors.WorkdirError,
                      match=r'holds checkpoints \(step 120\) of a run with a '
                      r'different config \(config\.model\.nbit: 8 -> 16, '
@@ -175,18 +188,23 @@ def test_config_check_history_and_unreadable_newest_checkpoint(
         {**LONG, 'model.nbit': 16, 'optim.lr': 0.1}), workdir)
   assert lib.files_under(workdir) == before
 
-  # A torn newest checkpoint: inference and the resume use the one before.
-  metadata = os.path.join(ckpt_dir, '120', 'default', '_METADATA')
-  with open(metadata, 'r+b') as f:
-    f.truncate(os.path.getsize(metadata) // 2)
-  with open(metadata, 'rb') as f:
-    torn = f.read()
-  inference.restore_for_inference(workdir)
-  assert f'Skipping checkpoint step 120: {os.path.join(ckpt_dir, "120")}' in (
-      caplog.text)
-  assert os.path.exists(metadata)
 
-  # Harmless keys are allowed and recorded; the resumed run ends identical.
+def test_inference_skips_a_torn_newest_checkpoint_and_leaves_it(reference, tmp_path,
+                                                                 caplog):
+  workdir = _copy_of(reference, tmp_path)
+  metadata, torn = _tear_newest_checkpoint(workdir)
+  older = checkpointing.step_dirs(checkpointing.checkpoint_dir(workdir))[-2]
+  assert inference.ConceptHasher.load(workdir).step == older
+  step_dir = os.path.join(checkpointing.checkpoint_dir(workdir), '120')
+  assert f'Skipping checkpoint step 120: {step_dir}' in caplog.text
+  with open(metadata, 'rb') as f:
+    assert f.read() == torn
+
+
+def test_resume_past_a_torn_checkpoint_records_a_harmless_config_change(reference,
+                                                                         tmp_path):
+  workdir = _copy_of(reference, tmp_path)
+  _, torn = _tear_newest_checkpoint(workdir)
   train.train_and_evaluate(lib.load_config(
       {**LONG, 'train.keep_checkpoints': 3}), workdir)
   _assert_same_run(workdir, reference[0])
@@ -198,25 +216,36 @@ def test_config_check_history_and_unreadable_newest_checkpoint(
   assert history[-1]['changed'] == {'train.keep_checkpoints': [2, 3]}
   with open(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as f:
     assert json.load(f)['train']['keep_checkpoints'] == 3
-  assert not os.path.exists(os.path.join(workdir, checkpointing.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_FILE))
 
 
-def test_encode_tool_and_restore_for_inference(reference, tmp_path):
-  workdir, results = reference
-  config, model, variables, class_names = inference.restore_for_inference(workdir)
-  assert len(class_names) == 4 and config.model.nbit == 8
+@pytest.fixture(scope='module')
+def encoded_test_split(reference):
+  """(config, ds, codes): the reference run restored, its test split encoded in
+  batches of 5 with attention and keypoints."""
+  hasher = inference.ConceptHasher.load(reference[0])
+  config, model, variables = hasher.config, hasher.model, hasher.variables
+  assert len(hasher.class_names) == 4 and config.model.nbit == 8
   from concepthash_jax import data  # pylint: disable=g-import-not-at-top
   ds = data.build(config.data, 'test')
   codes = encoding.encode_split(
       model, variables, ds, config.data, batch_size=5,
-      keep=('codes', 'attention', 'keypoints'))  # 12 in 5s: padding dropped.
+      keep=('codes', 'attention', 'keypoints'))  # 12 images in batches of 5.
+  return config, model, variables, ds, codes
+
+
+def test_encode_split_drops_the_last_batch_padding(encoded_test_split):
+  _, _, _, ds, codes = encoded_test_split
   assert codes['codes'].shape == (12, 8) and codes['codes'].dtype == np.int8
   assert set(np.unique(codes['codes'])) <= {-1, 1}
   assert codes['concept_attn'].shape == (12, 4, 16)
   assert codes['keypoints'].shape[:2] == (12, len(ds.part_names))
   np.testing.assert_array_equal(codes['labels'], ds.labels)
   np.testing.assert_array_equal(codes['index'], np.arange(12))
-  # Keep only display images of the first rows: no forward pass, no codes.
+
+
+def test_encode_split_of_display_images_alone_runs_no_model(encoded_test_split):
+  config, model, variables, ds, _ = encoded_test_split
   size = config.data.image_size
   shown = encoding.encode_split(model, variables, ds, config.data,
                                 keep=('images',), num_images=3, max_images=7)
@@ -225,6 +254,10 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   with pytest.raises(ValueError, match=r"keep \['pixels'\]; valid"):
     encoding.encode_split(model, variables, ds, config.data, keep=('pixels',))
 
+
+def test_encode_tool_writes_the_codes_index_and_curves(reference, encoded_test_split,
+                                                       tmp_path):
+  workdir, results = reference
   out = str(tmp_path / 'codes.npz')
   run = subprocess.run(
       [sys.executable, '-m', 'concepthash_jax.tools.encode',
@@ -234,8 +267,11 @@ def test_encode_tool_and_restore_for_inference(reference, tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   assert f'mAP@R {results["map_at_r"]:.4f}' in run.stdout
   saved = np.load(out)
-  np.testing.assert_array_equal(saved['codes'], codes['codes'])
-  assert os.path.exists(str(tmp_path / 'codes.index.npz'))
+  np.testing.assert_array_equal(saved['codes'], encoded_test_split[-1]['codes'])
+  index = index_lib.CodeIndex.load(str(tmp_path / 'codes.chindex'))
+  hasher = inference.ConceptHasher.load(workdir)
+  assert (index.nbit, index.num_concepts) == (hasher.nbit, hasher.num_concepts)
+  assert index.fingerprint == hasher.fingerprint
   with open(str(tmp_path / 'codes.retrieval.json')) as f:
     curves = json.load(f)
   assert curves['map_at_r'] == pytest.approx(results['map_at_r'], abs=1e-6)

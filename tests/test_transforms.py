@@ -1,9 +1,11 @@
-"""Tests for concepthash_jax.data.transforms: torchvision semantics, keypoints, determinism."""
+"""Tests for the image ops, the fused crop-first path and the composed transforms."""
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from concepthash_jax.data import crop_first
+from concepthash_jax.data import image_ops
 from concepthash_jax.data import transforms
 
 
@@ -28,21 +30,21 @@ def _keypoint(x, y):
 
 def test_resize_shorter_side_like_torchvision():
   image = Image.new('RGB', (300, 200))
-  out, _ = transforms.resize(image, None, size=256)
+  out, _ = image_ops.resize(image, None, size=256)
   assert out.size == (384, 256)  # int(256 * 300 / 200)
-  out, _ = transforms.resize(Image.new('RGB', (200, 301)), None, size=256)
+  out, _ = image_ops.resize(Image.new('RGB', (200, 301)), None, size=256)
   assert out.size == (256, 385)  # int(256 * 301 / 200) = 385 (truncated)
   same = Image.new('RGB', (256, 300))
-  out, _ = transforms.resize(same, None, size=256)
+  out, _ = image_ops.resize(same, None, size=256)
   assert out is same  # Already the right size: untouched, as torchvision.
 
 
 def test_center_crop_offsets_and_padding():
   pixels = np.arange(7 * 9 * 3, dtype=np.uint8).reshape(7, 9, 3)
-  out, _ = transforms.center_crop(Image.fromarray(pixels), None, size=4)
+  out, _ = image_ops.center_crop(Image.fromarray(pixels), None, size=4)
   # top = round(1.5) = 2 (half to even), left = round(2.5) = 2.
   np.testing.assert_array_equal(np.asarray(out), pixels[2:6, 2:6])
-  out, _ = transforms.center_crop(Image.fromarray(pixels), None, size=10)
+  out, _ = image_ops.center_crop(Image.fromarray(pixels), None, size=10)
   padded = np.asarray(out)
   assert padded.shape == (10, 10, 3)
   # Padding (0, 1) left and (1, 2) top as torchvision: image starts at (0, 1).
@@ -76,7 +78,7 @@ def test_normalize_is_clip_normalisation():
 
 def test_flip_moves_keypoints_with_the_image():
   image = _dot_image(40, 30, 10, 12)
-  out, keypoints = transforms.horizontal_flip(image, _keypoint(10, 12))
+  out, keypoints = image_ops.horizontal_flip(image, _keypoint(10, 12))
   np.testing.assert_allclose(keypoints[0, :2], _dot_centre(out), atol=1e-4)
 
 
@@ -85,7 +87,7 @@ def test_flip_moves_keypoints_with_the_image():
     ('TranslateX', 7.0), ('TranslateY', -9.5)])
 def test_geometric_ta_ops_move_keypoints_with_the_image(op, magnitude):
   image = _dot_image(64, 64, 38, 25)
-  out, keypoints = transforms.apply_ta_op(
+  out, keypoints = image_ops.apply_ta_op(
       image, _keypoint(38, 25), op=op, magnitude=magnitude,
       interpolation='nearest')
   assert out.size == (64, 64)
@@ -94,7 +96,7 @@ def test_geometric_ta_ops_move_keypoints_with_the_image(op, magnitude):
 
 
 def test_translation_out_of_the_image_marks_keypoints_invisible():
-  _, keypoints = transforms.apply_ta_op(
+  _, keypoints = image_ops.apply_ta_op(
       Image.new('RGB', (64, 64)), _keypoint(60, 30), op='TranslateX',
       magnitude=20.0)
   assert keypoints[0, 2] == 0.0
@@ -103,15 +105,15 @@ def test_translation_out_of_the_image_marks_keypoints_invisible():
 def test_every_ta_op_keeps_size_and_mode():
   rng = np.random.default_rng(0)
   image = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
-  for op in transforms.TA_WIDE_OPS:
-    out, _ = transforms.apply_ta_op(image, None, op=op, magnitude=0.5 if op
+  for op in image_ops.TA_WIDE_OPS:
+    out, _ = image_ops.apply_ta_op(image, None, op=op, magnitude=0.5 if op
                                     not in ('Posterize', 'Solarize') else 4)
     assert out.size == (48, 40) and out.mode == 'RGB', op
 
 
 def test_ta_wide_magnitude_bins_match_torchvision():
-  space = transforms._TA_WIDE_SPACE  # pylint: disable=protected-access
-  assert len(transforms.TA_WIDE_OPS) == 14
+  space = image_ops._TA_WIDE_SPACE  # pylint: disable=protected-access
+  assert len(image_ops.TA_WIDE_OPS) == 14
   assert space['TranslateX'][0][-1] == 32.0  # Wide: absolute pixels.
   assert space['Rotate'][0][-1] == 135.0
   assert space['ShearX'][0][-1] == pytest.approx(0.99)
@@ -124,7 +126,7 @@ def test_random_resized_crop_maps_keypoints():
   image = _dot_image(80, 60, 40, 30, radius=3)
   for seed in range(5):
     rng = np.random.default_rng(seed)
-    out, keypoints = transforms.random_resized_crop(
+    out, keypoints = image_ops.random_resized_crop(
         image, _keypoint(40, 30), rng, size=48, scale=(0.5, 1.0),
         interpolation='bilinear')
     assert out.size == (48, 48)
@@ -168,8 +170,8 @@ class _ScriptedRng:
     return 0.0 if self.flip else 0.9
 
   def integers(self, n):
-    if n == len(transforms.TA_WIDE_OPS):
-      return transforms.TA_WIDE_OPS.index(self.op)
+    if n == len(image_ops.TA_WIDE_OPS):
+      return image_ops.TA_WIDE_OPS.index(self.op)
     return int(self.negative) if n == 2 else self.bin
 
 
@@ -181,20 +183,20 @@ def test_fused_flip_ta_crop_equals_the_ops_for_every_op_and_magnitude():
                    255).astype(np.uint8)
   points = np.array([[3.5, 30.0, 1.0], [40.0, 2.0, 1.0], [20.0, 17.0, 1.0]],
                     np.float32)
-  for op in transforms.TA_WIDE_OPS:
-    magnitudes, signed = transforms._TA_WIDE_SPACE[op]  # pylint: disable=protected-access
+  for op in image_ops.TA_WIDE_OPS:
+    magnitudes, signed = image_ops._TA_WIDE_SPACE[op]  # pylint: disable=protected-access
     for bin_index in range(magnitudes.size):
       for negative in ((False, True) if signed else (False,)):
         for flip in (False, True):
           draws = dict(flip=flip, op=op, bin_index=bin_index,
                        negative=negative)
           image, expected = Image.fromarray(pixels), points.copy()
-          image, expected = transforms.random_horizontal_flip(
+          image, expected = image_ops.random_horizontal_flip(
               image, expected, _ScriptedRng(**draws))
-          image, expected = transforms.trivial_augment_wide(
+          image, expected = image_ops.trivial_augment_wide(
               image, expected, _ScriptedRng(**draws))
-          image, expected = transforms.center_crop(image, expected, size=28)
-          out, moved = transforms.flip_ta_crop(
+          image, expected = image_ops.center_crop(image, expected, size=28)
+          out, moved = crop_first.flip_ta_crop(
               pixels, points.copy(), _ScriptedRng(**draws), size=28)
           np.testing.assert_array_equal(out, np.asarray(image),
                                         err_msg=str(draws))

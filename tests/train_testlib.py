@@ -75,7 +75,7 @@ def final_params(workdir):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from concepthash_jax import inference  # pylint: disable=g-import-not-at-top
-  _, _, variables, _ = inference.restore_for_inference(workdir)
+  variables = inference.ConceptHasher.load(workdir).variables
   return {'/'.join(k): np.asarray(v) for k, v in
           traverse_util.flatten_dict(jax.device_get(variables)).items()}
 

@@ -44,8 +44,8 @@ def get_config():
   model.prompt = 'a photo of a {}'  # Text prompt for the language centers.
   model.dtype = 'float32'  # Compute dtype: 'float32' | 'bfloat16' (params stay float32).
   # ViT activations kept for the backward pass: 'dots' (weight-matmul outputs; the
-  # rest is recomputed) | 'none' (all) | 'full' (layer inputs only). 'dots' cuts
-  # the CPU step's temporaries by 38 % at the same speed (BENCHMARKS.md).
+  # rest is recomputed) | 'none' (all) | 'full' (layer inputs only). 'dots' keeps
+  # what is costly to recompute and drops the cheap memory-bound rest.
   model.remat = 'dots'
 
   # ----------------------------------------------------------------- loss
@@ -74,7 +74,7 @@ def get_config():
   data.eval_batch_size = 128  # Global batch for encoding the query/database splits.
   data.num_workers = 2  # Parallel decode/augment workers (0 = in-process).
   # 'thread' (grain thread pool; the per-image Python work holds the GIL, so
-  # 16 threads on 16 cores feed about what 2 do on 2) | 'process' (grain
+  # threads stop scaling after a few cores) | 'process' (grain
   # mp_prefetch; what scales past a few cores). Training starts its workers
   # once per run (a process takes seconds: it imports this package anew),
   # encoding once per split it encodes.
@@ -88,8 +88,8 @@ def get_config():
   data.cache_dir = ''  # '' = $XDG_CACHE_HOME/concepthash_jax (~/.cache/concepthash_jax).
   data.on_corrupt = 'raise'  # 'raise' (error names the file) | 'skip' (count and go on).
   # Built-in dataset (data/synthetic.py): <= 24 classes; clutter = mean number
-  # of background blobs. 80 train images per class: with 40, heads on frozen
-  # random-CLIP tokens overfit (test acc 0.70 vs 0.88 with 80).
+  # of background blobs. Heads on frozen random-CLIP tokens overfit with half
+  # the default train images per class.
   data.synthetic = ml_collections.ConfigDict(dict(
       num_classes=12, num_families=4, train_per_class=80, test_per_class=20,
       image_size=64, seed=0, clutter=4.0))
@@ -119,7 +119,7 @@ def get_config():
   train.keep_checkpoints = 2
   train.fsdp = False  # Shard params/optimizer state over the data axis (large backbones).
   # XLA:CPU's concurrency-optimised scheduler keeps more buffers live to run ops side
-  # by side; on few cores that buys no speed and +0.5-0.8 GB (BENCHMARKS.md). Only
+  # by side; on few cores that buys no speed, only memory (BENCHMARKS.md). Only
   # read on the CPU backend.
   train.cpu_concurrency_scheduler = False
   # XLA:CPU matmul library: 'auto' | 'ynnpack' | 'eigen' (xla_flags.CPU_MATMUL; 'auto'
@@ -127,8 +127,8 @@ def get_config():
   # CPU backend; encoding a trained run uses the run's own value.
   train.cpu_matmul = 'auto'
   # Compiled programs kept on disk (JAX's persistent compilation cache), so a resumed or
-  # repeated run and the tools start without compiling again (ViT-B/32 on 2 CPU cores:
-  # first step 63 s -> 24-28 s after start; BENCHMARKS.md). The folder is shared by every
+  # repeated run and the tools start without compiling again (BENCHMARKS.md,
+  # "Start-up"). The folder is shared by every
   # run ('' = $XDG_CACHE_HOME/concepthash_jax/xla), one subfolder per kind of machine
   # (xla_flags.host_key); JAX_COMPILATION_CACHE_DIR, when set, wins.
   train.compilation_cache = True

@@ -27,8 +27,8 @@ def get_config(arg=None):
       # that differ only at the end into identical centers.
       max_text_len=77)
   # Twice the tower's width: a random backbone leaves all the learning to the
-  # adapters, and capacity was the limit (seed 1, 60 epochs: 0.72 with 96,
-  # 0.81 with 192; the pretrained recipe's 384 is half of B/32's width).
+  # adapters, so their capacity limits retrieval (the pretrained recipe's 384
+  # is half of B/32's width).
   config.model.adapter_dim = 192
   config.model.generator_heads = 4
 
@@ -39,37 +39,26 @@ def get_config(arg=None):
   config.data.resize_size = 64
   # The class cue is the colour of small parts: 'released' TrivialAugmentWide
   # recolours them (Solarize/Posterize/Color) and shifts them by up to half
-  # the image; it cost 0.17 mAP@R here (0.52 vs 0.69, 900 steps).
+  # the image, which destroys the cue.
   config.data.train_augment = 'none'
   config.data.batch_size = 32
   config.data.eval_batch_size = 64
   config.data.num_workers = 0  # In-process: 2 cores are better spent on XLA.
 
   # A random frozen backbone learns only through the adapters, so they need a
-  # far higher lr than the pretrained recipe's 1e-3, but not too high: at 0.6
-  # the layer-0 adapter's output grew from norm 10 to ~200 in 50 steps (3e3 by
-  # step 300), every later token state became that one vector (concept-pair
-  # cosine 0.96-0.99), the last layer's attention stopped mattering to the
-  # codes, and all M concepts showed the same map (Pearson 0.99). At 0.05 the
-  # states stay at norms <= 70 and the maps are sharp (peak 0.2 vs 0.015 for a
-  # uniform map). Seeds 0 / 1 / 2, mAP@R: lr 0.6 -> 0.773 / 0.774 / 0.710;
-  # lr 0.05 -> 0.927 (seed 0). Weight decay 5e-4 or 2e-3 did not stop the
-  # growth at 0.6; 5e-5 is kept.
+  # far higher lr than the pretrained recipe's 1e-3, but not so high that the
+  # first adapter's output grows until every later token state is the same
+  # vector: then all M concepts show one attention map. This lr keeps the token
+  # states bounded and the maps sharp; weight decay does not stop that growth.
   config.optim.lr = 0.05
   config.optim.weight_decay = 5e-5
   # With sharp maps L_csd (the paper's weight 1; released 0) separates the
-  # concepts without costing retrieval. Seeds 0 / 1 / 2 at lr 0.05:
-  #   weight_csd 0:   mAP@R 0.927 (seed 0), attention Pearson 0.98 (collapsed)
-  #   weight_csd 1:   mAP@R 0.969 / 0.979 / 0.921; all concepts on different
-  #                   targets (explain's part_hits) in 57 / 70 / 73 % of the
-  #                   test images, 2.7 / 3.1 / 2.9 parts per image
-  # With the generator lr x0.01 that the lr-0.6 setting needed, weight_csd 1
-  # gave 79 / 5 / 70 % (seed 1: two concepts on the background) and 0.5 gave
-  # 55 / 28 / 0.4 %, so the generator now trains at the common lr (released).
+  # concepts without costing retrieval; without it the concepts' maps collapse
+  # into one. The concept generator trains at the common lr, as released: a
+  # lower generator lr lets two concepts settle on the background.
   # On these birds a concept is a colour detector, not a fixed part: the
   # classes permute one palette over the parts, so "where is the blue part"
-  # is the cue (same part in ~27 % of all images, ~85 % within a class), and
-  # one concept usually covers the background.
+  # is the cue, and one concept usually covers the background.
   config.loss.weight_csd = 1.0
   config.optim.epochs = 40
   config.optim.warmup_epochs = 2

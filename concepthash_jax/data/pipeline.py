@@ -275,11 +275,11 @@ def train_batches(dataset, data_cfg, *, batch_size, seed, start_step,
   """This process's train batches of global steps start_step + 1 .. stop_step.
 
   One pipeline over all the epochs these steps span: its thread pool or
-  worker processes start once, not once per epoch (an epoch of CUB at batch
-  256 is about 3 s of H200 time, no more than process workers can take to
-  start). Batch k is the one `batches(train=True, drop_remainder=True)`
-  yields for the same (seed, epoch, step in epoch), bit for bit, also when
-  start_step is inside an epoch (a resumed run).
+  worker processes start once, not once per epoch (on an accelerator an epoch
+  can take no longer than process workers take to start). Batch k is the one
+  `batches(train=True, drop_remainder=True)` yields for the same (seed, epoch,
+  step in epoch), bit for bit, also when start_step is inside an epoch (a
+  resumed run).
 
   Args:
     dataset: the train split from `data.build`.

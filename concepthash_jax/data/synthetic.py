@@ -13,7 +13,7 @@ Families share body shape, tail shape (fan / fork) and, when possible, the
 tail colour; class names read like CUB's ("Crimson-crowned Azure-breasted
 Finch", the family is the last word). Every image carries ground-truth
 keypoints for `PART_NAMES` and the bird's box. Generation is deterministic in
-(seed, split, class, image) and takes ~2-3 ms per 64-px image.
+(seed, split, class, image).
 """
 import functools
 import itertools

@@ -91,8 +91,8 @@ def init_clip_params(clip_config, rng) -> dict:
     numpy arrays.
   """
   # On the host, as numpy like weights read from a checkpoint: XLA:GPU spends
-  # minutes compiling this one-off init (B/32 on an H100: > 150 s), XLA:CPU
-  # seconds; callers place the result on their mesh.
+  # minutes compiling this one-off init where XLA:CPU spends seconds; callers
+  # place the result on their mesh.
   cpu = jax.local_devices(backend='cpu')[0]
   with jax.default_device(cpu):
     params = jax.jit(lambda key: _init_clip_params(clip_config, key))(
@@ -407,3 +407,12 @@ def hf_golden_outputs(clip_config, params, pixel_values_nchw, input_ids,
   out.update({'text/last_hidden_state': last, 'text/pooler_output': aux['pooler_output'],
               'text/text_embeds': aux['pooler_output'] @ params['text_projection']['kernel']})
   return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def load_backbone(model_cfg, seed: int):
+  """(CLIPConfig, params) of config model.clip: hub name, local dir or 'random' (seeded)."""
+  if model_cfg.clip == 'random':
+    clip_config = random_clip_config(model_cfg.random_clip)
+    return clip_config, init_clip_params(clip_config,
+                                            jax.random.PRNGKey(seed))
+  return load_clip(model_cfg.clip)

@@ -1,7 +1,8 @@
 """Analysis of ConceptHash codes and concept attention (§4.2-4.3, App. B).
 
-Pure functions: arrays in, arrays or dicts out, no file I/O; `figures.py`
-draws them, `report.py` writes the report, `tools/explain.py` runs the steps.
+The analyses are pure functions: arrays in, arrays or dicts out, no file I/O;
+`figures` draws them and `report` writes the report (neither is re-exported
+here: they import matplotlib), `tools/explain.py` runs the steps.
 One module per question:
   attention  concept attention maps: grid, upsampling, locations, correlation
              between concepts (Fig. 7), crops and the images a panel shows

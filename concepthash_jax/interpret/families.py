@@ -13,7 +13,6 @@ from typing import Optional
 
 import numpy as np
 
-from concepthash_jax import encoding
 from concepthash_jax import evaluation
 
 
@@ -71,7 +70,7 @@ def retrieval_by_level(query, database, family_of, *, R: Optional[int] = None,
   out = {'class_map_at_r': float(evaluation.map_at_r(
       query['codes'], query['labels'], database['codes'], database['labels'],
       R=R, ties=ties)),
-         'class_chance': encoding.chance_map_at_r(query['labels'],
+         'class_chance': evaluation.chance_map_at_r(query['labels'],
                                                   database['labels'])}
   family_of = np.asarray(family_of, np.int64)
   num_families = len(np.unique(family_of))
@@ -80,7 +79,7 @@ def retrieval_by_level(query, database, family_of, *, R: Optional[int] = None,
     out['family_map_at_r'] = family_map_at_r(
         query['codes'], query['labels'], database['codes'],
         database['labels'], family_of, R=R, ties=ties)
-    out['family_chance'] = encoding.chance_map_at_r(
+    out['family_chance'] = evaluation.chance_map_at_r(
         to_family_labels(query['labels'], family_of),
         to_family_labels(database['labels'], family_of))
   return out

@@ -4,8 +4,8 @@ r"""Encodes a split with a trained run and reports its mAP@R against the databas
     --out=runs/synthetic/codes_test.npz
 
 Writes OUT (codes ±1 int8, codes_cont, labels, index, concept_attn) and beside
-it OUT with suffix `.index.npz`, a searchable code index of the database
-(train split), and `.retrieval.json`, `.pr_curve.png`, `.precision_at_k.png`
+it OUT with suffix `.chindex`, a searchable code index of the database (train
+split, with the model's fingerprint for `concepthash-search --index`), and `.retrieval.json`, `.pr_curve.png`, `.precision_at_k.png`
 (mAP@R, P@k and the precision-recall curve over Hamming radii). Prints mAP@R
 of the split against the database beside the chance level of a random ranking
 (docs/method.md §5.2).
@@ -17,13 +17,13 @@ import numpy as np
 
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
-from concepthash_jax import figures
+from concepthash_jax import evaluation
 from concepthash_jax import index as index_lib
 from concepthash_jax import inference
-from concepthash_jax import report
 from concepthash_jax import safe_files
 from concepthash_jax import sharding
-from concepthash_jax import xla_flags
+from concepthash_jax.interpret import figures
+from concepthash_jax.interpret import report
 from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
@@ -49,23 +49,24 @@ def encode_run(workdir: str, split: str, *, checkpoint: str = 'latest',
     data_root: replaces config.data.root when given.
 
   Returns:
-    (config, codes of `split` (dict of numpy), codes of the database).
+    (the ConceptHasher, codes of `split` (dict of numpy), codes of the
+    database).
   """
-  config, model, variables, _ = inference.restore_for_inference(
-      workdir, which=checkpoint)
+  hasher = inference.ConceptHasher.load(workdir, which=checkpoint)
+  config = hasher.config
   if data_root is not None:
     config.data.root = data_root
   mesh = sharding.create_mesh()
 
   def encode(name):
     return encoding.encode_split(
-        model, variables, data_lib.build(config.data, name), config.data,
-        keep=('codes', 'attention', 'keypoints'), mesh=mesh,
-        cpu_matmul=xla_flags.cpu_matmul_of(config))
+        hasher.model, hasher.variables, data_lib.build(config.data, name),
+        config.data, keep=('codes', 'attention', 'keypoints'), mesh=mesh,
+        cpu_matmul=hasher.cpu_matmul)
 
   database = encode('train')
   query = database if split == 'train' else encode(split)
-  return config, query, database
+  return hasher, query, database
 
 
 def is_codes_file(path: str) -> bool:
@@ -81,16 +82,22 @@ def main(argv):
   """Entry point; a user's mistake ends in one FATAL line (cli.run)."""
   del argv
   out = FLAGS.out or os.path.join(FLAGS.workdir, f'codes_{FLAGS.split}.npz')
-  config, query, database = encode_run(
+  hasher, query, database = encode_run(
       FLAGS.workdir, FLAGS.split, checkpoint=FLAGS.checkpoint,
       data_root=FLAGS.data_root)
   safe_files.check_replaceable(out, 'codes file', is_ours=is_codes_file)
   safe_files.ensure_folder(os.path.dirname(os.path.abspath(out)), 'codes file')
   with safe_files.atomic_write(out) as f:
     np.savez_compressed(f, **query)
-  index_path = os.path.splitext(out)[0] + '.index.npz'
-  index_lib.CodeIndex(database['codes'], database['labels']).save(index_path)
-  scores = encoding.score(query, database, config.eval, curves=True)
+  index_path = os.path.splitext(out)[0] + '.chindex'
+  index_lib.CodeIndex(
+      database['codes'], database['labels'], ids=database['index'],
+      info={'source': 'split', 'split': 'train', 'data_root': FLAGS.data_root,
+            'class_names': hasher.class_names},
+      num_concepts=hasher.num_concepts,
+      fingerprint=hasher.fingerprint).save(index_path)
+  config = hasher.config
+  scores = evaluation.score(query, database, config.eval, curves=True)
   score, chance = scores['map_at_r'], scores['chance_map_at_r']
   # Retrieval curves beside the codes: OUT_STEM.retrieval.json + two plots.
   stem = os.path.splitext(out)[0] + '.'

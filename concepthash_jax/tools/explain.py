@@ -40,15 +40,14 @@ import tqdm
 from concepthash_jax import data as data_lib
 from concepthash_jax import encoding
 from concepthash_jax import evaluation
-from concepthash_jax import figures
 from concepthash_jax import inference
 from concepthash_jax import interpret
-from concepthash_jax import report
 from concepthash_jax import run_files
 from concepthash_jax import sharding
-from concepthash_jax import xla_flags
-from concepthash_jax.tools import cli
 from concepthash_jax.data import core as data_core
+from concepthash_jax.interpret import figures
+from concepthash_jax.interpret import report
+from concepthash_jax.tools import cli
 
 FLAGS = flags.FLAGS
 
@@ -78,10 +77,10 @@ class _Inputs:
 
 def _retrieval(inp: _Inputs):
   """Table 5 (class and family mAP@R beside chance), PR curve and P@k."""
-  r, ties = encoding.retrieval_cutoff(inp.config.eval), inp.config.eval.ties
+  r, ties = evaluation.retrieval_cutoff(inp.config.eval), inp.config.eval.ties
   numbers = interpret.retrieval_by_level(inp.test_enc, inp.train_enc,
                                          inp.family_of, R=r, ties=ties)
-  curves = encoding.score(inp.test_enc, inp.train_enc, inp.config.eval,
+  curves = evaluation.score(inp.test_enc, inp.train_enc, inp.config.eval,
                           curves=True)
   numbers['pr_precision'] = curves['pr_precision']
   numbers['pr_recall'] = curves['pr_recall']
@@ -125,7 +124,7 @@ def concept_map_at_r(query, database, num_concepts: int, *, R=None,
 
 def _concepts(inp: _Inputs):
   """Which concepts carry the class: mAP@R per sub-code and leaving one out."""
-  r, ties = encoding.retrieval_cutoff(inp.config.eval), inp.config.eval.ties
+  r, ties = evaluation.retrieval_cutoff(inp.config.eval), inp.config.eval.ties
   return {'concept_retrieval': concept_map_at_r(
       inp.test_enc, inp.train_enc, int(inp.config.model.num_concepts), R=r,
       ties=ties)}, []
@@ -202,7 +201,8 @@ def _localisation(inp: _Inputs, *, loc_method, loc_classes):
 
 def _centers(inp: _Inputs):
   """Fig. 5: family structure of the class centers and their t-SNE."""
-  centers = encoding.class_centers(inp.model, inp.variables, inp.size)
+  centers = encoding.class_centers(inp.model, inp.variables,
+                                   inp.config.data.image_size).astype(np.float64)
   numbers = {'centers': interpret.family_similarity(centers, inp.family_of)}
   if len(centers) < 3:
     return numbers, []
@@ -218,8 +218,9 @@ def _centers(inp: _Inputs):
 def _encode(workdir, out_dir, *, checkpoint, data_root, max_images,
             num_display) -> _Inputs:
   """Restores the run and encodes both splits (test with display images)."""
-  config, model, variables, class_names = inference.restore_for_inference(
-      workdir, which=checkpoint)
+  hasher = inference.ConceptHasher.load(workdir, which=checkpoint)
+  config, model, variables = hasher.config, hasher.model, hasher.variables
+  class_names = hasher.class_names
   if data_root is not None:
     config.data.root = data_root
   mesh = sharding.create_mesh()
@@ -228,7 +229,7 @@ def _encode(workdir, out_dir, *, checkpoint, data_root, max_images,
   keep = ('codes', 'attention', 'boxes', 'keypoints')
   encode = functools.partial(encoding.encode_split, model, variables,
                              data_cfg=config.data, max_images=max_images,
-                             mesh=mesh, cpu_matmul=xla_flags.cpu_matmul_of(config))
+                             mesh=mesh, cpu_matmul=hasher.cpu_matmul)
   family_of, family_names = data_core.families(train_ds)
   return _Inputs(
       config=config, model=model, variables=variables,

@@ -31,7 +31,7 @@ one whose checkpoints were trained with another config (one 'FATAL' line naming
 the key or file and the fix, no traceback); 75 preempted (SIGTERM): the current
 step was saved, rerun the same command to resume; 1 anything else (a fault,
 printed with its traceback; also absl's own flag errors such as a missing
---workdir). README.md "Failure modes" lists each case and what to do.
+--workdir). docs/troubleshooting.md lists each case and what to do.
 """
 import logging as py_logging
 import os

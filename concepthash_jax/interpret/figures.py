@@ -269,7 +269,7 @@ def plot_precision_at_k(path, ks, precision, title):
 
 
 def plot_retrieval_curves(prefix, scores, title):
-  """PREFIXpr_curve.png and PREFIXprecision_at_k.png from `encoding.score(..., curves=True)`.
+  """PREFIXpr_curve.png and PREFIXprecision_at_k.png from `evaluation.score(..., curves=True)`.
 
   Returns:
     The two paths written.
