@@ -202,6 +202,42 @@ def ensure_folder(folder: str, what: str, fix: str = '') -> None:
     os.makedirs(folder, exist_ok=True)
 
 
+def claim_folder(folder: str, kind: str, what: str, *,
+                 is_legacy: Optional[Callable[[str], bool]] = None) -> None:
+  """Creates or reuses an output folder of `kind`; refuses a folder of other files.
+
+  A folder is reused when it carries this kind's marker, when it is empty, or
+  when `is_legacy` recognises it as one the product wrote before markers
+  existed; then it is marked. Anything else is a user's folder and stays
+  untouched, so output never lands among files the product did not write.
+
+  Args:
+    folder: the output folder.
+    kind: the marker kind ('pages', 'explain', ...).
+    what: what goes there, for the message.
+    is_legacy: recognises an unmarked folder of ours, or None.
+
+  Raises:
+    OverwriteError: a folder holding other files.
+    WriteError: a file on the path, or a folder that cannot be written.
+  """
+  if os.path.isdir(folder) and folder_kind(folder) != kind and os.listdir(folder):
+    if not (is_legacy and is_legacy(folder)):
+      raise OverwriteError(
+          f'{folder} is a folder of other files, not one of {what}; give a new '
+          'or empty folder.')
+  ensure_folder(folder, what)
+  with write_errors(folder, 'choose a writable folder'):
+    write_marker(folder, kind)
+
+
+def save_figure(fig, path: str, **kwargs) -> None:
+  """`atomic_write` of a matplotlib figure, in the format its file name says."""
+  fmt = os.path.splitext(path)[1].lstrip('.') or 'png'
+  with atomic_write(path) as f:
+    fig.savefig(f, format=fmt, **kwargs)
+
+
 _RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths atomically (Linux).
 _AT_FDCWD = -100
 

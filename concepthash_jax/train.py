@@ -34,6 +34,7 @@ from concepthash_jax import models
 from concepthash_jax import optim
 from concepthash_jax import preemption
 from concepthash_jax import run_files
+from concepthash_jax import safe_files
 from concepthash_jax import sharding
 from concepthash_jax import workdir as workdir_lib
 from concepthash_jax import xla_flags
@@ -233,8 +234,7 @@ def _reset_to_init(fresh: TrainState, restored: TrainState) -> TrainState:
 def _write_json(path: str, obj):
   """Writes `obj` as JSON on process 0 only (shared filesystem)."""
   if jax.process_index() == 0:
-    with open(path, 'w') as f:
-      json.dump(obj, f, indent=2)
+    safe_files.write_json(path, obj)
 
 
 def _check_finite(step: int, logged: dict, ckpt):

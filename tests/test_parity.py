@@ -213,3 +213,12 @@ def test_official_golden_of_other_sizes_runs_consistently(variant, clip):
   for name, value in want.items():
     assert grad_rel_error(ours[f'grad/{name}'], value) < GRAD_RTOL, name
   assert {k[len('sgd/param/'):] for k in ours if k.startswith('sgd/param/')} == set(want)
+
+
+def test_parity_never_writes_over_a_file_it_did_not_write(tmp_path, capsys):
+  theirs = tmp_path / 'results.npz'
+  np.savez(theirs, mine=np.arange(3))
+  before = theirs.read_bytes()
+  assert parity.main([OFFICIAL, '--clip', CLIP_DIR, '--out', str(theirs)]) == 2
+  assert 'FATAL: ' in capsys.readouterr().err
+  assert theirs.read_bytes() == before

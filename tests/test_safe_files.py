@@ -60,3 +60,37 @@ def test_ensure_folder_over_a_file_is_one_sentence(tmp_path):
   blocker.write_text('x')
   with pytest.raises(safe_files.WriteError, match='is a file, not a folder'):
     safe_files.ensure_folder(str(blocker), 'image cache')
+
+
+def test_claim_folder_reuses_ours_and_empty_refuses_a_users(tmp_path):
+  mine = tmp_path / 'mine'
+  mine.mkdir()
+  (mine / 'notes.txt').write_text('keep me')
+  with pytest.raises(safe_files.OverwriteError, match='folder of other files'):
+    safe_files.claim_folder(str(mine), 'explain', 'explain output')
+  assert sorted(os.listdir(mine)) == ['notes.txt']
+  legacy = tmp_path / 'legacy'
+  legacy.mkdir()
+  (legacy / 'report.md').write_text('old report')
+  safe_files.claim_folder(str(legacy), 'explain', 'explain output',
+                          is_legacy=lambda f: os.path.exists(
+                              os.path.join(f, 'report.md')))
+  assert safe_files.folder_kind(str(legacy)) == 'explain'
+  fresh = tmp_path / 'a' / 'b'
+  safe_files.claim_folder(str(fresh), 'explain', 'explain output')
+  safe_files.claim_folder(str(fresh), 'explain', 'explain output')  # ours now
+  assert safe_files.folder_kind(str(fresh)) == 'explain'
+
+
+def test_save_figure_is_atomic_and_keeps_its_format(tmp_path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig = plt.figure(figsize=(1, 1))
+  path = tmp_path / 'plot.png'
+  safe_files.save_figure(fig, str(path), dpi=20)
+  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  safe_files.save_figure(fig, str(tmp_path / 'plot.svg'))
+  assert b'<svg' in (tmp_path / 'plot.svg').read_bytes()[:400]
+  plt.close(fig)
+  assert sorted(os.listdir(tmp_path)) == ['plot.png', 'plot.svg']

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from concepthash_jax import interpret
+from concepthash_jax import safe_files
 
 CROP_SIDE = 48  # Pixels per gallery crop.
 
@@ -21,7 +22,7 @@ CROP_SIDE = 48  # Pixels per gallery crop.
 def _save(fig, path):
   """Lays out, writes and closes a figure."""
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  safe_files.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -77,7 +78,7 @@ def plot_attention_maps(path, images, concept_attn, codes, labels, class_names,
                     fontsize=7)
   legend_in = 0.7 if keypoints is not None else 0.0  # Inches kept for it.
   fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
-  fig.savefig(path, dpi=100)
+  safe_files.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 

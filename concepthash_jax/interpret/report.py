@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 
+from concepthash_jax import safe_files
+
 
 def _fmt(x, digits=2):
   return 'n/a' if x is None or not np.isfinite(x) else f'{x:.{digits}f}'
@@ -115,8 +117,7 @@ def write_report(path, summary, figures):
   lines += ['## Figures', '']
   for title, name in figures:
     lines += [f'### {title}', '', f'![{title}]({name})', '']
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines))
+  safe_files.write_text(path, '\n'.join(lines))
 
 
 def concept_table(summary) -> list:
@@ -180,5 +181,4 @@ def headline(summary) -> str:
 
 def write_json(path, summary):
   """explain.json: the summary with numpy values as lists and floats (NaN -> null)."""
-  with open(path, 'w') as f:
-    json.dump(jsonable(summary), f, indent=1)
+  safe_files.write_text(path, json.dumps(jsonable(summary), indent=1))

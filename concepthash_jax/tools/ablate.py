@@ -34,6 +34,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from concepthash_jax import run_files
+from concepthash_jax import safe_files
 from concepthash_jax import train
 from concepthash_jax import xla_flags
 from concepthash_jax.tools import cli
@@ -276,7 +277,7 @@ def plot_concepts(path: str, rows: dict, nbits):
   ax.set_ylabel('mAP@R (%)')
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  safe_files.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -310,14 +311,13 @@ def ablate(config, workdir: str, grids: Sequence[str], *, nbits=None,
           f'queries against the train database; {len(seeds)} seed(s) per '
           f'cell (mean ± std over seeds). Cells: {workdir}/<name>.\n\n'
           + tables_markdown(table, config.data.name, nbits_of))
-  with open(os.path.join(workdir, 'ablation.md'), 'w') as f:
-    f.write(text)
+  safe_files.write_text(os.path.join(workdir, 'ablation.md'), text)
   if 'concepts' in table:
     plot_concepts(os.path.join(workdir, 'fig9_num_concepts.png'),
                   table['concepts'], nbits_of['concepts'])
-  with open(os.path.join(workdir, 'ablation.json'), 'w') as f:
-    json.dump({g: {str(r): v for r, v in rows.items()}
-               for g, rows in table.items()}, f, indent=1)
+  safe_files.write_json(os.path.join(workdir, 'ablation.json'),
+                        {g: {str(r): v for r, v in rows.items()}
+                         for g, rows in table.items()})
   return table
 
 

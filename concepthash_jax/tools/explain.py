@@ -43,6 +43,7 @@ from concepthash_jax import evaluation
 from concepthash_jax import inference
 from concepthash_jax import interpret
 from concepthash_jax import run_files
+from concepthash_jax import safe_files
 from concepthash_jax import sharding
 from concepthash_jax.data import core as data_core
 from concepthash_jax.interpret import figures
@@ -241,6 +242,12 @@ def _encode(workdir, out_dir, *, checkpoint, data_root, max_images,
       out_dir=out_dir)
 
 
+def _is_legacy_output(folder: str) -> bool:
+  """An explain folder written before folders carried markers."""
+  return all(os.path.exists(os.path.join(folder, name))
+             for name in ('report.md', 'explain.json'))
+
+
 def explain(workdir: str, out_dir: Optional[str] = None, *,
             checkpoint: str = 'latest', data_root: Optional[str] = None,
             num_images: int = 8, per_group: int = 4, gallery_pool: int = 512,
@@ -264,7 +271,8 @@ def explain(workdir: str, out_dir: Optional[str] = None, *,
     The summary dict also written to explain.json.
   """
   out_dir = out_dir or os.path.join(workdir, 'explain')
-  os.makedirs(out_dir, exist_ok=True)
+  safe_files.claim_folder(out_dir, 'explain', "explain's figures and report",
+                          is_legacy=_is_legacy_output)
   inp = _encode(workdir, out_dir, checkpoint=checkpoint, data_root=data_root,
                 max_images=max_images,
                 num_display=max(gallery_pool, num_images))

@@ -25,9 +25,11 @@ import ml_collections
 import numpy as np
 import optax
 
+from concepthash_jax import errors
 from concepthash_jax import losses
 from concepthash_jax import models
 from concepthash_jax import optim
+from concepthash_jax import safe_files
 from concepthash_jax import train
 from concepthash_jax.interop import hf
 from concepthash_jax.interop import official
@@ -263,6 +265,15 @@ def run(golden_path: str, clip: str) -> dict:
                    'golden (vision/last_hidden_state)')
 
 
+def _npz_keys(path: str) -> set:
+  """The array names of an .npz file; empty when it is not one."""
+  try:
+    with np.load(path, allow_pickle=False) as stored:
+      return set(stored.files)
+  except (OSError, ValueError, EOFError, AttributeError):
+    return set()
+
+
 def main(argv=None) -> int:
   """CLI entry point (console script `concepthash-parity`); returns the exit status."""
   parser = argparse.ArgumentParser(prog='concepthash-parity', description=__doc__,
@@ -272,8 +283,19 @@ def main(argv=None) -> int:
                       help='CLIP directory (config.json + model.safetensors) or hub name')
   parser.add_argument('--out', required=True, help='output .npz (same keys as the golden)')
   args = parser.parse_args(argv)
-  outputs = run(args.golden, args.clip)
-  np.savez(args.out, **outputs)
+  try:
+    # An earlier output of this golden (its keys a subset of the golden's) may
+    # be replaced; any other file is the user's.
+    golden_keys = _npz_keys(args.golden)
+    safe_files.check_replaceable(
+        args.out, 'parity output (.npz)',
+        is_ours=lambda path: bool(_npz_keys(path)) and _npz_keys(path) <= golden_keys)
+    outputs = run(args.golden, args.clip)
+    with safe_files.atomic_write(args.out) as f:
+      np.savez(f, **outputs)
+  except errors.UserError as e:
+    print(f'FATAL: {e}', file=sys.stderr)
+    return errors.EXIT_USER_ERROR
   print(f'wrote {len(outputs)} arrays to {args.out}')
   return 0
 

@@ -393,12 +393,7 @@ def prepare_pages(folder):
   folder without it is used only while empty, so pages never land among a
   user's files.
   """
-  if os.path.isdir(folder):
-    kind = safe_files.folder_kind(folder)
-    if kind != 'pages' and os.listdir(folder):
-      raise SearchError(f'--why {folder} is a folder of other files; give a new '
-                        'or empty folder for the pages.')
-  else:
+  if not os.path.isdir(folder):
     parent = os.path.dirname(os.path.abspath(folder))
     while parent and not os.path.exists(parent):
       parent = os.path.dirname(parent)
@@ -406,9 +401,11 @@ def prepare_pages(folder):
       where = folder if os.path.exists(folder) else f'{folder}: {parent}'
       raise SearchError(f'--why {where} is a file, not a folder; give a folder '
                         'path for the pages.')
-  safe_files.ensure_folder(folder, 'see-why pages')
-  with safe_files.write_errors(folder, 'choose a writable folder for --why'):
-    safe_files.write_marker(folder, 'pages')
+  try:
+    safe_files.claim_folder(folder, 'pages', 'see-why pages')
+  except safe_files.OverwriteError as e:
+    raise SearchError(f'--why {folder} is a folder of other files; give a new '
+                      'or empty folder for the pages.') from e
 
 
 def neighbour_items(hasher, index, positions, distances):
