@@ -107,8 +107,9 @@ def reference_ap(query_codes, query_labels, db_codes, db_labels, R=None):
   """Official calculate_mAP (batch version), numpy: per-query AP@R."""
   num_db, nbit = db_codes.shape
   R = num_db if R is None else R
-  # The official code bounds the distance block at 1-2 GB; 256 MB keeps the
-  # sort indices and cumulative sums of a block ~1.5 GB on a shared host.
+  # The official code bounds the distance block at 1-2 GB; a 256 MB block keeps
+  # its sort indices and cumulative sums (several times its size) small enough
+  # for a shared host.
   batch = max(1, min(len(query_codes), (256 << 20) // (num_db * 4)))
   aps = []
   for s in range(0, len(query_codes), batch):

@@ -22,8 +22,8 @@ each row in its own process:
                reported) and without. `--epochs=N` times N epochs per row, including
                worker start-up: for the train transform through one
                data.train_batches iterator (`--iterators=run`, as train.py) or one
-               data.batches iterator per epoch (`epoch`, as train.py did before
-               train_batches), so process workers start once or N times.
+               data.batches iterator per epoch (`epoch`), so process workers
+               start once or N times.
 Rows of a round run interleaved (torchvision, ours, ...) so the box's load hits both
 alike; `uptime`'s 1-minute load is recorded before each row. Per core = img/s / workers.
 """

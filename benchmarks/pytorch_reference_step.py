@@ -87,13 +87,13 @@ class ConceptHashTorch(nn.Module):
                            attention_dropout=0.0)
     cfg._attn_implementation = 'eager'  # Released code returns every attention map.
     clip = CLIPVisionModel(cfg)
-    # transformers 5.x flattened CLIPVisionModel (4.x wrapped the same modules in .vision_model).
+    # transformers 4.x holds CLIPVisionModel's modules in .vision_model, 5.x on the model itself.
     self.vision = getattr(clip, 'vision_model', clip)  # embeddings, pre_layrnorm, encoder, post_layernorm
     d, p = cfg.hidden_size, cfg.projection_dim
     # CLIPModel.visual_projection (frozen; applied to the pooled CLS in the released forward).
     self.visual_projection = nn.Linear(d, p, bias=False)
     self.layers = nn.ModuleList(AdaptedLayer(l, adapter_dim) for l in self.vision.encoder.layers)
-    del self.vision.encoder  # Layers now live in self.layers.
+    del self.vision.encoder  # Its layers live in self.layers.
     self.nbit, self.ncontext, self.d = nbit, ncontext, d
 
     # Concept-token generator (released `hash_queries` + `hash_attention`).
@@ -220,8 +220,8 @@ def build_reference(batch=32, num_classes=200, threads=2, lr=1e-3, wd=5e-5,
 
   `train()` runs one SGD step and returns the loss; `eval()` one no-grad forward + loss
   (COOPTrainer.inference_one_batch). Both end in `.item()`, which waits for the device.
-  `info['eval_at'](n)` gives the eval step on n images. Shared by main(),
-  cpu_side_by_side.py and gpu_side_by_side.py.
+  `info['eval_at'](n)` gives the eval step on n images. Shared by main() and
+  side_by_side.py.
   """
   if precision not in PRECISIONS:
     raise ValueError(f'precision {precision!r} is not one of {PRECISIONS}')

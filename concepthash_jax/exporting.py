@@ -116,7 +116,7 @@ def check_manifest(path: str):
   """Refuses (ExportError) an export whose files are not the ones it was written with.
 
   A folder with the export marker but no manifest is a partial export; one
-  with neither predates manifests and is read as it is.
+  with neither has nothing to check against and is read as it is.
   """
   manifest_path = os.path.join(path, MANIFEST_FILE)
   if not os.path.isfile(manifest_path):
@@ -154,7 +154,7 @@ def looks_like_workdir(folder: str) -> bool:
 
 
 def _is_legacy_export(folder: str) -> bool:
-  """An export written before markers: weights + an export config.json."""
+  """An unmarked export of ours: weights + an export config.json."""
   try:
     with open(os.path.join(folder, CONFIG_FILE)) as f:
       meta = json.load(f)

@@ -161,7 +161,7 @@ def _smallest_k(dist, k):
 
   O(N) per row: introselect finds the k-th smallest distance t; every entry
   below t is taken, and among those equal to t the first k - #below by column
-  (a full sort is an order of magnitude slower at 1M items).
+  (a full sort would cost O(N log N) per row).
 
   Args:
     dist: (Q, N) int distances.

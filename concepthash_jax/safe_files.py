@@ -207,8 +207,8 @@ def claim_folder(folder: str, kind: str, what: str, *,
   """Creates or reuses an output folder of `kind`; refuses a folder of other files.
 
   A folder is reused when it carries this kind's marker, when it is empty, or
-  when `is_legacy` recognises it as one the product wrote before markers
-  existed; then it is marked. Anything else is a user's folder and stays
+  when `is_legacy` recognises it as an unmarked folder the product wrote;
+  then it is marked. Anything else is a user's folder and stays
   untouched, so output never lands among files the product did not write.
 
   Args:

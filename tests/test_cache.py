@@ -103,7 +103,7 @@ def test_cached_batches_equal_todays_bit_for_bit(tmp_path, train):
   if train:
     cfg.worker_type = 'process'
     _assert_same(fast, _epoch(ds, cfg, train, 1))
-  # Normalised on the device, the batch is today's float32 transform.
+  # Normalised on the device, the batch equals the uncached float32 transform.
   transform = pipeline.make_transform(cfg, train=train)
   normalise = jax.jit(transforms.to_model_input)
   batch = fast[0]

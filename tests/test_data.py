@@ -274,7 +274,7 @@ def test_truncated_jpeg_is_caught_by_the_up_front_scan(tmp_path):
   with open(bad, 'wb') as f:
     f.write(content[:len(content) // 2])
   with Image.open(bad) as image:
-    image.verify()  # The old check: no error.
+    image.verify()  # Header only: no error.
   cfg = _data_cfg(source='folders', name='cub', root=str(tmp_path))
   with pytest.raises(data.CorruptImageError,
                      match=r'L_0002\.jpg.*truncated.*on_corrupt=skip'):

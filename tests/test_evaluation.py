@@ -113,7 +113,7 @@ def test_result_does_not_depend_on_chunking():
 
 
 def test_database_beyond_packed_range_matches_reference():
-  # N > 2^15 takes the supergroup path (starts no longer fit 16-bit halves).
+  # N > 2^15 takes the supergroup path (starts do not fit 16-bit halves).
   qc, ql, dc, dl = _random_case(np.random.default_rng(4), 6, (1 << 15) + 700,
                                 12, 3)
   for R in (None, 20000):

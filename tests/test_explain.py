@@ -23,7 +23,7 @@ NBIT, M = 8, 2
 
 
 def tiny_config():
-  """The synthetic default shrunk to a few seconds of CPU.
+  """The synthetic default shrunk to the least a CPU test needs.
 
   Only the sizes change (configs/synthetic.py's training recipe stays), so
   this run exercises the same settings as the default.

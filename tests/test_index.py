@@ -328,7 +328,7 @@ def test_a_save_killed_mid_write_leaves_the_old_index_intact(tmp_path):
   path = tmp_path / 'db.chindex'
   index_lib.CodeIndex(np.ones((10, 64))).save(str(path))
   before = path.read_bytes()
-  # The child rewrites the index with 6M rows (~96 MB) in 64k-row blocks,
+  # The child rewrites the index with 6M rows in 64k-row blocks,
   # sleeping between blocks so the kill lands inside the write.
   child = subprocess.Popen([sys.executable, '-c', f'''
 import time, numpy as np

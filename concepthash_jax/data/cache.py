@@ -2,9 +2,9 @@
 
 Train ('released'): Resize(resize_size, bilinear); test: Resize(resize_size,
 bicubic) + CenterCrop(image_size). Both are the same for every epoch and
-every seed, and decoding + resizing is about half of an image's host time,
-so the input pipeline reads their uint8 output from disk instead. A cache is
-a folder under `data.cache_dir`:
+every seed, and decoding + resizing is much of an image's host time
+(BENCHMARKS.md, "Input pipeline"), so the input pipeline reads their uint8
+output from disk instead. A cache is a folder under `data.cache_dir`:
 
   manifest.json   what it was built from: cache format, Pillow version,
                   the ops with their settings, (path, bytes, mtime_ns)

@@ -62,7 +62,7 @@ def per_query_stats(query, q_labels, db, d_labels, R, topk, ranked, *,
   out = {'hist': np.zeros((num_q, bins), np.int64),
          'hist_rel': np.zeros((num_q, bins), np.int64),
          'ap': np.zeros(num_q), 'hits': np.zeros((num_q, len(topk)), np.int64)}
-  if chunk_size is None:  # ~1e9 pairs a call: a few seconds between bar ticks
+  if chunk_size is None:  # ~2^30 pairs a call: bounded work per bar tick
     chunk_size = max(256, (1 << 30) // num_db)
   topk = np.asarray(topk, np.int64)
   threads = cpu_threads()

@@ -197,7 +197,7 @@ class Explorer:
       default_k: results per search when a request names no k.
     """
     search_tool.check_index(index, hasher, 'the index')
-    if index.num_concepts is None:  # An index saved before it recorded M.
+    if index.num_concepts is None:  # The index file records no M: the model's.
       index.num_concepts = hasher.num_concepts
     self.hasher = hasher
     self.index = index

@@ -12,8 +12,8 @@ blob 'path_bytes' with 'path_offsets' (N + 1,) int64. `read` maps every array
 with np.memmap, so opening a 100M-item index reads the header only and the
 search never makes one Python object per item.
 
-Format 1 (a .npz of 32-bit words, written before this format) is still read,
-fully into memory; `write` always writes the current format.
+Format 1 (a .npz of 32-bit words) is still read, fully into memory, so an index
+kept in it stays usable; `write` always writes the current format.
 """
 import json
 import os
@@ -27,7 +27,7 @@ from concepthash_jax import safe_files
 
 MAGIC = b'\x93CHINDEX'
 FORMAT = 2
-LEGACY_FORMAT = 1  # The .npz written by the first releases.
+LEGACY_FORMAT = 1  # A .npz of 32-bit words: read, never written.
 _ALIGN = 64
 _PREFIX = struct.Struct('<8sQ')
 _COPY_ROWS = 1 << 20  # Rows per write when streaming a mapped array.

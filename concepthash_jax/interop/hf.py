@@ -90,9 +90,9 @@ def init_clip_params(clip_config, rng) -> dict:
      'text_projection': {'kernel': (T, P)}, 'logit_scale': ()} of float32
     numpy arrays.
   """
-  # On the host, as numpy like weights read from a checkpoint: XLA:GPU spends
-  # minutes compiling this one-off init where XLA:CPU spends seconds; callers
-  # place the result on their mesh.
+  # On the host, as numpy like weights read from a checkpoint: XLA:GPU compiles
+  # this one-off init far more slowly than XLA:CPU; callers place the result on
+  # their mesh.
   cpu = jax.local_devices(backend='cpu')[0]
   with jax.default_device(cpu):
     params = jax.jit(lambda key: _init_clip_params(clip_config, key))(

@@ -243,7 +243,7 @@ def _encode(workdir, out_dir, *, checkpoint, data_root, max_images,
 
 
 def _is_legacy_output(folder: str) -> bool:
-  """An explain folder written before folders carried markers."""
+  """An unmarked explain folder of ours: its report.md and explain.json."""
   return all(os.path.exists(os.path.join(folder, name))
              for name in ('report.md', 'explain.json'))
 
