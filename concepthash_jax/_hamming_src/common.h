@@ -71,24 +71,19 @@ typedef struct {
   int supported;
 } Variant;
 
-/* The variants, defined where their loops are (each with its target). */
-CH_INTERNAL void ch_stats_default(Job *job);
-CH_INTERNAL void ch_tile_default(const KnnJob *job, int64_t q, int64_t *size,
-                                 int64_t t0, int64_t t1, const uint64_t *cols);
-CH_INTERNAL void ch_mih_default(KnnJob *job);
+/* A variant's functions, defined where their loops are, each with the
+   variant's target attribute `attr`. */
+#define CH_VARIANT_FUNCTIONS(suffix, attr)                                  \
+  attr CH_INTERNAL void ch_stats_##suffix(Job *job);                        \
+  attr CH_INTERNAL void ch_tile_##suffix(const KnnJob *job, int64_t q,      \
+                                         int64_t *size, int64_t t0,         \
+                                         int64_t t1, const uint64_t *cols); \
+  attr CH_INTERNAL void ch_mih_##suffix(KnnJob *job);
+
+CH_VARIANT_FUNCTIONS(default, )
 #ifdef CH_X86
-TARGET_POPCNT CH_INTERNAL void ch_stats_popcnt(Job *job);
-TARGET_POPCNT CH_INTERNAL void ch_tile_popcnt(const KnnJob *job, int64_t q,
-                                              int64_t *size, int64_t t0,
-                                              int64_t t1,
-                                              const uint64_t *cols);
-TARGET_POPCNT CH_INTERNAL void ch_mih_popcnt(KnnJob *job);
-TARGET_AVX512 CH_INTERNAL void ch_stats_avx512(Job *job);
-TARGET_AVX512 CH_INTERNAL void ch_tile_avx512(const KnnJob *job, int64_t q,
-                                              int64_t *size, int64_t t0,
-                                              int64_t t1,
-                                              const uint64_t *cols);
-TARGET_AVX512 CH_INTERNAL void ch_mih_avx512(KnnJob *job);
+CH_VARIANT_FUNCTIONS(popcnt, TARGET_POPCNT)
+CH_VARIANT_FUNCTIONS(avx512, TARGET_AVX512)
 #endif
 
 /* The variant in use (module.c: the best this CPU runs, or set_variant's). */
@@ -108,7 +103,7 @@ CH_INTERNAL int ch_get_buffer(PyObject *obj, Py_buffer *view, int writable,
                               const char *name);
 
 /* The count of `words`-word codes in a C-contiguous uint64 buffer; -1 with
-   an exception set where it is not one. */
+   an exception set where `obj` has no C-contiguous buffer. */
 CH_INTERNAL int64_t ch_count_codes_in(PyObject *obj, int64_t words);
 
 /* The Python functions (module.c's method table). */
