@@ -1,19 +1,18 @@
 """Build of the native kernel; all other metadata is in setup.cfg.
 
 The kernel is optional: where it cannot be compiled, the install still
-succeeds and `evaluation` and `knn` use their XLA and numpy paths.
+succeeds and `evaluation` and `knn` use their XLA paths.
 """
-import glob
-
 from setuptools import Extension
 from setuptools import setup
 
-_SOURCES = 'concepthash_jax/_hamming_src'
+_SOURCES = 'concepthash_jax/_hamming_src/'  # its units: common.h
 
 setup(ext_modules=[Extension(
-    'concepthash_jax._hamming', sorted(glob.glob(f'{_SOURCES}/*.c')),
-    # The headers: a change rebuilds, and the sdist carries them.
-    depends=sorted(glob.glob(f'{_SOURCES}/*.h')),
+    'concepthash_jax._hamming',
+    [_SOURCES + name for name in ('module.c', 'stats.c', 'knn.c', 'mih.c')],
+    # A header change rebuilds (MANIFEST.in puts them in the sdist).
+    depends=[_SOURCES + name for name in ('common.h', 'knn.h')],
     # No -march flags: the kernel picks its instruction set at run time, so
     # a wheel built here runs on any CPU of the same architecture (each
     # variant's functions carry their own target attribute, common.h).
