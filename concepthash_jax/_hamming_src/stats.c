@@ -111,6 +111,15 @@ static inline void count(uint32_t *counts, const uint16_t *d, int64_t n) {
   for (; i < n; ++i) counts[d[i] * COPIES]++;
 }
 
+/* count() once per tile (a whole tile, or its rest after the last relevant
+   item), kept out of line: a call per tile costs nothing, and inlined there
+   it slows the label loops of the vectorised walk. Left to the compiler, the
+   choice changes with whatever else the unit holds. */
+static __attribute__((noinline)) void count_tile(uint32_t *counts,
+                                                 const uint16_t *d, int64_t n) {
+  count(counts, d, n);
+}
+
 static inline uint32_t total(const uint32_t *counts, uint32_t d) {
   const uint32_t *c = counts + d * COPIES;
   return c[0] + c[1] + c[2] + c[3];
@@ -152,10 +161,14 @@ typedef struct {
   int fused;
 } Tile;
 
+/* `per_tile` (a constant per call site): the span comes once per tile, not
+   once per relevant item (see count_tile). */
 static inline __attribute__((always_inline)) void count_span(
-    const Tile *t, uint32_t *counts, int64_t a, int64_t b) {
+    const Tile *t, uint32_t *counts, int64_t a, int64_t b, int per_tile) {
   if (t->fused)
     count_codes(counts, t->qb, t->job->dbits, a, b, t->words);
+  else if (per_tile)
+    count_tile(counts, t->dist + (a - t->t0), b - a);
   else
     count(counts, t->dist + (a - t->t0), b - a);
 }
@@ -173,7 +186,7 @@ static inline __attribute__((always_inline)) int walk_tile(
   const Tile t = {job, job->qbits + q * words, dist, t0, words, fused};
   if (!fused) distances(t.qb, job->dbits, t0, t1, words, dist);
   if (!job->ranked) {
-    count_span(&t, state->counts, t0, t1);
+    count_span(&t, state->counts, t0, t1, 1);
     if (job->single) return 0; /* finish() counts the CSR list's items */
     for (int64_t j = next_relevant(job, q, state, t0, t1); j < t1;
          j = next_relevant(job, q, state, j + 1, t1))
@@ -183,14 +196,14 @@ static inline __attribute__((always_inline)) int walk_tile(
   int64_t pos = t0; /* items before pos are counted */
   for (int64_t j = next_relevant(job, q, state, t0, t1); j < t1;
        j = next_relevant(job, q, state, j + 1, t1)) {
-    count_span(&t, state->counts, pos, j);
+    count_span(&t, state->counts, pos, j, 0);
     const uint32_t d = distance_at(&t, j);
     state->counts[d * COPIES]++;
     if (push(&state->records, (uint32_t)j, total(state->counts, d), d))
       return -1;
     pos = j + 1;
   }
-  count_span(&t, state->counts, pos, t1);
+  count_span(&t, state->counts, pos, t1, 1);
   return 0;
 }
 
@@ -214,7 +227,7 @@ static inline __attribute__((always_inline)) void floor_tile(
   }
   distances(qb, job->dbits, t0, t1, words, dist);
   if (job->floor == 2)
-    count(state->counts, dist, t1 - t0);
+    count_tile(state->counts, dist, t1 - t0);
   else
     floor_sink = dist[(q + t0) % (t1 - t0)];
 }
