@@ -174,6 +174,21 @@ TARGET_AVX512 void ch_tile_avx512(const KnnJob *job, int64_t q, int64_t *size,
 }
 #endif
 
+/* Sorts a heap ascending in place, then splits keys into position (kept in
+   place) and distance. */
+void ch_heap_finish(uint64_t *h, int64_t size, int32_t *dist) {
+  for (int64_t end = size - 1; end > 0; --end) {
+    const uint64_t top = h[0];
+    h[0] = h[end];
+    h[end] = top;
+    heap_sift_down(h, end, 0);
+  }
+  for (int64_t i = 0; i < size; ++i) {
+    dist[i] = (int32_t)(h[i] >> 32);
+    h[i] &= 0xffffffffu;
+  }
+}
+
 static int64_t knn_tile_items(int64_t words) {
   const int64_t items = KNN_TILE_WORDS / words;
   return items < 64 ? 64 : items;
@@ -198,8 +213,8 @@ void ch_knn_block(const KnnJob *job, int64_t q0, int64_t qn, int64_t *sizes,
       scan(job, q0 + i, &sizes[i], t0, t1, tile_cols);
   }
   for (int64_t i = 0; i < qn; ++i)
-    heap_finish((uint64_t *)(job->pos + (q0 + i) * job->k), sizes[i],
-                job->dist + (q0 + i) * job->k);
+    ch_heap_finish((uint64_t *)(job->pos + (q0 + i) * job->k), sizes[i],
+                   job->dist + (q0 + i) * job->k);
 }
 
 uint64_t *ch_knn_scratch(const KnnJob *job, int transpose) {

@@ -67,18 +67,7 @@ static inline uint64_t heap_offer(uint64_t *h, int64_t *size, int64_t k,
 
 /* Sorts a heap ascending in place, then splits keys into position (kept in
    place) and distance. */
-static inline void heap_finish(uint64_t *h, int64_t size, int32_t *dist) {
-  for (int64_t end = size - 1; end > 0; --end) {
-    const uint64_t top = h[0];
-    h[0] = h[end];
-    h[end] = top;
-    heap_sift_down(h, end, 0);
-  }
-  for (int64_t i = 0; i < size; ++i) {
-    dist[i] = (int32_t)(h[i] >> 32);
-    h[i] &= 0xffffffffu;
-  }
-}
+CH_INTERNAL void ch_heap_finish(uint64_t *h, int64_t size, int32_t *dist);
 
 /* Queries [q0, q0 + qn) over the whole database by a brute pass with `scan`,
    tile by tile (the tile stays in cache across the block); leaves their

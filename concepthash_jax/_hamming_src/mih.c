@@ -74,12 +74,12 @@ static inline __attribute__((always_inline)) void mih_query(
         flip = (((next ^ flip) >> 2) / low) | next;
       }
       if (size == k && (heap[0] >> 32) < (uint64_t)(s * m + t + 1)) {
-        heap_finish(heap, size, job->dist + q * k);
+        ch_heap_finish(heap, size, job->dist + q * k);
         return;
       }
     }
   }
-  heap_finish(heap, size, job->dist + q * k); /* every item was met */
+  ch_heap_finish(heap, size, job->dist + q * k); /* every item was met */
 }
 
 static inline __attribute__((always_inline)) void mih_work(
