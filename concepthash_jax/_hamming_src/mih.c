@@ -66,7 +66,10 @@ static inline __attribute__((always_inline)) void mih_query(
         }
         if (work > job->budget) {
           job->fell_back[q] = 1;
-          ch_knn_block(job, q, 1, &size, cols, scan, transpose);
+          /* Its own heap size, not &size: `size` passed out of the unit
+             would have to live in memory all through the loops above. */
+          int64_t brute_size;
+          ch_knn_block(job, q, 1, &brute_size, cols, scan, transpose);
           return;
         }
         if (!flip) break;
