@@ -8,7 +8,7 @@ K is the code length (`nbit`), N the database size, Q the number of queries.
 The package, one job per module:
   metrics       mAP@R, P@k, radius precision, the PR curve; scores of encoded splits
   average_ties  `ties="average"`: the expected AP over all orders of tied items
-  native        the native kernel's binding (`_hamming.c`, CPU threads)
+  native        the native kernel's binding (`_hamming_src/stats.c`, CPU threads)
   xla           the jitted stages, database split over a device mesh
   packing       codes and labels as packed bits; jittable distance and relevance
 

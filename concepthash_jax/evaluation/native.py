@@ -1,4 +1,4 @@
-"""The native kernel's binding: per-query statistics from `_hamming.c` on CPU threads.
+"""The native kernel's binding: per-query statistics from `_hamming_src/stats.c` on CPU threads.
 
 The kernel (built by `pip install`) walks the database once per query in
 database order and reads the ranks off running histograms, with the GIL

@@ -25,7 +25,7 @@ from concepthash_jax.evaluation import packing
 
 _BLOCK = 32  # Items per block: XLA:CPU vectorises reductions this short.
 _GROUP = 16  # Blocks per group: packed counts of <= 512 items fit 16 bits.
-_SPAN = _BLOCK * _GROUP  # Also the AP summation segment (= SEGMENT in _hamming.c).
+_SPAN = _BLOCK * _GROUP  # Also the AP summation segment (= SEGMENT in _hamming_src/stats.c).
 _SUPER = 32  # Groups per supergroup: packed counts of <= 16384 items fit too.
 _SHIFT = 16  # Relevant counts live in the high half of a packed int32.
 _LOW = (1 << _SHIFT) - 1
@@ -61,7 +61,7 @@ def _pairwise_sum(x):
   """Sums the last axis (a power of two) by a tree of adjacent pairs.
 
   Elementwise adds only, so a segment's sum has the same bits whatever the
-  array around it, the device or the engine (`_hamming.c` does the same).
+  array around it, the device or the engine (`_hamming_src/stats.c` does the same).
   """
   while x.shape[-1] > 1:
     x = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
@@ -418,7 +418,7 @@ def per_query_stats(query, q_labels, db, d_labels, R, topk, ranked, *, chunk_siz
   outputs.append(fetch(pending))
   out = {k: np.concatenate([o[k] for o in outputs])[:num_q] for k in outputs[0]}
   if ranked:
-    # Segment sums in float64, in database order (as `_hamming.c` does).
+    # Segment sums in float64, in database order (as `_hamming_src/stats.c` does).
     segments = -(-num_db // _SPAN)
     total = np.cumsum(out.pop('partial')[:, :segments].astype(np.float64),
                       axis=1)[:, -1]
