@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 
 from benchmarks import table
-from concepthash_jax import evaluation
+from concepthash_jax.evaluation import native
 from concepthash_jax import knn
 
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds (median).')
@@ -205,7 +205,7 @@ def build_workloads(rng, threads):
 
 def main(argv):
   del argv
-  threads = evaluation._cpu_threads()  # pylint: disable=protected-access
+  threads = native.cpu_threads()
   faiss.omp_set_num_threads(threads)
   print(f'CPU: {cpu_description()}')
   print(f'threads: {threads} (ours and FAISS); native variant: '

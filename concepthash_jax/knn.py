@@ -30,8 +30,9 @@ import numpy as np
 import tqdm
 
 from concepthash_jax import evaluation
+from concepthash_jax.evaluation import native
 
-_hamming = evaluation._hamming  # pylint: disable=protected-access
+_hamming = native.kernel_module()
 _NATIVE = _hamming is not None and hasattr(_hamming, 'knn')
 
 METHODS = ('auto', 'brute', 'multi_index', 'xla')
@@ -51,7 +52,7 @@ def words64(codes) -> np.ndarray:
     (N, ceil(K / 64)) uint64, C-contiguous: bit i at word i // 64, bit i % 64;
     padding bits are 0.
   """
-  return evaluation._words64(evaluation.pack_codes(codes).bits)  # pylint: disable=protected-access
+  return native.words64(evaluation.pack_codes(codes).bits)
 
 
 def concept_weights(num_concepts: int, *, concepts=None,
@@ -272,7 +273,7 @@ class Searcher:
     masks = self._masks(weights)
     _check_method(method, masks)
     if threads is None:
-      threads = evaluation._cpu_threads()  # pylint: disable=protected-access
+      threads = native.cpu_threads()
     if isinstance(threads, bool) or not isinstance(
         threads, (int, np.integer)) or threads < 1:
       raise ValueError(f'threads must be a positive integer, got {threads!r}')

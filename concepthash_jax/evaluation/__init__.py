@@ -29,10 +29,8 @@ from concepthash_jax.evaluation.metrics import precision_ks
 from concepthash_jax.evaluation.metrics import retrieval_cutoff
 from concepthash_jax.evaluation.metrics import retrieval_metrics
 from concepthash_jax.evaluation.metrics import score
-# The native kernel and its word layout, for the code search built on them (knn.py).
+# The native kernel, for the tests that pick its instruction-set variant.
 from concepthash_jax.evaluation.native import _hamming
-from concepthash_jax.evaluation.native import cpu_threads as _cpu_threads
-from concepthash_jax.evaluation.native import words64 as _words64
 from concepthash_jax.evaluation.packing import PackedCodes
 from concepthash_jax.evaluation.packing import hamming_distance
 from concepthash_jax.evaluation.packing import pack_codes
@@ -44,6 +42,5 @@ __all__ = [
     'KERNELS', 'TIES', 'PackedCodes', 'average_precision', 'chance_map_at_r',
     'expected_average_precision', 'hamming_distance', 'map_at_r', 'pack_codes',
     'pack_labels', 'precision_ks', 'relevance', 'retrieval_cutoff',
-    'retrieval_metrics', 'score', '_cpu_threads', '_hamming', '_pick_kernel',
-    '_words64',
+    'retrieval_metrics', 'score', '_hamming', '_pick_kernel',
 ]

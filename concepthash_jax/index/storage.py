@@ -24,6 +24,7 @@ import numpy as np
 
 from concepthash_jax import errors
 from concepthash_jax import safe_files
+from concepthash_jax.evaluation import native
 
 MAGIC = b'\x93CHINDEX'
 FORMAT = 2
@@ -198,9 +199,7 @@ def _read_legacy(path: str) -> tuple:
     raise IndexFileError(
         f'{path}: its codes are {bits.dtype} {bits.shape}, not {nbit} bits '
         'packed in uint32 words; rebuild the index with concepthash-search.')
-  if bits.shape[1] % 2:
-    bits = np.pad(bits, ((0, 0), (0, 1)))
-  words = np.ascontiguousarray(bits).view(np.uint64)  # little-endian pairs
+  words = native.words64(bits)
   arrays = {'words': words}
   for name in ('labels', 'ids'):
     if name in stored:

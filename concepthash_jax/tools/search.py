@@ -202,6 +202,15 @@ def search(index, queries, k, weights=None, faiss_kind=None):
       raise SearchError('--faiss searches full codes; drop --faiss to query by '
                         'concept.')
     return index_lib.faiss_search(index.to_faiss(faiss_kind), codes, k)
+  return _search_by_weights(
+      lambda rows, own: index.search_positions(codes[rows], k, weights=own),
+      queries, k, weights)
+
+
+def _search_by_weights(search_rows, queries, k, weights):
+  """(positions, distances) (Q, k), one `search_rows(rows, weights)` call per
+  distinct weights: a query with its own weights (a composite) uses those,
+  the others `weights`."""
   positions = np.zeros((len(queries), k), np.int64)
   distances = np.zeros((len(queries), k), np.int32)
   groups = {}
@@ -209,8 +218,8 @@ def search(index, queries, k, weights=None, faiss_kind=None):
     own = weights if query.weights is None else query.weights
     groups.setdefault(None if own is None else tuple(own), []).append(i)
   for own, rows in groups.items():
-    positions[rows], distances[rows] = index.search_positions(
-        codes[rows], k, weights=None if own is None else np.array(own))
+    positions[rows], distances[rows] = search_rows(
+        rows, None if own is None else np.array(own))
   return positions, distances
 
 
@@ -370,9 +379,9 @@ def open_database(hasher, *, index_path, db_split, db_folder, add, data_root,
   if not index_path:
     raise SearchError('No database: pass --db_split or --db_folder (and --index '
                       'to keep it), --index of a saved one, or --store.')
-  index = saved or index_lib.CodeIndex.load(index_path)
+  index = saved if saved is not None else index_lib.CodeIndex.load(index_path)
   if add:
-    check_index(index, hasher, index_path)
+    check_index(index, hasher, index_path)  # Before encoding the new images.
     index, added = add_folder(index, hasher, add, index_path, out=out)
     print(f'--add: {added} images appended, {len(index)} codes -> {index_path}',
           file=out)
@@ -385,12 +394,10 @@ def open_store(hasher, uri, table, queries, k, weights):
   view = store.describe(uri, table)
   check_index(view, hasher, f'{uri} table {table!r}')
   codes = np.stack([q.code for q in queries])
-  positions = np.zeros((len(queries), k), np.int64)
-  distances = np.zeros((len(queries), k), np.int32)
-  for i, query in enumerate(queries):
-    own = weights if query.weights is None else query.weights
-    positions[i], distances[i] = store.search(
-        uri, codes[i:i + 1], k, table=table, weights=own, ids=False)
+  positions, distances = _search_by_weights(
+      lambda rows, own: store.search(uri, codes[rows], k, table=table,
+                                     weights=own, ids=False),
+      queries, k, weights)
   rows, local = store.rows(uri, positions, table=table)
   return rows, local, distances
 
@@ -429,7 +436,8 @@ def search_and_explain(*, model, index_path=None, db_split=None,
     index = open_database(hasher, index_path=index_path, db_split=db_split,
                           db_folder=db_folder, add=add, data_root=data_root,
                           out=out, saved=saved)
-    check_index(index, hasher, index_path or 'the index')
+    if not add:  # open_database checked it before appending.
+      check_index(index, hasher, index_path or 'the index')
   asked = (images, folder, texts, query_split, compose)
   if not any(asked) and (add or (index_path and (db_split or db_folder))):
     return {'queries': [], 'index': index}  # Building the index was the job.
