@@ -60,7 +60,7 @@ def overlays(image, attn) -> np.ndarray:
   return np.round(0.5 * image[None] + 0.5 * colour).astype(np.uint8)
 
 
-def _subcodes(code, num_concepts: int) -> list:
+def subcodes(code, num_concepts: int) -> list:
   """Bit strings of the M sub-codes of one code."""
   bits = code.shape[-1] // num_concepts
   values = interpret.subcode_values(np.asarray(code)[None], num_concepts)[0]
@@ -72,8 +72,8 @@ def _rows(query: Item, neighbours: Sequence[Item], num_concepts: int):
   codes = np.stack([n.code for n in neighbours]) if neighbours else None
   dist = (index_lib.concept_distances(query.code[None], codes, num_concepts)[0]
           if neighbours else [])
-  rows = [(query, _subcodes(query.code, num_concepts), None)]
-  rows += [(n, _subcodes(n.code, num_concepts), d)
+  rows = [(query, subcodes(query.code, num_concepts), None)]
+  rows += [(n, subcodes(n.code, num_concepts), d)
            for n, d in zip(neighbours, dist)]
   return rows
 

@@ -12,17 +12,14 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from starlette import testclient as starlette_testclient
 
 import train_testlib as lib
 from concepthash_jax import index as index_lib
 from concepthash_jax import inference
 from concepthash_jax.explore import engine
+from concepthash_jax.explore import app as app_lib
 from concepthash_jax.tools import explore as tool
-
-starlette_testclient = pytest.importorskip(
-    'starlette.testclient', reason='the [explore] extra and httpx2: '
-    'pip install -e ".[test]"')
-from concepthash_jax.explore import app as app_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def reference_ranking(codes, query_code, num_concepts, k, weights=None):

@@ -42,9 +42,7 @@ def _chromium():
 @pytest.fixture(scope='module')
 def browser():
   executable = _chromium()
-  sync_api = pytest.importorskip('playwright.sync_api',
-                                 reason=f'browser tests: no playwright; {_HOW}')
-  pytest.importorskip('uvicorn', reason=f'browser tests: no uvicorn; {_HOW}')
+  from playwright import sync_api  # pylint: disable=g-import-not-at-top
   with sync_api.sync_playwright() as playwright:
     chromium = playwright.chromium.launch(executable_path=executable)
     yield chromium

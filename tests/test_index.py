@@ -300,7 +300,6 @@ def test_a_save_failing_mid_write_leaves_the_old_index_intact(tmp_path,
 
 
 def test_store_search_equals_ours_on_100k_codes(tmp_path):
-  pytest.importorskip('lancedb')  # in the [test] extra, so it runs there
   from concepthash_jax.index import store  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(14)
   codes = rng.standard_normal((100_000, 32))

@@ -6,8 +6,6 @@ from concepthash_jax import evaluation
 from concepthash_jax import knn
 
 _hamming = knn._hamming  # pylint: disable=protected-access
-native = pytest.mark.skipif(not knn._NATIVE,  # pylint: disable=protected-access
-                            reason='native kernel not built')
 NATIVE_METHODS = ('brute', 'multi_index', 'auto')
 
 
@@ -70,7 +68,6 @@ def test_words64_layout(rng):
                                 words)
 
 
-@native
 @pytest.mark.parametrize('nbit', [8, 16, 32, 48, 64, 128])
 def test_random_codes(rng, nbit):
   db, queries = random_codes(rng, 300, nbit), random_codes(rng, 9, nbit)
@@ -88,7 +85,6 @@ def test_xla_path(rng):
   check(searcher, queries, db, 9, 'xla', weights=[0, 2, 3, 1])
 
 
-@native
 def test_multi_index_substrings_across_words(rng):
   db, queries = random_codes(rng, 2000, 100), random_codes(rng, 5, 100)
   starts, widths = knn._table_split(100, 2000)  # pylint: disable=protected-access
@@ -98,7 +94,6 @@ def test_multi_index_substrings_across_words(rng):
     check(searcher, queries, db, k, 'multi_index')
 
 
-@native
 def test_every_k(rng):
   db = random_codes(rng, 40, 16)[rng.integers(0, 12, 40)]  # duplicates too
   queries = random_codes(rng, 5, 16)
@@ -108,7 +103,6 @@ def test_every_k(rng):
       check(searcher, queries, db, k, method)
 
 
-@native
 @pytest.mark.parametrize('nbit', [16, 64, 130])
 def test_heavy_ties(rng, nbit):
   distinct = random_codes(rng, 4, nbit)
@@ -120,7 +114,6 @@ def test_heavy_ties(rng, nbit):
       check(searcher, queries, db, k, method)
 
 
-@native
 def test_clustered_multi_index_and_auto(rng):
   db, queries = clustered_codes(rng, 50000, 20)
   searcher = knn.Searcher(knn.words64(db), 64)
@@ -130,7 +123,6 @@ def test_clustered_multi_index_and_auto(rng):
   check(searcher, queries, db, 300, 'multi_index')
 
 
-@native
 def test_multi_index_queries_past_the_budget_go_by_brute_force(rng):
   db, queries = clustered_codes(rng, 3000, 6)
   searcher = knn.Searcher(knn.words64(db), 64)
@@ -154,7 +146,6 @@ def test_auto_without_the_native_kernel_is_xla(rng, monkeypatch):
     searcher.search(knn.words64(queries), 4, method='brute')
 
 
-@native
 def test_auto_takes_brute_on_random_codes(rng):
   db, queries = random_codes(rng, 20000, 64), random_codes(rng, 20, 64)
   searcher = knn.Searcher(knn.words64(db), 64)
@@ -162,7 +153,6 @@ def test_auto_takes_brute_on_random_codes(rng):
   assert searcher._tables is None  # pylint: disable=protected-access
 
 
-@native
 @pytest.mark.parametrize('nbit,num_concepts', [(64, 4), (48, 3), (128, 8)])
 def test_concepts_and_weights(rng, nbit, num_concepts):
   db, queries = random_codes(rng, 400, nbit), random_codes(rng, 6, nbit)
@@ -179,7 +169,6 @@ def test_concepts_and_weights(rng, nbit, num_concepts):
   check(searcher, queries, db, 10, 'brute', weights=[1] * num_concepts)
 
 
-@native
 def test_every_variant(rng):
   db, queries = random_codes(rng, 333, 128), random_codes(rng, 5, 128)
   db[100:130] = db[0]  # ties
@@ -199,7 +188,6 @@ def test_every_variant(rng):
     _hamming.set_variant(before)
 
 
-@native
 def test_memmapped_words(rng, tmp_path):
   db, queries = random_codes(rng, 1000, 64), random_codes(rng, 4, 64)
   path = tmp_path / 'words.u64'

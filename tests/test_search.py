@@ -301,7 +301,6 @@ def test_fingerprint_refuses_another_model_and_survives_export(split_run,
 
 
 def test_store_search_equals_the_index(split_run, image_files, tmp_path):
-  pytest.importorskip('lancedb')
   hasher, _, tmp, _, _ = split_run
   index = index_lib.CodeIndex.load(str(tmp / 'db.index.npz'))
   uri = str(tmp_path / 'codes.lance')

@@ -25,6 +25,7 @@ from concepthash_jax import errors
 from concepthash_jax import index as index_lib
 from concepthash_jax import interpret
 from concepthash_jax import retrieval_view
+from concepthash_jax.data import pixels as pixels_lib
 from concepthash_jax.tools import search as search_tool
 
 MAX_PIXELS = 40_000_000  # Larger images are refused before they are decoded.
@@ -94,17 +95,17 @@ def decode_upload(data: bytes, *, max_pixels: int = MAX_PIXELS):
     raise RequestError(f'The upload is not a readable image '
                        f'({type(e).__name__}: {e}).') from e
   mode = image.mode
-  note = ''
-  if mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
-    pixels = np.asarray(image, np.float64)
-    top = 65535.0 if mode.startswith('I;16') or pixels.max() > 255 else 255.0
-    pixels = np.clip(pixels / top * 255.0, 0, 255).round().astype(np.uint8)
-    image = Image.fromarray(pixels).convert('RGB')
+  try:  # The same pixels as every other decoding path (data/pixels.py).
+    pixels = pixels_lib.pil_to_rgb(image, 'the upload')
+  except pixels_lib.ImageFormatError as e:
+    raise RequestError(str(e)) from e
+  if mode in ('RGB', 'L', 'P'):
+    note = ''
+  elif mode.startswith('I') or mode == 'F':
     note = f'converted from {mode} (high bit depth) to 8-bit RGB'
-  elif mode != 'RGB':
-    image = image.convert('RGB')
-    note = f'converted from {mode} to RGB' if mode not in ('L', 'P') else ''
-  return np.asarray(image, np.uint8), note
+  else:
+    note = f'converted from {mode} to RGB'
+  return pixels, note
 
 
 # ------------------------------------------------------------------ ranking
@@ -350,17 +351,11 @@ class Explorer:
     """A kept query as the page shows it."""
     query = self.query(query_id)
     return {'id': query_id, 'kind': query.kind, 'title': query.title,
-            'subcodes': self.subcode_strings(query.code),
+            'subcodes': retrieval_view.subcodes(np.asarray(query.code),
+                                                self.num_concepts),
             'has_image': query.image is not None, 'note': query.note,
             'weights': query.weights, 'position': query.position,
             'encode_ms': query.encode_ms}
-
-  def subcode_strings(self, code) -> list:
-    """'01'-strings of each concept's sub-code."""
-    bits = self.hasher.nbit // self.num_concepts
-    values = interpret.subcode_values(np.asarray(code)[None],
-                                      self.num_concepts)[0]
-    return [interpret.subcode_string(v, bits) for v in values]
 
   # -------------------------------------------------------------- gallery
 
