@@ -20,6 +20,7 @@ ours by database position, so positions are not compared). Multi-index rows
 say whether their results equal the brute pass, positions included; their
 first search also builds the tables, timed apart.
 """
+import os
 import time
 
 from absl import app
@@ -28,6 +29,7 @@ import faiss
 import numpy as np
 
 from benchmarks import table
+from benchmarks import train_step
 from concepthash_jax.evaluation import native
 from concepthash_jax import knn
 
@@ -37,35 +39,6 @@ _NUM_QUERIES = flags.DEFINE_integer('num_queries', 1000, 'Queries.')
 _K = flags.DEFINE_integer('k', 10, 'Neighbours per query.')
 _SINGLE = flags.DEFINE_integer('single_queries', 100,
                                'Queries searched one per call (latency).')
-_FLAGS_SHOWN = ('popcnt', 'avx2', 'avx512f', 'avx512bw', 'avx512vl',
-                'avx512_vpopcntdq', 'avx512_bitalg')
-
-
-def cpu_description() -> str:
-  """CPU model and the flags that decide the kernels' instruction set."""
-  model, cpu_flags = 'unknown CPU', set()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name') and model == 'unknown CPU':
-          model = line.split(':', 1)[1].strip()
-        elif line.startswith('flags') and not cpu_flags:
-          cpu_flags = set(line.split(':', 1)[1].split())
-  except OSError:
-    pass
-  shown = [name for name in _FLAGS_SHOWN if name in cpu_flags]
-  return f'{model}; flags: {" ".join(shown) or "none of " + str(_FLAGS_SHOWN)}'
-
-
-def load_average() -> str:
-  """The 1, 5 and 15 minute load averages (the machine may be shared)."""
-  try:
-    with open('/proc/loadavg') as f:
-      return ' '.join(f.read().split()[:3])
-  except OSError:
-    return 'unknown'
-
-
 def as_words(code_bytes) -> np.ndarray:
   """(N, B) uint8 codes (FAISS's layout) -> (N, ceil(B / 8)) uint64 words."""
   num, width = code_bytes.shape
@@ -207,12 +180,12 @@ def main(argv):
   del argv
   threads = native.cpu_threads()
   faiss.omp_set_num_threads(threads)
-  print(f'CPU: {cpu_description()}')
+  print(f'CPU: {train_step.cpu_line(("popcnt", "avx2", "avx512"))}')
   print(f'threads: {threads} (ours and FAISS); native variant: '
         f'{knn._hamming.variant() if knn._NATIVE else "not built"}; '  # pylint: disable=protected-access
         f'faiss {faiss.__version__}; database {_NUM_DB.value:,} codes, '
         f'k = {_K.value}, median of {_ROUNDS.value} interleaved rounds')
-  print(f'load average before: {load_average()}')
+  print(f'load average before: {" ".join(f"{x:.2f}" for x in os.getloadavg())}')
   rng = np.random.default_rng(0)
   workloads, notes = build_workloads(rng, threads)
   for _ in range(_ROUNDS.value):
@@ -224,7 +197,7 @@ def main(argv):
        'same distances'], (w.row() for w in workloads))
   for note in notes:
     print(f'- {note}')
-  print(f'load average after: {load_average()}')
+  print(f'load average after: {" ".join(f"{x:.2f}" for x in os.getloadavg())}')
 
 
 if __name__ == '__main__':

@@ -41,8 +41,8 @@ flags.DEFINE_enum('matmul_precision', 'default', ['default', 'high', 'highest'],
 flags.DEFINE_string('child', None, 'Internal: run one dtype and print JSON.')
 
 
-def cpu_line() -> str:
-  """Model name and the vector flags that matter here, from /proc/cpuinfo."""
+def cpu_line(prefixes=('avx', 'amx', 'fma')) -> str:
+  """Model name and the flags starting with `prefixes`, from /proc/cpuinfo."""
   model, flags_ = '?', set()
   with open('/proc/cpuinfo') as f:
     for line in f:
@@ -51,7 +51,7 @@ def cpu_line() -> str:
         model = value.strip()
       elif key.strip() == 'flags':
         flags_ = set(value.split())
-  wanted = sorted(f for f in flags_ if f.startswith(('avx', 'amx', 'fma')))
+  wanted = sorted(f for f in flags_ if f.startswith(tuple(prefixes)))
   return f'{model}, {os.cpu_count()} cores, {" ".join(wanted)}'
 
 

@@ -214,15 +214,17 @@ class Checkpointer:
     metrics = None if map_at_r is None else {METRIC: float(map_at_r)}
     hook = sys.unraisablehook
     sys.unraisablehook = _without_closed_loop_noise(hook)
+    disk_full = False
     try:
       manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
                    force=True)
       manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       if not _disk_full(e):
-        sys.unraisablehook = hook
         raise
-      # Kept: the failed writes' callbacks keep firing after this returns.
+      # The filter stays: the failed writes' callbacks keep firing after this
+      # returns.
+      disk_full = True
       self._remove_partial(step)
       kept = [s for s in self.all_steps() if s != step]
       resume = (f'a rerun resumes from step {kept[-1]}' if kept else
@@ -231,7 +233,9 @@ class Checkpointer:
           f'Cannot save checkpoint step {step} in {self.directory}: the disk '
           f'is full; free space there and rerun the same command ({resume})'
       ) from e
-    sys.unraisablehook = hook
+    finally:
+      if not disk_full:
+        sys.unraisablehook = hook
 
   def _remove_partial(self, step: int):
     """Deletes the temporary folder of a save of `step` that failed (frees its space)."""

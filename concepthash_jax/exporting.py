@@ -21,7 +21,6 @@ the old export or the new one.
 The official layout (`write_official` / `read_official`) holds the names and PyTorch
 layouts of the authors' `state_dict()`, mapped by `interop.official`'s one table.
 """
-import hashlib
 import json
 import os
 
@@ -68,26 +67,9 @@ def unflatten(flat: dict) -> dict:
                                        for k, v in flat.items()})
 
 
-def _publish(tmp_path: str, path: str):
-  """Renames a finished .tmp file into place, readable as the umask allows.
-
-  safetensors creates its files 0600; an export is meant to be shared.
-  """
-  safe_files.publish_mode(tmp_path)
-  safe_files.replace(tmp_path, path)
-
-
 def _write_json(path: str, obj):
   with open(path, 'w') as f:
     json.dump(obj, f, indent=2)
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _files_of(folder: str) -> list:
@@ -105,7 +87,7 @@ def _files_of(folder: str) -> list:
 def write_manifest(folder: str):
   """Writes folder/manifest.json: every file's size and sha256 (then the marker)."""
   files = {rel: {'bytes': os.path.getsize(os.path.join(folder, rel)),
-                 'sha256': _sha256(os.path.join(folder, rel))}
+                 'sha256': safe_files.sha256_file(os.path.join(folder, rel))}
            for rel in _files_of(folder)}
   safe_files.write_json(os.path.join(folder, MANIFEST_FILE),
                         {'format': FORMAT, 'version': VERSION, 'files': files})
@@ -136,7 +118,7 @@ def check_manifest(path: str):
     elif os.path.getsize(file_path) != want.get('bytes'):
       problem = (f'has {os.path.getsize(file_path)} bytes, the manifest '
                  f'{want.get("bytes")}')
-    elif _sha256(file_path) != want.get('sha256'):
+    elif safe_files.sha256_file(file_path) != want.get('sha256'):
       problem = 'differs from the file the export was written with'
     else:
       continue
@@ -344,14 +326,8 @@ def official_state_dict(variables: dict, *, extras=None) -> dict:
 def write_official(path: str, state_dict: dict):
   """Writes an official state dict as one .safetensors file (atomically)."""
   from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
-  with safe_files.write_errors(path):
-    tmp = safe_files.temporary_name(path)
-    try:
-      st.save_file(state_dict, tmp)
-      _publish(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+  with safe_files.atomic_write(path) as f:
+    f.write(st.save(state_dict))
 
 
 def read_official(path: str, template: dict) -> dict:

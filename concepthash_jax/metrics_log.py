@@ -63,15 +63,16 @@ class MetricsLogger:
       return
     path = os.path.join(workdir, run_files.METRICS_FILE)
     # A resumed run replays the steps after its checkpoint: drop their lines.
-    kept = []
+    kept = []  # (line, its record)
     if os.path.exists(path):
       with open(path) as f:
-        kept = [l for l in f if (_parse_line(l, path) or {}).get(
-            'step', start_step + 1) <= start_step]
+        parsed = [(l, _parse_line(l, path)) for l in f]
+      kept = [(l, r) for l, r in parsed
+              if (r or {}).get('step', start_step + 1) <= start_step]
     # Replaced atomically: a crash here must not lose the kept history.
     safe_files.write_text(path, ''.join(
-        l if l.endswith('\n') else l + '\n' for l in kept))
-    self.history = [json.loads(l) for l in kept]
+        l if l.endswith('\n') else l + '\n' for l, _ in kept))
+    self.history = [r for _, r in kept]
     self.jsonl = open(path, 'a')
     import tensorboardX  # pylint: disable=g-import-not-at-top
     self.tb = tensorboardX.SummaryWriter(

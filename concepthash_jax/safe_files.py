@@ -15,6 +15,7 @@ A folder the product owns carries a marker file, `MARKER`, naming its kind
 can tell a folder of ours from a user's folder that merely has the same name.
 """
 import contextlib
+import hashlib
 import ctypes
 import errno
 import json
@@ -114,7 +115,6 @@ def atomic_write(path: str, mode: str = 'wb', *, fix: str = ''):
   """
   tmp = None
   with write_errors(path, fix):
-    folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
       raise OverwriteError(f'{path} is a folder; give the path of a file.')
     tmp = temporary_name(path)
@@ -124,12 +124,20 @@ def atomic_write(path: str, mode: str = 'wb', *, fix: str = ''):
         f.flush()
         os.fsync(f.fileno())
       publish_mode(tmp)
-      replace(tmp, path)
+      replace(tmp, path)  # Syncs the folder too.
       tmp = None
-      _fsync_folder(folder)
     finally:
       if tmp is not None and os.path.exists(tmp):
         os.remove(tmp)
+
+
+def sha256_file(path: str) -> str:
+  """Hex sha256 of a file's bytes, read in blocks."""
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def write_text(path: str, text: str, **kwargs) -> None:

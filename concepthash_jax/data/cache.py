@@ -124,18 +124,10 @@ def _without_hashes(stored):
   return {k: v for k, v in stored.items() if k != _HASHES}
 
 
-def _sha256(path):
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def file_hashes(files, num_workers=1):
   """sha256 of each file, in order (threads: hashing releases the GIL)."""
   with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-    return list(pool.map(_sha256, files))
+    return list(pool.map(safe_files.sha256_file, files))
 
 
 def torn(folder, meta):
