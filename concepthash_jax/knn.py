@@ -237,6 +237,7 @@ class Searcher:
     self.num_concepts = num_concepts
     self.last_method = None
     self._tables = None
+    self._device_words = None  # The database on the device, for 'xla'.
     self._sample = None  # the 'auto' estimate's database sample and keys
 
   def __len__(self):
@@ -331,7 +332,9 @@ class Searcher:
     if masks is None:
       masks = np.full((1, self.words.shape[1]), ~np.uint64(0))
     to_32 = lambda w: np.ascontiguousarray(w).view(np.uint32)
-    db_bits = jnp.asarray(to_32(self.words))
+    if self._device_words is None:  # Uploaded once, not per search.
+      self._device_words = jnp.asarray(to_32(self.words))
+    db_bits = self._device_words
     mask_bits = jnp.asarray(to_32(masks))
     num_q, num_db = len(query), len(self.words)
     chunk = max(1, min(_XLA_PAIRS // num_db, num_q))

@@ -136,9 +136,14 @@ def _append_history(workdir: str, stored, record: dict):
                   'step': None, 'note': f'{CONFIG_FILE} found before the '
                   'history began', 'changed': {}, 'config': stored})
   lines.append(record)
-  with open(path, 'a') as f:
-    for line in lines:
-      f.write(json.dumps(line) + '\n')
+  kept = ''
+  if os.path.exists(path):
+    with open(path) as f:
+      kept = f.read()
+    # A run killed while writing could leave a partial last line: drop it.
+    kept = kept[:kept.rfind('\n') + 1]
+  # Rewritten whole by temporary name and rename: the history is never torn.
+  safe_files.write_text(path, kept + ''.join(json.dumps(l) + '\n' for l in lines))
 
 
 def _iso(moment) -> str:

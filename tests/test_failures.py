@@ -1,6 +1,7 @@
 """Faults and bad input end to end: launch.py's exit codes and one-line
 errors, the workdir lock, cleanup of a failed run. (Resuming past an unreadable
 checkpoint and the workdir config check reuse test_train.py's reference run.)"""
+import json
 import os
 import subprocess
 import sys
@@ -62,3 +63,12 @@ def test_failed_run_removes_the_workdir_it_created_and_keeps_others(tmp_path):
   assert os.listdir(mine) == ['notes.txt']
   assert (mine / 'notes.txt').read_text() == 'kept'
   assert not (mine / workdir_lib.LOCK_FILE).exists()
+
+
+def test_config_history_drops_a_torn_last_line_and_stays_whole(tmp_path):
+  path = tmp_path / workdir_lib.HISTORY_FILE
+  path.write_text('{"step": 0, "changed": {}}\n{"step": 40, "chan')  # killed mid-line
+  workdir_lib._append_history(str(tmp_path), None, {'step': 80, 'changed': {}})  # pylint: disable=protected-access
+  lines = path.read_text().splitlines()
+  assert [json.loads(l)['step'] for l in lines] == [0, 80]
+  assert os.listdir(tmp_path) == [workdir_lib.HISTORY_FILE]  # no temporary left

@@ -211,6 +211,7 @@ class Explorer:
     self._subcodes = None  # (N, M) sub-code values, built on first gallery.
     self._model_lock = threading.Lock()  # One encode at a time.
     self._state_lock = threading.Lock()
+    self._subcodes_lock = threading.Lock()  # Galleries run in a thread pool.
 
   # ---------------------------------------------------------------- facts
 
@@ -387,14 +388,15 @@ class Explorer:
 
   def all_subcodes(self) -> np.ndarray:
     """(N, M) int32 sub-code values of the whole database (computed once)."""
-    if self._subcodes is None:
-      n = len(self.index)
-      out = np.empty((n, self.num_concepts), np.int32)
-      for start in range(0, n, _SUBCODE_CHUNK):
-        rows = np.arange(start, min(n, start + _SUBCODE_CHUNK))
-        out[rows] = interpret.subcode_values(self.index.codes(rows),
-                                             self.num_concepts)
-      self._subcodes = out
+    with self._subcodes_lock:  # Two first galleries compute it once.
+      if self._subcodes is None:
+        n = len(self.index)
+        out = np.empty((n, self.num_concepts), np.int32)
+        for start in range(0, n, _SUBCODE_CHUNK):
+          rows = np.arange(start, min(n, start + _SUBCODE_CHUNK))
+          out[rows] = interpret.subcode_values(self.index.codes(rows),
+                                               self.num_concepts)
+        self._subcodes = out
     return self._subcodes
 
   def _label_counts(self, members, top: int = 3) -> list:
