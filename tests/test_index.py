@@ -352,3 +352,22 @@ index_lib.CodeIndex.from_words(words, 64, labels=np.arange(6_000_000)).save({str
   assert child.returncode == -signal.SIGKILL
   assert path.read_bytes() == before
   assert len(index_lib.CodeIndex.load(str(path))) == 10
+
+
+def test_store_ivf_index_is_built_and_its_distances_are_true(tmp_path):
+  """IVF_FLAT is approximate: what it returns must be real rows at their true
+  Hamming distances, never nearer than the exact k-th neighbour."""
+  from concepthash_jax.index import store  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(21)
+  codes, queries = rng.standard_normal((20_000, 32)), rng.standard_normal((5, 32))
+  index = index_lib.CodeIndex(codes, num_concepts=4, fingerprint='b' * 64)
+  uri = str(tmp_path / 'codes.lance')
+  index.to_store(uri)
+  store.create_ivf(uri, num_partitions=4)
+  table, _ = store.open_table(uri, 'codes')
+  assert [i.index_type for i in table.list_indices()] == ['IvfFlat']
+  positions, distances = store.search(uri, queries, 10, ids=False)
+  full = ((queries > 0)[:, None, :] != (codes > 0)[None]).sum(-1)
+  np.testing.assert_array_equal(np.take_along_axis(full, positions, 1), distances)
+  _, exact = index.search_positions(queries, 10)
+  assert (distances >= exact).all()

@@ -149,8 +149,6 @@ def rows(uri: str, positions, *, table: str = 'codes'):
   return index, local.reshape(np.shape(positions)).astype(np.int64)
 
 
-
-
 def create_ivf(uri: str, table: str = 'codes', *, num_partitions: int = 16):
   """Builds LanceDB's IVF_FLAT index (Hamming) on the code column."""
   tbl, _ = open_table(uri, table)
